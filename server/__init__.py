@@ -1,0 +1,1 @@
+"""Darkroom: a self-hosted, Together-compatible image generation server."""

@@ -1,0 +1,50 @@
+"""The FastAPI application, assembled from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from ..config import Settings
+from . import images, service
+from .errors import install_error_handlers
+from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rt = runtime or Runtime.build(settings)
+        app.state.runtime = rt
+        app.state.started_unix = int(time.time())
+        rt.start()
+        sweeper = asyncio.create_task(_sweep_storage(rt))
+        try:
+            yield
+        finally:
+            sweeper.cancel()
+            await run_in_threadpool(rt.stop)
+
+    app = FastAPI(title="Darkroom", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+    app.include_router(images.router)
+    app.include_router(service.router)
+    return app
+
+
+async def _sweep_storage(runtime: Runtime) -> None:
+    """Delete stored images past their retention, now and then."""
+    while True:
+        try:
+            await run_in_threadpool(runtime.storage.cleanup)
+        except Exception:  # noqa: BLE001 - a failed sweep is retried next time
+            log.exception("storage cleanup failed")
+        await asyncio.sleep(runtime.settings.storage.cleanup_interval_s)

@@ -1,0 +1,67 @@
+"""Everything besides generation: the model list, health, readiness, and stored images."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from ..errors import InvalidRequest
+from ..storage import MEDIA_TYPES
+from .auth import check_api_key
+from .runtime import Runtime
+
+router = APIRouter()
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _model_card(runtime: Runtime, manifest: Any, created: int) -> dict[str, Any]:
+    limits = manifest.effective_limits(runtime.settings.limits)
+    return {
+        "id": manifest.id,
+        "object": "model",
+        "created": created,
+        "owned_by": manifest.owned_by,
+        "type": "image",
+        "aliases": manifest.aliases,
+        "capabilities": manifest.capabilities.model_dump(),
+        "defaults": manifest.defaults.model_dump(),
+        "limits": limits.model_dump(),
+    }
+
+
+@router.get("/v1/models", dependencies=[Depends(check_api_key)])
+@router.get("/models", dependencies=[Depends(check_api_key)], include_in_schema=False)
+async def list_models(request: Request) -> dict[str, Any]:
+    runtime = _runtime(request)
+    created = request.app.state.started_unix
+    return {"object": "list", "data": [_model_card(runtime, m, created) for m in runtime.registry.models]}
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers. It never waits on a model or the queue."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    runtime = _runtime(request)
+    is_ready, workers = runtime.readiness()
+    return JSONResponse(
+        {"ready": is_ready, "workers": workers, "queue_depth": runtime.queue.depth()},
+        status_code=200 if is_ready else 503,
+    )
+
+
+@router.get("/v1/files/{key}")
+async def stored_image(request: Request, key: str, expires: str = "", signature: str = "") -> FileResponse:
+    """A stored image behind its signed URL (no API key: the signature is the credential)."""
+    if not expires.isdigit() or not signature:
+        raise InvalidRequest("this URL needs its 'expires' and 'signature' parameters")
+    path = _runtime(request).storage.open(key, int(expires), signature)
+    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lstrip(".")])

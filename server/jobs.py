@@ -1,0 +1,144 @@
+"""A job is one validated request on its way through the queue to a worker, and back.
+
+The result travels in a ``concurrent.futures.Future`` so a worker thread (or, later, a process reading a
+Redis stream) can complete it, and the asyncio handler holding the client connection can await it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .engine.types import GenerationParams
+from .errors import DarkroomError, DeadlineExceeded
+
+
+class JobState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    data: bytes
+    seed: int
+    format: str
+
+
+@dataclass(frozen=True)
+class JobResult:
+    images: list[GeneratedImage]
+    batch_id: str
+    batch_jobs: int
+    batch_images: int
+    queue_s: float
+    inference_s: float
+    encode_s: float
+
+
+class ClientGone(Exception):
+    """The client disconnected before its job started; the job was withdrawn."""
+
+
+@dataclass(eq=False)
+class Job:
+    params: GenerationParams
+    deadline: float  # time.monotonic() by which the job must have started
+    id: str = field(default_factory=lambda: f"img-{uuid.uuid4().hex}")
+    enqueued_at: float = field(default_factory=time.monotonic)
+    created_unix: int = field(default_factory=lambda: int(time.time()))
+    future: Future[JobResult] = field(default_factory=Future)
+    state: JobState = JobState.QUEUED
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @classmethod
+    def create(cls, params: GenerationParams, timeout_s: float) -> Job:
+        return cls(params=params, deadline=time.monotonic() + timeout_s)
+
+    def expired(self, now: float | None = None) -> bool:
+        return (time.monotonic() if now is None else now) > self.deadline
+
+    def try_start(self) -> bool:
+        """QUEUED → RUNNING; False when the job was withdrawn meanwhile."""
+        with self._lock:
+            if self.state is not JobState.QUEUED:
+                return False
+            self.state = JobState.RUNNING
+            return True
+
+    def withdraw(self, error: BaseException) -> bool:
+        """QUEUED → CANCELLED with ``error`` as its outcome; False once it has started."""
+        with self._lock:
+            if self.state is not JobState.QUEUED:
+                return False
+            self.state = JobState.CANCELLED
+            if not self.future.done():
+                self.future.set_exception(error)
+        return True
+
+    def succeed(self, result: JobResult) -> None:
+        self._finish(lambda: self.future.set_result(result))
+
+    def fail(self, error: BaseException) -> None:
+        self._finish(lambda: self.future.set_exception(error))
+
+    def _finish(self, complete: Callable[[], None]) -> None:
+        with self._lock:
+            self.state = JobState.DONE
+            # The waiter may have been cancelled (server shutting down); nobody reads the outcome then.
+            if not self.future.done():
+                complete()
+
+
+class JobQueue(Protocol):
+    """What the API needs from a queue backend."""
+
+    def put(self, job: Job) -> None: ...
+
+    def remove(self, job: Job) -> bool: ...
+
+    def depth(self) -> int: ...
+
+
+async def run_job(
+    queue: JobQueue,
+    job: Job,
+    is_disconnected: Callable[[], Awaitable[bool]],
+    poll_s: float = 0.25,
+) -> JobResult:
+    """Enqueue a job and wait for it, withdrawing it if its deadline passes or the client leaves first.
+
+    Raises ``QueueFull`` (admission), ``DeadlineExceeded``, ``ClientGone`` or the job's own error.
+    """
+    queue.put(job)
+    waiter = asyncio.wrap_future(job.future)
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=poll_s)
+            if done:
+                return waiter.result()
+            if job.state is not JobState.QUEUED:
+                continue  # running: it finishes whatever the client does
+            if job.expired():
+                _withdraw(queue, job, DeadlineExceeded(
+                    "the job did not start before its deadline; the server is overloaded"
+                ))
+            elif await is_disconnected():
+                _withdraw(queue, job, ClientGone(job.id))
+    finally:
+        if not waiter.done():
+            _withdraw(queue, job, ClientGone(job.id))
+
+
+def _withdraw(queue: JobQueue, job: Job, error: DarkroomError | ClientGone) -> None:
+    if job.withdraw(error):
+        queue.remove(job)

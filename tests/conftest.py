@@ -1,0 +1,145 @@
+"""Shared fixtures: a real ``darkroom serve`` process on a free loopback port, and ways to call it.
+
+Every server runs the embedded tiny FLUX model, built once per test session into a shared cache.
+Tests pass small sizes and few steps so the whole suite stays fast on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+TOGETHER1_PYTHON = REPO / ".venv-together1" / "bin" / "python"
+MODEL = "darkroom/tiny-flux"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A ``darkroom serve`` subprocess with its own config, storage folder and log file."""
+
+    def __init__(self, workdir: Path, cache_dir: Path, config: dict[str, Any] | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.workdir = workdir
+        self.storage_dir = workdir / "images"
+        merged: dict[str, Any] = {
+            "storage": {"directory": str(self.storage_dir)},
+            "engine": {"cache_dir": str(cache_dir), "cpu_threads": 2},
+        }
+        for section, values in (config or {}).items():
+            if isinstance(values, dict):
+                merged.setdefault(section, {}).update(values)
+            else:
+                merged[section] = values
+        self.config_file = workdir / "config.yaml"
+        self.config_file.write_text(yaml.safe_dump(merged))
+        self.log_file = workdir / "server.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 90.0) -> Server:
+        with self.log_file.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "server", "serve", "--config", str(self.config_file),
+                 "--port", str(self.port)],
+                cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server not ready after {timeout_s}s:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def generate(self, **body: Any) -> httpx.Response:
+        body.setdefault("model", MODEL)
+        return httpx.post(f"{self.url}/v1/images/generations", json=body, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny model for the whole session, built before any server starts."""
+    from server.engine.tiny import ensure_tiny_flux
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    ensure_tiny_flux(cache)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def make_server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[Any]:
+    """Start servers with a given config; every one is stopped at the end of the session."""
+    started: list[Server] = []
+
+    def _make(config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Server:
+        server = Server(tmp_path_factory.mktemp("server"), tiny_cache, config, env).start()
+        started.append(server)
+        return server
+
+    yield _make
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def server(make_server: Any) -> Server:
+    """The plain default server, shared by a module's tests."""
+    return make_server({"server": {"default_response_format": "base64"}})
+
+
+def decode_image(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(pixels(a) - pixels(b)).mean())
+
+
+def images_of(response: httpx.Response) -> list[Image.Image]:
+    assert response.status_code == 200, response.text
+    return [decode_image(item["b64_json"]) for item in response.json()["data"]]

@@ -1,0 +1,47 @@
+"""``scripts/bench_serving.py --quick`` runs end to end and prints every row with numbers.
+
+Only the shape of the report is checked, never the timings themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from .conftest import MODEL, REPO
+
+SCRIPT = REPO / "scripts" / "bench_serving.py"
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+def test_quick_benchmark_prints_every_row(tiny_cache: Path, tmp_path: Path) -> None:
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--cache-dir", str(tiny_cache),
+         "--size", "64", "--steps", "1", "--json", str(out_json)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+
+    assert re.search(r"^device\s+cpu \(.+\)$", out, re.M), out
+    assert re.search(rf"^model\s+{re.escape(MODEL)}$", out, re.M), out
+    assert re.search(r"^size\s+64x64$", out, re.M), out
+    assert re.search(r"^steps\s+1$", out, re.M), out
+    for name in ("direct", "http", "concurrency 1", "concurrency 4", "concurrency 16"):
+        # name, requests, p50, p90, ratio to direct, images/s, mean batch
+        pattern = rf"^{name}\s+\d+\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}x\s+{NUMBER}\s+{NUMBER}$"
+        assert re.search(pattern, out, re.M), f"no {name!r} row in:\n{out}"
+
+    report = json.loads(out_json.read_text())
+    rows = {row["name"]: row for row in report["rows"]}
+    assert list(rows) == ["direct", "http", "concurrency 1", "concurrency 4", "concurrency 16"]
+    assert rows["concurrency 16"]["requests"] == 16
+    assert rows["direct"]["vs_direct"] == 1.0
+    for row in rows.values():
+        # Every response came from a real batch of 1..max_batch_images (8 by default) images.
+        assert 1.0 <= row["mean_batch"] <= 8.0
+        assert row["p50_s"] > 0 and row["images_per_s"] > 0
