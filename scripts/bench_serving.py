@@ -23,6 +23,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -90,7 +91,8 @@ def bench_direct(args: argparse.Namespace, settings: Settings, count: int) -> li
         images = engine.generate([params])[0]
         data = [encode_image(image, params.output_format) for image in images]
         elapsed = time.perf_counter() - started
-        assert data and data[0]
+        if not all(data):
+            raise RuntimeError("the pipeline returned no image bytes")
         if i >= args.warmup:
             latencies.append(elapsed)
     return latencies
@@ -112,6 +114,7 @@ class ServerProcess:
             "engine": {"devices": ["cpu"], "cache_dir": str(settings.engine.cache_dir),
                        "cpu_threads": settings.engine.cpu_threads},
             "scheduler": settings.scheduler.model_dump(),
+            "limits": settings.limits.model_dump(),
         }
         self.config_file = workdir / "config.yaml"
         self.config_file.write_text(yaml.safe_dump(config))
@@ -185,19 +188,20 @@ def mean_batch(batches: list[dict[str, Any]]) -> float:
     return sum(distinct.values()) / len(distinct)
 
 
-def row(name: str, latencies: list[float], base_p50: float, images_per_s: float, batch: float) -> dict[str, Any]:
+def row(name: str, latencies: list[float], base_p50: float, images_per_s: float,
+        batch: float) -> dict[str, Any]:
     p50 = percentile(latencies, 0.5)
     return {"name": name, "requests": len(latencies), "p50_s": p50, "p90_s": percentile(latencies, 0.9),
             "vs_direct": p50 / base_p50, "images_per_s": images_per_s, "mean_batch": batch}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--config", help="darkroom YAML settings to start from (default: built-in)")
     parser.add_argument("--model", default="darkroom/tiny-flux")
     parser.add_argument("--size", type=int, default=256, help="width and height in pixels")
     parser.add_argument("--steps", type=int, help="inference steps (default: the model's)")
-    parser.add_argument("--requests", type=int, default=20, help="timed requests per latency path")
+    parser.add_argument("--requests", type=int, default=30, help="timed requests per latency path")
     parser.add_argument("--cache-dir", type=Path, help="tiny model cache (default: engine.cache_dir)")
     parser.add_argument("--quick", action="store_true", help="tiny iteration counts, for smoke tests")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
@@ -212,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     count = 3 if args.quick else args.requests
     args.warmup = 1 if args.quick else 2
 
+    load_before = os.getloadavg()[0]  # other work on the machine skews every figure below
     direct = bench_direct(args, settings, count)
     base = percentile(direct, 0.5)
     rows = [row("direct", direct, base, len(direct) / sum(direct), 1.0)]
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
                             mean_batch(batches)))
 
     meta = {"device": f"cpu ({cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads)",
-            "model": args.model, "size": f"{args.size}x{args.size}", "steps": args.steps}
+            "model": args.model, "size": f"{args.size}x{args.size}", "steps": args.steps,
+            "load": f"{load_before:.2f} before, {os.getloadavg()[0]:.2f} after (1-min load average)"}
     for key, value in meta.items():
         print(f"{key:<8} {value}")
     print()

@@ -9,10 +9,11 @@ The object is built once at start-up and passed down; nothing deeper reads the e
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,10 +51,29 @@ class LimitSettings(BaseModel):
 
 
 class QueueSettings(BaseModel):
-    backend: Literal["memory"] = "memory"
-    # Jobs waiting (not yet running) before new requests are answered 429.
+    # memory: one process (`darkroom serve`). redis: API pods and worker pods share a Redis Stream.
+    backend: Literal["memory", "redis"] = "memory"
+    # Jobs waiting (not yet running) before new requests are answered 429; with Redis, counted across
+    # every API pod (the stream's undelivered entries).
     max_jobs: int = 256
     retry_after_s: int = 1
+    # -- backend: redis (server/queue_redis.py) --
+    # A password belongs in the URL from a Secret: DARKROOM_QUEUE__REDIS_URL=redis://:PASS@host:6379/0
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # Every key (stream, reply lists, job state) starts with this; pods sharing it share one queue.
+    key_prefix: str = "darkroom"
+    # A job held this long by a worker that stopped heart-beating is claimed by another worker.
+    visibility_timeout_s: float = 30.0
+    # Starts per job (the first run plus re-runs after its worker died); then it fails with a 500.
+    max_attempts: int = 2
+    # An API pod stops waiting for a started job this long after its start deadline (all workers gone).
+    max_run_s: float = 600.0
+
+    @model_validator(mode="after")
+    def _positive(self) -> QueueSettings:
+        if self.max_attempts < 1 or self.visibility_timeout_s <= 0:
+            raise ValueError("queue.max_attempts must be >= 1 and queue.visibility_timeout_s > 0")
+        return self
 
 
 class SchedulerSettings(BaseModel):
@@ -66,8 +86,29 @@ def _expand(path: Path) -> Path:
     return path.expanduser()
 
 
+class S3Settings(BaseModel):
+    """S3-compatible object storage (AWS S3, MinIO, R2, GCS interop). Credentials are never here: boto3's
+    standard chain supplies them (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a web identity, a profile)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = ""
+    prefix: str = "images/"
+    endpoint_url: str | None = None        # None: AWS; else e.g. http://minio.storage:9000
+    # Base the presigned URLs are made for, when clients reach the store by another name than pods do.
+    public_endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    # At start-up, add/replace a lifecycle rule expiring objects under prefix after retention_s (in whole
+    # days, at least 1); needs s3:GetLifecycleConfiguration and s3:PutLifecycleConfiguration.
+    lifecycle_rule: bool = False
+    # Delete objects older than retention_s from the API's periodic sweep (stores without lifecycle rules).
+    sweep: bool = False
+
+
 class StorageSettings(BaseModel):
-    backend: Literal["local"] = "local"
+    # local: a directory served back by the API. s3: presigned URLs of an S3-compatible bucket.
+    backend: Literal["local", "s3"] = "local"
     directory: Path = REPO_ROOT / "var" / "images"
     # How long a signed URL stays valid, and how long a stored image is kept on disk.
     url_ttl_s: int = 3600
@@ -75,8 +116,115 @@ class StorageSettings(BaseModel):
     cleanup_interval_s: float = 60.0
     # HMAC key for URL signatures. None: a random key per process (URLs die with the process).
     signing_key: SecretStr | None = None
+    s3: S3Settings = Field(default_factory=S3Settings)
 
     _expand_directory = field_validator("directory")(_expand)
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self) -> StorageSettings:
+        if self.backend == "s3" and not self.s3.bucket:
+            raise ValueError("storage.backend: s3 needs storage.s3.bucket")
+        return self
+
+
+class WorkerSettings(BaseModel):
+    """`darkroom worker`: a process taking jobs from Redis for the GPUs in engine.devices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Consumer name in the Redis group; None: <hostname>-<pid>. Suffixed with the device.
+    name: str | None = None
+    # /health and /ready for probes; port 0: no listener.
+    health_host: str = "0.0.0.0"
+    health_port: int = 0
+    # On SIGTERM: how long to wait for the batch in hand before exiting anyway.
+    shutdown_timeout_s: float = 60.0
+
+
+class FetchSettings(BaseModel):
+    """The guarded fetcher (server/fetch.py): what a remote URL in a request may point at, and limits."""
+
+    allowed_schemes: list[Literal["https", "http", "data"]] = Field(
+        default_factory=lambda: ["https", "http", "data"]
+    )
+    # Hosts (exact names, case-insensitive) and networks exempt from the private-address refusal,
+    # e.g. an internal image host. Everything else must resolve to public addresses only.
+    allow_hosts: list[str] = Field(default_factory=list)
+    allow_cidrs: list[str] = Field(default_factory=list)
+    max_bytes: int = 20_000_000
+    # Whole fetch, redirects included (DNS, connect, headers, body).
+    timeout_s: float = 15.0
+    max_redirects: int = 3
+    max_concurrent: int = 8
+    # Width x height of a fetched image, checked from its header before it is decoded.
+    max_pixels: int = 40_000_000
+    # In-memory LRU of decoded images keyed by URL (data: URLs are not cached).
+    cache_entries: int = 64
+    cache_bytes: int = 256_000_000
+    cache_ttl_s: float = 300.0
+
+    @field_validator("allow_cidrs")
+    @classmethod
+    def _valid_cidrs(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)
+        return value
+
+
+class LoraSettings(BaseModel):
+    """``image_loras``: per-request LoRAs by URL or registered name (server/loras.py, server/engine/loras.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # LoRAs in one request, and the range a scale must lie in.
+    max_count: int = 4
+    min_scale: float = -2.0
+    max_scale: float = 2.0
+    # A LoRA file larger than this is refused (checked while downloading).
+    max_file_bytes: int = 1_000_000_000
+    # Downloaded files: a disk cache keyed by the request's path, least recently used evicted first.
+    cache_bytes: int = 20_000_000_000
+    # None: <engine.cache_dir>/loras
+    cache_dir: Path | None = None
+    # Adapters kept loaded per model on each device (least recently used unloaded first).
+    max_resident: int = 8
+    # One LoRA download (the guarded fetcher's limits apply, with this deadline instead of fetch.timeout_s).
+    download_timeout_s: float = 600.0
+    # Hugging Face endpoint for repo URLs (https://huggingface.co/owner/repo): file lists and downloads go
+    # here; a mirror replaces huggingface.co in every Hub URL a request names.
+    hub_url: str = "https://huggingface.co"
+    # Operator-registered LoRAs: a request may name one instead of a URL; name -> local .safetensors file.
+    registered: dict[str, Path] = Field(default_factory=dict)
+    # The API downloads and checks a request's LoRAs before queueing it (a bad file is a 400 at once). Turn
+    # off on API pods that do not share a disk with the workers: the worker fetches every LoRA itself anyway.
+    prefetch: bool = True
+    # Load LoRAs into max_count fixed adapter slots with diffusers' hotswap, so a compiled transformer
+    # never recompiles when the LoRA set changes; every slot holds rank hotswap_target_rank on every Linear
+    # of the transformer (memory!), LoRAs of a higher rank or with text-encoder weights are refused.
+    hotswap: bool = False
+    hotswap_target_rank: int = 64
+
+    @field_validator("registered")
+    @classmethod
+    def _expand_registered(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:
+            if "://" in name or not name.strip():
+                raise ValueError(f"registered LoRA name {name!r} must not be empty or look like a URL")
+        return {name: path.expanduser() for name, path in value.items()}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LoraSettings:
+        if self.max_count < 1 or self.min_scale > self.max_scale:
+            raise ValueError("loras.max_count must be >= 1 and loras.min_scale <= loras.max_scale")
+        if self.max_resident < self.max_count:
+            raise ValueError("loras.max_resident must be at least loras.max_count")
+        if self.max_file_bytes > self.cache_bytes:
+            raise ValueError("loras.max_file_bytes must not exceed loras.cache_bytes")
+        if self.hotswap_target_rank < 1:
+            raise ValueError("loras.hotswap_target_rank must be >= 1")
+        return self
 
 
 class EngineSettings(BaseModel):
@@ -87,6 +235,115 @@ class EngineSettings(BaseModel):
     cpu_threads: int = 0
 
     _expand_cache = field_validator("cache_dir")(_expand)
+
+
+class CheckerSource(BaseModel):
+    """Where a safety model's weights come from: exactly one of a Hub id, a local folder, a tiny builtin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hub: str | None = None
+    revision: str | None = None
+    path: Path | None = None
+    builtin: Literal["tiny-sd-safety-checker", "tiny-nsfw-vit", "tiny-text-classifier"] | None = None
+    # Folders inside the repo/folder, as in a Stable Diffusion pipeline ("safety_checker",
+    # "feature_extractor"); None: the weights and the image processor sit at the top.
+    subfolder: str | None = None
+    processor_subfolder: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> CheckerSource:
+        if len([x for x in (self.hub, self.path, self.builtin) if x is not None]) != 1:
+            raise ValueError("a checker source needs exactly one of hub, path, builtin")
+        return self
+
+
+class ImageCheckerSpec(BaseModel):
+    """The image stage: a model run once per batch on the decoded images, before encoding.
+
+    ``sd-safety-checker``: diffusers' StableDiffusionSafetyChecker (CLIP concept checker); an image is
+    flagged when a concept score (cosine similarity minus the concept's threshold, plus ``adjustment``)
+    is above 0, exactly as diffusers scores it; raise ``adjustment`` for a stricter filter.
+    ``image-classification``: a transformers image classifier; flagged when the probability of
+    ``label`` is at least ``threshold``. ``none``: no image stage.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["sd-safety-checker", "image-classification", "none"]
+    source: CheckerSource | None = None
+    label: str = "nsfw"
+    threshold: float = 0.5
+    adjustment: float = 0.0
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    @model_validator(mode="after")
+    def _source_given(self) -> ImageCheckerSpec:
+        if self.format != "none" and self.source is None:
+            raise ValueError(f"an image checker of format {self.format!r} needs a source")
+        return self
+
+
+class TextClassifierSpec(BaseModel):
+    """A transformers text-classification model for prompts: flagged when P(label) >= threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: CheckerSource
+    label: str = "nsfw"
+    threshold: float = 0.5
+    max_length: int = 512
+    device: str = "cpu"
+
+
+# Prompts that ask for sexual content involving minors. Operators replace or extend these lists.
+_MINOR = r"(child|children|kids?|minors?|underage|under-age|preteens?|pre-teens?|toddlers?|infants?)"
+_SEXUAL = r"(nude|naked|nudity|porn\w*|sexual\w*|sex|explicit|lewd|erotic\w*|nsfw)"
+DEFAULT_PROMPT_BLOCKLIST = ["child porn", "child pornography", "csam", "lolicon", "shotacon"]
+DEFAULT_PROMPT_PATTERNS = [rf"\b{_MINOR}\b.*\b{_SEXUAL}\b", rf"\b{_SEXUAL}\b.*\b{_MINOR}\b"]
+
+
+class PromptCheckSettings(BaseModel):
+    """The prompt stage, run in the API before a job is queued (no GPU work for a flagged prompt)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Words or phrases matched whole and case-insensitively (any run of spaces matches a space).
+    blocklist: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPT_BLOCKLIST))
+    # Python regular expressions, searched case-insensitively.
+    patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPT_PATTERNS))
+    classifier: TextClassifierSpec | None = None
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return value
+
+
+class SafetySettings(BaseModel):
+    """The safety checker: on by default; ``disable_safety_checker`` needs the operator's consent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Off: no stage runs for anyone, and disable_safety_checker is accepted as a no-op.
+    enabled: bool = True
+    # Who may send disable_safety_checker: true: nobody (403), everybody, or the keys in disable_keys.
+    allow_disable: Literal["never", "always", "per_key"] = "never"
+    disable_keys: list[SecretStr] = Field(default_factory=list)
+    prompt: PromptCheckSettings = Field(default_factory=PromptCheckSettings)
+    # The image checker for every model; None: each model's manifest names its own (safety.image_checker).
+    image_checker: ImageCheckerSpec | None = None
+
+    @model_validator(mode="after")
+    def _keys_for_per_key(self) -> SafetySettings:
+        if self.allow_disable == "per_key" and not self.disable_keys:
+            raise ValueError("safety.allow_disable: per_key needs safety.disable_keys")
+        return self
 
 
 class Settings(BaseSettings):
@@ -100,6 +357,10 @@ class Settings(BaseSettings):
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    safety: SafetySettings = Field(default_factory=SafetySettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    loras: LoraSettings = Field(default_factory=LoraSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
     models_dir: Path = REPO_ROOT / "models"
     # Manifest ids (or aliases) to serve; the first is the default for requests that name none.
     models: list[str] = Field(default_factory=lambda: ["darkroom/tiny-flux"])

@@ -100,3 +100,14 @@ class Forbidden(DarkroomError):
 class PayloadTooLarge(DarkroomError):
     status = 413
     code = "payload_too_large"
+
+
+class SafetyFlagged(DarkroomError):
+    """The safety checker flagged a request: 422, as Together answers (no image, no flag field).
+
+    ``code`` says which stage: ``prompt_flagged`` (before any GPU work) or ``image_flagged``.
+    """
+
+    status = 422
+    type = "safety_checker_error"
+    code = "image_flagged"

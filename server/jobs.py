@@ -140,5 +140,11 @@ async def run_job(
 
 
 def _withdraw(queue: JobQueue, job: Job, error: DarkroomError | ClientGone) -> None:
+    # A queue whose workers live in other processes (Redis) must first take the job back from them; one a
+    # worker has started meanwhile is left to finish, as a running local job is.
+    reserve = getattr(queue, "reserve_withdrawal", None)
+    if reserve is not None and not reserve(job):
+        job.try_start()
+        return
     if job.withdraw(error):
         queue.remove(job)

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .config import LimitSettings
+from .config import ImageCheckerSpec, LimitSettings
 from .errors import ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ class WeightsSource(BaseModel):
     hub: str | None = None
     revision: str | None = None
     path: Path | None = None
-    builtin: Literal["tiny-flux"] | None = None
+    builtin: Literal["tiny-flux", "tiny-flux-edit", "tiny-redux"] | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> WeightsSource:
@@ -46,7 +46,16 @@ class Capabilities(BaseModel):
     image_to_image: bool = False
     reference_images: bool = False
     loras: bool = False
+    # Whether disable_safety_checker may be honored for this model (the operator must allow it too).
     safety_checker_optional: bool = True
+
+
+class ModelSafety(BaseModel):
+    """Which image checker this model's images go through (unless the config names one for all models)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_checker: ImageCheckerSpec | None = None
 
 
 class Defaults(BaseModel):
@@ -59,6 +68,9 @@ class Defaults(BaseModel):
     width: int = 1024
     height: int = 1024
     max_sequence_length: int = 512
+    # img2img (FLUX.1 text-to-image models given image_url): how much of the input is re-noised,
+    # 0 < strength <= 1; 1 ignores the image, small values keep it nearly unchanged.
+    img2img_strength: float = Field(default=0.75, gt=0, le=1)
 
 
 class ModelLimits(BaseModel):
@@ -72,6 +84,7 @@ class ModelLimits(BaseModel):
     max_pixels: int = 2048 * 2048
     size_multiple: int = 16
     max_prompt_chars: int = 4000
+    max_reference_images: int = 4
 
 
 class ModelManifest(BaseModel):
@@ -80,13 +93,23 @@ class ModelManifest(BaseModel):
     id: str
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
-    family: Literal["flux"] = "flux"
+    # flux: FLUX.1 text-to-image (image_url → img2img); flux-kontext: FLUX.1 Kontext (image_url → editing).
+    family: Literal["flux", "flux-kontext"] = "flux"
     source: WeightsSource
+    # FLUX.1 Redux prior (SigLIP + ReduxImageEncoder) that turns reference_images into prompt tokens.
+    redux_prior: WeightsSource | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     owned_by: str = "darkroom"
     capabilities: Capabilities = Field(default_factory=Capabilities)
     defaults: Defaults = Field(default_factory=Defaults)
     limits: ModelLimits = Field(default_factory=ModelLimits)
+    safety: ModelSafety = Field(default_factory=ModelSafety)
+
+    @model_validator(mode="after")
+    def _conditioning_is_servable(self) -> ModelManifest:
+        if self.capabilities.reference_images and self.family == "flux" and self.redux_prior is None:
+            raise ValueError(f"{self.id}: reference_images needs a redux_prior for family flux")
+        return self
 
     def effective_limits(self, server: LimitSettings) -> ModelLimits:
         """The tighter of the manifest's and the operator's limits."""

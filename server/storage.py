@@ -73,6 +73,10 @@ class LocalStorage:
         query = urlencode({"expires": expires, "signature": self._signature(key, expires)})
         return f"/v1/files/{key}?{query}"
 
+    def url(self, key: str, base: str, now: float | None = None) -> str:
+        """The signed URL of a stored image under ``base``, the API's public address."""
+        return base + self.signed_path(key, now)
+
     def open(self, key: str, expires: int, signature: str, now: float | None = None) -> Path:
         """The file behind a signed URL: 403 when the signature is wrong or expired, 404 when gone."""
         if not _KEY.match(key):

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import torch
+from PIL import Image
 
 from .config import SchedulerSettings
 from .engine.pipelines import Engine
@@ -101,8 +102,14 @@ class Worker:
                 job.fail(InternalError("image generation failed; see the server log"))
             return
         inference_s = time.monotonic() - started
+        refusals = self._screen(runnable, outputs)
 
-        for job, pil_images in zip(runnable, outputs, strict=True):
+        for job, pil_images, refusal in zip(runnable, outputs, refusals, strict=True):
+            if refusal is not None:  # flagged by the safety checker: nothing is encoded or stored
+                job.fail(refusal)
+                log.info("job refused id=%s model=%s batch=%s code=%s", job.id, job.params.model,
+                         batch_id, refusal.code)
+                continue
             encode_started = time.monotonic()
             try:
                 encoded = [
@@ -130,6 +137,13 @@ class Worker:
                 job.id, p.model, p.width, p.height, p.steps, p.n, batch_id, len(runnable), images,
                 result.queue_s * 1000, inference_s * 1000, result.encode_s * 1000,
             )
+
+    def _screen(self, runnable: list[Job], outputs: list[list[Image.Image]]) -> list[DarkroomError | None]:
+        """The image safety stage, one checker call per batch (engine stand-ins without one skip it)."""
+        screen = getattr(self.engine, "screen", None)
+        if screen is None:
+            return [None] * len(runnable)
+        return screen([job.params for job in runnable], outputs)
 
 
 def fail_waiting(queue: MemoryQueue, reason: str) -> None:

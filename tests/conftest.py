@@ -45,7 +45,9 @@ class Server:
         self.storage_dir = workdir / "images"
         merged: dict[str, Any] = {
             "storage": {"directory": str(self.storage_dir)},
-            "engine": {"cache_dir": str(cache_dir), "cpu_threads": 2},
+            # One torch thread per server: several servers share two cores, and OpenMP's spinning
+            # threads slow each other down many times over when oversubscribed.
+            "engine": {"cache_dir": str(cache_dir), "cpu_threads": 1},
         }
         for section, values in (config or {}).items():
             if isinstance(values, dict):
@@ -105,9 +107,9 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return cache
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def make_server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[Any]:
-    """Start servers with a given config; every one is stopped at the end of the session."""
+    """Start servers with a given config; each is stopped when its test module ends."""
     started: list[Server] = []
 
     def _make(config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> Server:

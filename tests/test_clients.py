@@ -133,8 +133,12 @@ def test_models_list(server: Server) -> None:
     card = raw["data"][0]
     assert raw["object"] == "list" and card["object"] == "model"
     assert card["capabilities"]["text_to_image"] is True
-    assert card["capabilities"]["image_to_image"] is False
+    # The tiny FLUX does img2img (image_url); it has no Redux prior, so no reference_images.
+    assert card["capabilities"]["image_to_image"] is True
+    assert card["capabilities"]["reference_images"] is False
     assert card["defaults"]["steps"] == 4
+    assert client.models.retrieve(MODEL).id == MODEL
+    assert httpx.get(f"{server.url}/v1/models/tiny-flux").json()["id"] == MODEL
 
 
 def test_health_and_ready(server: Server) -> None:

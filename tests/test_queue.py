@@ -24,10 +24,13 @@ from .conftest import MODEL, Server, images_of, pixels
 # Batched images equal their unbatched twins up to float noise; measured: at most 1 level of 255.
 MAX_BATCH_PIXEL_DIFF = 2
 
-# A request that keeps the single CPU worker busy for seconds (about 3 s on an idle 2-core machine,
-# far more under load): used to hold the worker while other requests wait in the queue.
-SLOW = {"prompt": "slow blocker", "width": 512, "height": 512, "n": 4, "steps": 16,
+# A request that keeps the single CPU worker busy for seconds (about 3 s with one torch thread on
+# these CPUs; longer under load): used to hold the worker while other requests wait in the queue.
+SLOW = {"prompt": "slow blocker", "width": 512, "height": 512, "n": 4, "steps": 32,
         "response_format": "base64"}
+# One torch thread per server: with two threads on a loaded 2-core machine, OpenMP's spin-waiting
+# multiplies CPU time many times over, and these modules run several servers side by side.
+ONE_THREAD = {"engine": {"cpu_threads": 1}}
 SMALL = {"width": 128, "height": 128, "steps": 2, "guidance_scale": 3.5, "response_format": "base64"}
 
 JOB_DONE = re.compile(r"job done id=(\S+)")
@@ -85,6 +88,9 @@ class Background:
         except BaseException as exc:  # noqa: BLE001 - surfaced by result()
             self.error = exc
 
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
     def result(self, timeout_s: float = 300) -> httpx.Response:
         self._thread.join(timeout_s)
         assert not self._thread.is_alive(), "background request did not finish"
@@ -119,14 +125,14 @@ def assert_error(response: httpx.Response, status: int, type_: str, code: str) -
 
 @pytest.fixture(scope="module")
 def batching_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({"scheduler": {"batch_window_ms": 600, "max_batch_images": 8}})
+    server = make_server({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 8}})
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def capped_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({"scheduler": {"batch_window_ms": 600, "max_batch_images": 2}})
+    server = make_server({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 2}})
     yield server
     server.stop()
 
@@ -212,14 +218,14 @@ def test_batches_never_exceed_max_batch_images(capped_server: Server) -> None:
 
 @pytest.fixture(scope="module")
 def small_queue_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({"queue": {"max_jobs": 1, "retry_after_s": 3}})
+    server = make_server({**ONE_THREAD, "queue": {"max_jobs": 1, "retry_after_s": 3}})
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def deadline_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({"server": {"request_timeout_s": 1.0}, "queue": {"max_jobs": 64}})
+    server = make_server({**ONE_THREAD, "server": {"request_timeout_s": 0.5}, "queue": {"max_jobs": 64}})
     yield server
     server.stop()
 
@@ -227,7 +233,8 @@ def deadline_server(make_server: Any) -> Iterator[Server]:
 def test_flood_gets_429_with_retry_after_and_the_rest_succeed(small_queue_server: Server) -> None:
     server = small_queue_server
     before = set(done_ids(server))
-    bodies = [{"prompt": f"flood {i}", "width": 256, "height": 256, "steps": 4, "seed": i,
+    # Compatible requests, heavy enough that the rest arrive while the first batch runs.
+    bodies = [{"prompt": f"flood {i}", "width": 256, "height": 256, "steps": 8, "n": 2, "seed": 10 * i,
                "response_format": "base64"} for i in range(20)]
     responses = concurrently(server, bodies)
 
@@ -238,8 +245,9 @@ def test_flood_gets_429_with_retry_after_and_the_rest_succeed(small_queue_server
         assert_error(response, 429, "rate_limit_error", "queue_full")
         assert response.headers["retry-after"] == "3"
     for response in accepted:
-        (image,) = images_of(response)
-        assert image.format == "JPEG" and image.size == (256, 256)
+        images = images_of(response)
+        assert len(images) == 2
+        assert all(image.format == "JPEG" and image.size == (256, 256) for image in images)
 
     # Exactly the accepted jobs ran; a refused one never entered the queue.
     accepted_ids = {r.json()["id"] for r in accepted}
@@ -273,9 +281,10 @@ def test_client_disconnect_frees_its_queue_slot_and_its_job_never_runs(small_que
     # B waits in the (one-slot) queue; its client gives up and closes the connection.
     with pytest.raises(httpx.ReadTimeout):
         post(server, {**SMALL, "prompt": "impatient", "seed": 5},
-             timeout=httpx.Timeout(30, read=0.5))
+             timeout=httpx.Timeout(30, read=0.3))
     # The server notices the disconnect (it polls every 0.25 s) and withdraws B while A still runs.
     wait_until(lambda: queue_depth(server) == 0, "the abandoned job to leave the queue")
+    assert blocker.running(), "the slow job ended before the abandoned one left the queue"
 
     patient = post(server, {**SMALL, "prompt": "patient", "seed": 6})
     assert patient.status_code == 200, patient.text
@@ -294,10 +303,14 @@ def test_job_not_started_before_its_deadline_gets_504_and_never_runs(deadline_se
     blocker = occupy_worker(server)
 
     late = post(server, {**SMALL, "prompt": "too late", "seed": 8})
+    first = blocker.result()
+    assert late.status_code == 504, (
+        f"expected 504, got {late.status_code} (the slow job ran "
+        f"{first.json()['timings']['inference_s']} s; the deadline is 0.5 s)"
+    )
     assert_error(late, 504, "timeout_error", "deadline_exceeded")
     assert queue_depth(server) == 0
 
-    first = blocker.result()
     assert len(images_of(first)) == 4
     # A later request, once the worker is free, is served; any trace of the 504'd job would come first.
     followup = post(server, {**SMALL, "prompt": "in time", "seed": 8})

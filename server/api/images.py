@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import time
 from typing import Any
@@ -12,7 +13,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from ..conditioning import attach_images
 from ..jobs import ClientGone, Job, JobResult, run_job
+from ..safety import bearer_token, resolve_check
 from .auth import check_api_key
 from .runtime import Runtime
 from .schemas import parse_request, resolve_params, response_kind
@@ -37,7 +40,7 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
         return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
@@ -48,8 +51,21 @@ async def create_image(request: Request) -> JSONResponse:
     manifest = runtime.registry.get(req.model)
     params = resolve_params(req, manifest, settings.limits)
     kind = response_kind(req, settings.server.default_response_format)
+    guard = runtime.guard
+    if resolve_check(settings.safety, manifest, req.disable_safety_checker,
+                     bearer_token(request.headers.get("authorization")), guard.counters):
+        # The prompt stage runs here, before the job is queued: a flagged prompt costs no GPU work.
+        if guard.needs_classifier:
+            await run_in_threadpool(guard.check, req.prompt, settings.server.request_timeout_s)
+        else:
+            guard.check(req.prompt)
+    else:
+        params = dataclasses.replace(params, check_safety=False)
     if not runtime.accepting():
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
+    # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
+    # the job is queued.
+    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher)
 
     job = Job.create(params, settings.server.request_timeout_s)
     try:
@@ -81,7 +97,7 @@ def _data_items(runtime: Runtime, request: Request, result: JobResult, kind: str
         item: dict[str, Any] = {"index": index, "type": kind, "seed": image.seed}
         if kind == "url":
             key = runtime.storage.put(image.data, image.format)
-            item["url"] = base + runtime.storage.signed_path(key, now)
+            item["url"] = runtime.storage.url(key, base, now)
         else:
             item["b64_json"] = base64.b64encode(image.data).decode("ascii")
         items.append(item)

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from ..conditioning import conditioning_kind
 from ..config import LimitSettings
 from ..engine.types import GenerationParams
 from ..errors import InvalidRequest, Unsupported
@@ -32,14 +33,14 @@ class ImageRequest(BaseModel):
 
     prompt: str = Field(min_length=1)
     model: str | None = None
-    steps: int | None = Field(default=None, ge=1)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    n: int = Field(default=1, ge=1)
-    width: int | None = Field(default=None, ge=1)
-    height: int | None = Field(default=None, ge=1)
+    steps: int | None = Field(default=None, ge=1, strict=True)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
+    n: int = Field(default=1, ge=1, strict=True)
+    width: int | None = Field(default=None, ge=1, strict=True)
+    height: int | None = Field(default=None, ge=1, strict=True)
     size: str | None = None
     negative_prompt: str | None = None
-    guidance_scale: float | None = Field(default=None, ge=0, le=100)
+    guidance_scale: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
     response_format: Literal["base64", "b64_json", "url"] | None = None
     output_format: Literal["jpeg", "jpg", "png", "webp"] | None = None
     image_url: str | None = None
@@ -78,10 +79,7 @@ def parse_request(body: Any) -> ImageRequest:
 
 def _unsupported(req: ImageRequest) -> None:
     pending = {
-        "image_url": req.image_url is not None,
-        "reference_images": bool(req.reference_images),
         "image_loras": bool(req.image_loras),
-        "disable_safety_checker": bool(req.disable_safety_checker),
     }
     for field, given in pending.items():
         if given:
@@ -140,6 +138,8 @@ def resolve_params(
     width, height = _size(req, manifest)
     steps = req.steps or manifest.defaults.steps
     _check_limits(req, width, height, steps, manifest, server_limits)
+    # image_url / reference_images against the model's capabilities; the images are fetched later.
+    conditioning, strength = conditioning_kind(req.image_url, req.reference_images, manifest)
 
     base_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     if base_seed + req.n - 1 > MAX_SEED:
@@ -159,6 +159,8 @@ def resolve_params(
         seeds=tuple(base_seed + i for i in range(req.n)),
         output_format="jpeg" if fmt == "jpg" else fmt,
         max_sequence_length=manifest.defaults.max_sequence_length,
+        conditioning=conditioning,
+        strength=strength,
     )
 
 

@@ -42,6 +42,12 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [_model_card(runtime, m, created) for m in runtime.registry.models]}
 
 
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(check_api_key)])
+async def get_model(request: Request, model_id: str) -> dict[str, Any]:
+    runtime = _runtime(request)
+    return _model_card(runtime, runtime.registry.get(model_id), request.app.state.started_unix)
+
+
 @router.get("/health")
 async def health() -> dict[str, str]:
     """Liveness: the process answers. It never waits on a model or the queue."""
@@ -53,7 +59,8 @@ async def ready(request: Request) -> JSONResponse:
     runtime = _runtime(request)
     is_ready, workers = runtime.readiness()
     return JSONResponse(
-        {"ready": is_ready, "workers": workers, "queue_depth": runtime.queue.depth()},
+        {"ready": is_ready, "workers": workers, "queue_depth": runtime.queue.depth(),
+         "pipeline_calls": runtime.pipeline_calls(), "safety": runtime.safety_report()},
         status_code=200 if is_ready else 503,
     )
 

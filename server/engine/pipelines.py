@@ -7,6 +7,7 @@ so an image depends on its own seed and prompt, not on what it was batched with.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -16,9 +17,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..config import EngineSettings
-from ..registry import ModelManifest, Registry
-from .tiny import ensure_tiny_flux
+from ..conditioning import stitch
+from ..config import EngineSettings, SafetySettings
+from ..errors import DarkroomError
+from ..registry import ModelManifest, Registry, WeightsSource
+from ..safety import SafetyCounters
+from .loading import LOAD_LOCK
+from .safety import ImageChecker, load_image_checkers, screen_batch
+from .tiny import ensure_tiny_flux, ensure_tiny_flux_edit, ensure_tiny_redux
 from .types import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -48,9 +54,16 @@ def resolve_dtype(manifest: ModelManifest, device: str) -> torch.dtype:
 
 def weights_location(manifest: ModelManifest, cache_dir: Path) -> tuple[str, dict[str, Any]]:
     """Where ``from_pretrained`` reads the weights, and the keyword arguments that go with it."""
-    source = manifest.source
+    return source_location(manifest.source, cache_dir)
+
+
+def source_location(source: WeightsSource, cache_dir: Path) -> tuple[str, dict[str, Any]]:
     if source.builtin == "tiny-flux":
         return str(ensure_tiny_flux(cache_dir)), {}
+    if source.builtin == "tiny-flux-edit":
+        return str(ensure_tiny_flux_edit(cache_dir)), {}
+    if source.builtin == "tiny-redux":
+        return str(ensure_tiny_redux(cache_dir)), {}
     if source.path is not None:
         # An absolute path: diffusers takes a relative one for a Hub id.
         return str(source.path.expanduser().resolve()), {}
@@ -61,7 +74,7 @@ def weights_location(manifest: ModelManifest, cache_dir: Path) -> tuple[str, dic
 
 
 def load_pipeline(manifest: ModelManifest, settings: EngineSettings, device: str) -> Any:
-    from diffusers import FluxPipeline
+    from diffusers import FluxKontextPipeline, FluxPipeline
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -72,7 +85,9 @@ def load_pipeline(manifest: ModelManifest, settings: EngineSettings, device: str
     location, kwargs = weights_location(manifest, settings.cache_dir)
     dtype = resolve_dtype(manifest, device)
     started = time.perf_counter()
-    pipe = FluxPipeline.from_pretrained(location, dtype=dtype, **kwargs)
+    # FLUX.1 Kontext has FLUX.1's components; only the pipeline (how the input image enters) differs.
+    cls = FluxKontextPipeline if manifest.family == "flux-kontext" else FluxPipeline
+    pipe = cls.from_pretrained(location, dtype=dtype, **kwargs)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     log.info(
@@ -83,19 +98,48 @@ def load_pipeline(manifest: ModelManifest, settings: EngineSettings, device: str
     return pipe
 
 
+def load_redux_prior(manifest: ModelManifest, settings: EngineSettings, device: str) -> Any:
+    """The FLUX.1 Redux prior (SigLIP image encoder + ReduxImageEncoder) a manifest names."""
+    from diffusers import FluxPriorReduxPipeline
+
+    assert manifest.redux_prior is not None
+    location, kwargs = source_location(manifest.redux_prior, settings.cache_dir)
+    dtype = resolve_dtype(manifest, device)
+    # Only the image side: the prompt is encoded by the model's own pipeline.
+    prior = FluxPriorReduxPipeline.from_pretrained(
+        location, dtype=dtype, text_encoder=None, tokenizer=None, text_encoder_2=None,
+        tokenizer_2=None, **kwargs,
+    )
+    prior.to(device)
+    log.info("redux prior loaded model=%s from=%s", manifest.id, location)
+    return prior
+
+
 class Engine:
     """The pipelines of one device. Called from that device's worker thread only."""
 
-    def __init__(self, registry: Registry, settings: EngineSettings, device: str) -> None:
+    def __init__(self, registry: Registry, settings: EngineSettings, device: str,
+                 safety: SafetySettings | None = None) -> None:
         self.registry = registry
         self.settings = settings
         self.device = device
+        self.safety = safety or SafetySettings()
         self._pipes: dict[str, Any] = {}
+        # Per model: FluxImg2ImgPipeline sharing the text pipeline's modules; the Redux prior.
+        self._img2img: dict[str, Any] = {}
+        self._redux: dict[str, Any] = {}
+        self._checkers: dict[str, ImageChecker | None] = {}
+        self.safety_counters = SafetyCounters()
         self.calls = 0
 
     def load(self) -> None:
         for manifest in self.registry.models:
-            self._pipes[manifest.id] = load_pipeline(manifest, self.settings, self.device)
+            with LOAD_LOCK:  # see loading.py: concurrent from_pretrained calls corrupt each other
+                self._pipes[manifest.id] = load_pipeline(manifest, self.settings, self.device)
+                self._load_conditioning(manifest)
+        self._checkers = load_image_checkers(
+            self.registry, self.safety, self.settings.cache_dir, self.device
+        )
 
     def warmup(self) -> None:
         """One small call per model, so the first user request does not pay for lazy init."""
@@ -105,7 +149,11 @@ class Engine:
                 guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
                 max_sequence_length=manifest.defaults.max_sequence_length,
             )
-            self.generate([params])
+            images = self.generate([params])
+            self._warm_conditioning(params)
+            checker = self._checkers.get(manifest.id)
+            if checker is not None:
+                checker.check(images[0])
 
     def generate(self, batch: Sequence[GenerationParams]) -> list[list[Image.Image]]:
         """Run compatible requests as one pipeline call; returns each request's images in order."""
@@ -118,14 +166,16 @@ class Engine:
         prompts = [p.prompt for p in batch for _ in p.seeds]
         seeds = [seed for p in batch for seed in p.seeds]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"prompt": prompts}
         if first.negative_prompt is not None:
             kwargs["negative_prompt"] = [p.negative_prompt for p in batch for _ in p.seeds]
             kwargs["true_cfg_scale"] = first.true_cfg_scale
+        pipe = self._conditioned(pipe, batch, kwargs)
 
         with torch.inference_mode():
+            if first.conditioning in ("redux", "img2img+redux"):
+                self._add_redux_tokens(pipe, batch, kwargs)
             images = pipe(
-                prompt=prompts,
                 height=first.height,
                 width=first.width,
                 num_inference_steps=first.steps,
@@ -143,3 +193,89 @@ class Engine:
             out.append(images[start : start + params.n])
             start += params.n
         return out
+
+    # -- image conditioning (image_url, reference_images) --------------------------------------------
+
+    def _load_conditioning(self, manifest: ModelManifest) -> None:
+        pipe = self._pipes[manifest.id]
+        if manifest.family == "flux" and manifest.capabilities.image_to_image:
+            from diffusers import FluxImg2ImgPipeline
+
+            # Same modules, no copy: img2img is another way of calling the loaded model.
+            img2img = FluxImg2ImgPipeline.from_pipe(pipe)
+            img2img.set_progress_bar_config(disable=True)
+            self._img2img[manifest.id] = img2img
+        if manifest.redux_prior is not None:
+            self._redux[manifest.id] = load_redux_prior(manifest, self.settings, self.device)
+
+    def _warm_conditioning(self, text: GenerationParams) -> None:
+        """One call per conditioning path a model has, with a plain grey image."""
+        from PIL import Image as PILImage
+
+        from .types import ConditioningImage
+
+        grey = ConditioningImage.from_pil(PILImage.new("RGB", (text.width, text.height), (128, 128, 128)))
+        manifest = self.registry.get(text.model)
+        variants: list[dict[str, Any]] = []
+        if text.model in self._img2img:
+            variants.append({"conditioning": "img2img", "image": grey,
+                             "strength": manifest.defaults.img2img_strength})
+        if manifest.family == "flux-kontext":
+            variants.append({"conditioning": "kontext", "image": grey})
+        if text.model in self._redux:
+            variants.append({"conditioning": "redux", "references": (grey,)})
+        for changes in variants:
+            self.generate([dataclasses.replace(text, **changes)])
+
+    def _conditioned(self, pipe: Any, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> Any:
+        """The pipeline for the batch's conditioning, with its per-image input images in ``kwargs``."""
+        first = batch[0]
+        if first.conditioning in ("img2img", "img2img+redux"):
+            kwargs["image"] = [img for p in batch for img in [p.image.to_pil()] * p.n]  # type: ignore[union-attr]
+            # diffusers runs the last int(steps x strength) steps; skip at least one, or the input image
+            # would be fully re-noised (e.g. strength 0.8 at 4 steps) and silently ignored.
+            strength = first.strength or 1.0
+            if first.steps >= 2:
+                strength = min(strength, (first.steps - 1 - 1e-6) / first.steps)
+            kwargs["strength"] = strength
+            return self._img2img[first.model]
+        if self.registry.get(first.model).family == "flux-kontext":
+            # Kontext rescales its output to max_area unless told the requested size is the area.
+            kwargs["max_area"] = first.width * first.height
+        if first.conditioning == "kontext":
+            # The input image, then the references, side by side: one conditioning image per prompt,
+            # all of the output's height (prepared so by the API), never resized again here.
+            per_job = [stitch([i.to_pil() for i in ([p.image] if p.image else []) + list(p.references)])
+                       for p in batch]
+            kwargs["image"] = [img for p, img in zip(batch, per_job) for _ in p.seeds]
+            kwargs["_auto_resize"] = False
+        return pipe
+
+    def _add_redux_tokens(self, pipe: Any, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> None:
+        """Replace the prompts by their embeddings with each request's Redux image tokens appended."""
+        first = batch[0]
+        prior = self._redux[first.model]
+        device = pipe._execution_device
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=kwargs.pop("prompt"), prompt_2=None, device=device,
+            max_sequence_length=first.max_sequence_length,
+        )
+        # One SigLIP call for every reference in the batch; each request's tokens, in order, follow
+        # its prompt tokens (several references: their tokens one after another).
+        refs = [r.to_pil() for p in batch for r in p.references]
+        tokens = prior.image_embedder(prior.encode_image(refs, device, 1)).image_embeds
+        tokens = tokens.to(device=device, dtype=prompt_embeds.dtype)
+        per_ref = len(first.references)
+        rows = []
+        for j, p in enumerate(batch):
+            job_tokens = tokens[j * per_ref : (j + 1) * per_ref].reshape(1, -1, tokens.shape[-1])
+            rows += [job_tokens] * p.n
+        kwargs["prompt_embeds"] = torch.cat([prompt_embeds, torch.cat(rows, dim=0)], dim=1)
+        kwargs["pooled_prompt_embeds"] = pooled
+
+    def screen(
+        self, batch: Sequence[GenerationParams], outputs: Sequence[Sequence[Image.Image]]
+    ) -> list[DarkroomError | None]:
+        """The image safety stage: one checker call for the batch; per request, None or its refusal."""
+        checker = self._checkers.get(batch[0].model) if batch else None
+        return screen_batch(checker, batch, outputs, self.safety_counters)

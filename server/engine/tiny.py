@@ -22,12 +22,25 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
 TINY_FLUX_NAME = "tiny-flux-v1"
 """Folder name used by :func:`ensure_tiny_flux`; bump the suffix when the recipe changes."""
+TINY_FLUX_EDIT_NAME = "tiny-flux-edit-v1"
+"""Folder name used by :func:`ensure_tiny_flux_edit`: the tiny FLUX with an image-sensitive VAE encoder."""
+TINY_REDUX_NAME = "tiny-flux-redux-v1"
+"""Folder name used by :func:`ensure_tiny_redux` (a FLUX.1 Redux prior matching the tiny FLUX)."""
 
 _TEXT_DIM = 32  # CLIP pooled size == T5 d_model == transformer joint/pooled dims
 _CLIP_MAX_LEN = 77  # the pipeline pads CLIP prompts to tokenizer.model_max_length
@@ -209,3 +222,116 @@ def ensure_tiny_flux(cache_dir: Path) -> Path:
             return build_tiny_flux(target)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# -- a tiny FLUX.1 Redux prior ---------------------------------------------------------------------
+# The real prior is SigLIP so400m (384 px, 729 tokens of 1152) and a ReduxImageEncoder projecting them
+# to T5's 4096; here: a one-layer SigLIP on 32 px images (16 tokens of 32) projected to the tiny T5's 32,
+# so the Redux tokens can be appended to the tiny FLUX's prompt tokens. The tiny Kontext model needs no
+# builder: FLUX.1 Kontext has FLUX.1's architecture, so FluxKontextPipeline loads the tiny FLUX as is.
+
+_SIGLIP_DIM = 32
+_SIGLIP_SIZE = 32
+
+
+def _siglip_processor() -> object:
+    try:  # transformers 5 without torchvision: the PIL processor, named directly to avoid a warning
+        from transformers import SiglipImageProcessorPil as Processor  # type: ignore[attr-defined]
+    except ImportError:
+        from transformers import SiglipImageProcessor as Processor
+    return Processor(size={"height": _SIGLIP_SIZE, "width": _SIGLIP_SIZE})
+
+
+def _redux_components(seed: int) -> dict[str, object]:
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    encoder = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=_SIGLIP_DIM,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=_SIGLIP_SIZE,
+            patch_size=8,
+        )
+    )
+    embedder = ReduxImageEncoder(redux_dim=_SIGLIP_DIM, txt_in_features=_TEXT_DIM)
+    _reinit_(encoder, gen, gain=1.0)
+    # Loud projections, so the reference tokens visibly steer the tiny transformer.
+    _reinit_(embedder, gen, gain=3.0)
+    return {
+        "image_encoder": encoder.eval(),
+        "feature_extractor": _siglip_processor(),
+        "image_embedder": embedder.eval(),
+    }
+
+
+def _save_atomically(pipe: object, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        pipe.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[attr-defined]
+        tmp.chmod(0o755)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def build_tiny_redux(path: Path, seed: int = 1) -> Path:
+    """Save a tiny random FLUX.1 Redux prior (FluxPriorReduxPipeline layout) to ``path``."""
+    from diffusers import FluxPriorReduxPipeline
+
+    path = Path(path).expanduser().resolve()
+    if _is_complete(path):
+        return path
+    pipe = FluxPriorReduxPipeline(**_redux_components(seed))  # type: ignore[arg-type]
+    _save_atomically(pipe, path)
+    logger.info("built tiny FLUX Redux prior (seed=%d) at %s", seed, path)
+    return path
+
+
+def build_tiny_flux_edit(path: Path, seed: int = 0) -> Path:
+    """The tiny FLUX of :func:`build_tiny_flux` (same seed, same weights) with a louder VAE encoder.
+
+    Text-to-image never runs the VAE encoder, so the default tiny FLUX keeps its default-initialised
+    one, whose latents barely differ between images. Image conditioning (img2img, Kontext) encodes the
+    input image, so this variant re-draws the encoder so that input images visibly steer the output.
+    """
+    path = Path(path).expanduser().resolve()
+    if _is_complete(path):
+        return path
+    components = _components(seed)
+    _reinit_(components["vae"].encoder, torch.Generator().manual_seed(seed + 1), gain=4.0)  # type: ignore[attr-defined]
+    _save_atomically(FluxPipeline(**components), path)  # type: ignore[arg-type]
+    logger.info("built tiny FLUX (edit variant, seed=%d) at %s", seed, path)
+    return path
+
+
+def _ensure(cache_dir: Path, name: str, build: object) -> Path:
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    target = cache_dir / name
+    if _is_complete(target):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return build(target)  # type: ignore[operator]
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_tiny_redux(cache_dir: Path) -> Path:
+    """Return ``cache_dir / TINY_REDUX_NAME``, building it once even with concurrent callers."""
+    return _ensure(cache_dir, TINY_REDUX_NAME, build_tiny_redux)
+
+
+def ensure_tiny_flux_edit(cache_dir: Path) -> Path:
+    """Return ``cache_dir / TINY_FLUX_EDIT_NAME``, building it once even with concurrent callers."""
+    return _ensure(cache_dir, TINY_FLUX_EDIT_NAME, build_tiny_flux_edit)

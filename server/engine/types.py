@@ -3,7 +3,47 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable
+from typing import TYPE_CHECKING, Hashable, Literal
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# What besides the prompt steers a request: nothing, an input image (FLUX.1 img2img or Kontext editing),
+# Redux reference embeddings, or both of the first with the second.
+Conditioning = Literal["text", "img2img", "kontext", "redux", "img2img+redux"]
+
+
+@dataclass(frozen=True)
+class ConditioningImage:
+    """A fetched, decoded RGB image as plain bytes, so params stay hashable and serialisable."""
+
+    width: int
+    height: int
+    rgb: bytes
+
+    @classmethod
+    def from_pil(cls, image: Image.Image) -> ConditioningImage:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return cls(rgb.width, rgb.height, rgb.tobytes())
+
+    def to_pil(self) -> Image.Image:
+        from PIL import Image
+
+        return Image.frombytes("RGB", (self.width, self.height), self.rgb)
+
+    def __repr__(self) -> str:  # never dump the pixels into a log
+        return f"ConditioningImage({self.width}x{self.height})"
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One entry of ``image_loras``: where the LoRA comes from (a URL or a registered name), and its scale.
+
+    Plain data: a worker on another host resolves and fetches ``path`` itself (server/loras.py).
+    """
+
+    path: str
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -21,6 +61,15 @@ class GenerationParams:
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
     max_sequence_length: int = 512
+    # Run the image safety checker on this request's images (off only for an honored disable).
+    check_safety: bool = True
+    # Conditioning images, fetched and prepared by the API (see server/conditioning.py).
+    conditioning: Conditioning = "text"
+    image: ConditioningImage | None = None
+    references: tuple[ConditioningImage, ...] = ()
+    strength: float | None = None
+    # image_loras, in request order; one adapter set (and its scales) per pipeline call.
+    loras: tuple[LoraRef, ...] = ()
 
     @property
     def n(self) -> int:
@@ -40,5 +89,11 @@ class GenerationParams:
             self.guidance_scale,
             self.true_cfg_scale if self.negative_prompt is not None else None,
             self.max_sequence_length,
-            "text",
+            # Which pipeline runs, its per-call strength, and how many reference tokens each prompt gets.
+            self.conditioning,
+            self.strength,
+            self.image is not None,
+            len(self.references),
+            # The LoRA set and its scales are one per call.
+            self.loras,
         )

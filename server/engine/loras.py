@@ -1,0 +1,322 @@
+"""Per-request LoRAs on a device: resident adapters, activation per batch, and hotswap slots.
+
+One ``LoraManager`` per engine (one device), called from that device's worker thread only.
+
+Default mode: every LoRA a batch uses is loaded once as a named diffusers adapter (``load_lora_weights``
+with ``adapter_name``) and stays resident, in a least-recently-used set of ``loras.max_resident``
+adapters per model; a batch's set is activated with ``set_adapters(names, scales)`` on the components
+that hold weights of it. A batch without LoRAs disables the LoRA layers: peft's disabled layers run the
+base layer alone, so its images are bit-for-bit those of a pipeline that never saw a LoRA.
+
+Hotswap mode (``loras.hotswap``, for a ``torch.compile``d transformer): ``enable_lora_hotswap`` runs
+before anything is loaded (and before compiling), then ``loras.max_count`` adapter slots are created,
+each holding an all-zero LoRA of rank ``hotswap_target_rank`` on every Linear layer of the transformer, so
+any LoRA up to that rank fits. A LoRA enters a slot with ``load_lora_weights(..., hotswap=True)``, which
+swaps the weights in place (no new modules, no recompilation); hotswap resets the slot's scale, so the
+scales are set after it, with every slot always active and unused ones at scale 0 (a zero scale adds
+exact zeros: no-LoRA images stay exact). The slots are the resident set in this mode.
+
+Before anything is loaded, a LoRA is read and checked against the model: every weight must name a layer
+of the transformer (or CLIP text encoder) with matching shapes. So a LoRA for another architecture, or
+one diffusers would "expand" the base model for, is refused with a 400 and touches nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import LoraSettings
+from ..loras import LoraError, LoraStore, _shown
+from .loading import LOAD_LOCK
+from .types import LoraRef
+
+log = logging.getLogger(__name__)
+
+_COMPONENTS = ("transformer", "text_encoder")
+_KEY = re.compile(
+    r"^(?P<comp>transformer|text_encoder)\.(?P<module>.+?)\."
+    r"(?:(?P<kind>lora_A|lora_B)\.(?P<param>weight|bias)|lora_magnitude_vector(?:\.weight)?)$"
+)
+
+
+@dataclass
+class _ModelState:
+    pipe: Any
+    # Default mode: path -> adapter name, least recently used first.
+    resident: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    # Hotswap mode: the path each slot holds (None: the zero LoRA).
+    slots: list[str | None] = field(default_factory=list)
+    # What set_adapters last set ((name, scale) pairs; () = LoRA layers disabled); None: unknown.
+    active: tuple[tuple[str, float], ...] | None = ()
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    state_dict: dict[str, torch.Tensor]
+    load_from_file: bool   # alphas or adapter metadata that only a load from the file applies
+    text_encoder: bool
+    rank: int
+
+
+class LoraManager:
+    def __init__(self, store: LoraStore, settings: LoraSettings | None = None) -> None:
+        self.store = store
+        self.settings = settings or store.settings
+        self._models: dict[str, _ModelState] = {}
+        self._serial = 0
+        self.loads = 0
+        self.swaps = 0
+
+    @property
+    def hotswap(self) -> bool:
+        return self.settings.hotswap
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    def prepare(self, model_id: str, pipe: Any) -> None:
+        """Register a model's pipeline; in hotswap mode create its slots (before any compile)."""
+        state = _ModelState(pipe)
+        self._models[model_id] = state
+        if not self.hotswap:
+            return
+        rank = self.settings.hotswap_target_rank
+        with LOAD_LOCK:
+            pipe.enable_lora_hotswap(target_rank=rank)
+            for i in range(self.settings.max_count):
+                pipe.load_lora_weights(self._zero_lora(pipe), adapter_name=self._slot(i))
+        state.slots = [None] * self.settings.max_count
+        state.active = None
+        self._set(state, [])
+        log.info("lora hotswap slots ready model=%s slots=%d rank=%d", model_id, len(state.slots), rank)
+
+    @staticmethod
+    def _slot(i: int) -> str:
+        return f"slot{i}"
+
+    def _zero_lora(self, pipe: Any) -> dict[str, torch.Tensor]:
+        rank = self.settings.hotswap_target_rank
+        transformer = pipe.transformer
+        weight = next(transformer.parameters())
+        zeros: dict[str, torch.Tensor] = {}
+        for name, module in transformer.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                zeros[f"transformer.{name}.lora_A.weight"] = torch.zeros(
+                    rank, module.in_features, dtype=weight.dtype)
+                zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(
+                    module.out_features, rank, dtype=weight.dtype)
+        return zeros
+
+    # -- per batch --------------------------------------------------------------------------------
+
+    def activate(self, model_id: str, refs: Sequence[LoraRef]) -> None:
+        """Make exactly ``refs`` (with their scales) act on the model; nothing else stays active."""
+        state = self._models.get(model_id)
+        if state is None:
+            if refs:
+                raise LoraError(f"model {model_id} does not take LoRAs on this server")
+            return
+        if self.hotswap:
+            self._activate_slots(model_id, state, refs)
+            return
+        keep = {ref.path for ref in refs}
+        names = [self._resident(model_id, state, ref, keep) for ref in refs]
+        self._set(state, [(name, ref.scale) for name, ref in zip(names, refs)])
+
+    def resident(self, model_id: str) -> list[str]:
+        """Paths of the adapters loaded for a model, least recently used first."""
+        state = self._models.get(model_id)
+        if state is None:
+            return []
+        return [p for p in state.slots if p] if self.hotswap else list(state.resident)
+
+    def _resident(self, model_id: str, state: _ModelState, ref: LoraRef, keep: set[str]) -> str:
+        if ref.path in state.resident:
+            state.resident.move_to_end(ref.path)
+            return state.resident[ref.path]
+        with self.store.use(ref.path) as file:
+            info = self.inspect(model_id, state.pipe, file, ref.path)
+            while len(state.resident) >= self.settings.max_resident:
+                victim = next((p for p in state.resident if p not in keep), None)
+                if victim is None:
+                    break
+                name = state.resident.pop(victim)
+                state.pipe.delete_adapters(name)
+                state.active = None
+                log.info("lora unloaded model=%s path=%s adapter=%s", model_id, _shown(victim), name)
+            self._serial += 1
+            name = f"lora{self._serial}"
+            started = time.perf_counter()
+            state.active = None  # a load activates the new adapter
+            try:
+                with LOAD_LOCK:
+                    state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
+                                                 adapter_name=name)
+            except Exception as exc:  # noqa: BLE001 - a bad file must not take the worker down
+                self._drop_partial(state.pipe, name)
+                raise LoraError(f"LoRA '{_shown(ref.path)}' could not be loaded into {model_id}: "
+                                f"{_summary(exc)}") from None
+        state.resident[ref.path] = name
+        self.loads += 1
+        log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, _shown(ref.path), name,
+                 time.perf_counter() - started)
+        return name
+
+    def _activate_slots(self, model_id: str, state: _ModelState, refs: Sequence[LoraRef]) -> None:
+        slots = state.slots
+        wanted = {ref.path for ref in refs}
+        where: dict[str, int] = {ref.path: slots.index(ref.path) for ref in refs if ref.path in slots}
+        # Free slots: those holding nothing needed, empty ones first.
+        free = sorted((i for i in range(len(slots)) if slots[i] not in wanted), key=lambda i: slots[i] is not None)
+        for ref in refs:
+            if ref.path in where:
+                continue
+            i = free.pop(0)
+            with self.store.use(ref.path) as file:
+                info = self.inspect(model_id, state.pipe, file, ref.path)
+                state.active = None  # hotswap resets the slot's scale
+                started = time.perf_counter()
+                try:
+                    with LOAD_LOCK:
+                        state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
+                                                     adapter_name=self._slot(i), hotswap=True)
+                except Exception as exc:  # noqa: BLE001
+                    self._reset_slot(state, i)
+                    raise LoraError(f"LoRA '{_shown(ref.path)}' could not be swapped into {model_id}: "
+                                    f"{_summary(exc)}") from None
+            slots[i] = ref.path
+            where[ref.path] = i
+            self.swaps += 1
+            log.info("lora swapped in model=%s path=%s slot=%d seconds=%.3f", model_id, _shown(ref.path), i,
+                     time.perf_counter() - started)
+        scales = [0.0] * len(slots)
+        for ref in refs:
+            scales[where[ref.path]] = ref.scale
+        self._set(state, [(self._slot(i), s) for i, s in enumerate(scales)])
+
+    def _reset_slot(self, state: _ModelState, i: int) -> None:
+        """After a failed swap the slot's weights are unknown: put the zero LoRA back."""
+        state.slots[i] = None
+        state.active = None
+        try:
+            with LOAD_LOCK:
+                state.pipe.load_lora_weights(self._zero_lora(state.pipe), adapter_name=self._slot(i),
+                                             hotswap=True)
+        except Exception:  # noqa: BLE001
+            log.exception("could not reset LoRA slot %d; the engine's LoRA state is unknown", i)
+            raise
+
+    @staticmethod
+    def _drop_partial(pipe: Any, name: str) -> None:
+        present = {n for names in pipe.get_list_adapters().values() for n in names}
+        if name in present:
+            try:
+                pipe.delete_adapters(name)
+            except Exception:  # noqa: BLE001
+                log.exception("could not remove a half-loaded LoRA adapter %s", name)
+
+    def _set(self, state: _ModelState, pairs: list[tuple[str, float]]) -> None:
+        """Activate exactly ``pairs`` on every component that holds adapters (nothing: disable)."""
+        wanted = tuple(pairs)
+        if state.active == wanted:
+            return
+        from diffusers.loaders.lora_base import (
+            disable_lora_for_text_encoder,
+            enable_lora_for_text_encoder,
+            set_adapters_for_text_encoder,
+        )
+
+        pipe = state.pipe
+        lists = pipe.get_list_adapters()
+        for comp_name in _COMPONENTS:
+            comp = getattr(pipe, comp_name, None)
+            present = set(lists.get(comp_name, []))
+            if comp is None or not present:
+                continue
+            chosen = [(n, s) for n, s in pairs if n in present]
+            if comp_name == "transformer":
+                if chosen or self.hotswap:
+                    comp.enable_lora()
+                    comp.set_adapters([n for n, _ in chosen], [s for _, s in chosen])
+                else:
+                    comp.disable_lora()
+            elif chosen:
+                enable_lora_for_text_encoder(comp)
+                set_adapters_for_text_encoder([n for n, _ in chosen], comp, [s for _, s in chosen])
+            else:
+                disable_lora_for_text_encoder(comp)
+        state.active = wanted
+
+    # -- checks -----------------------------------------------------------------------------------
+
+    def inspect(self, model_id: str, pipe: Any, file: Any, path: str) -> LoraInfo:
+        """Read a LoRA as diffusers converts it and check every weight against the model's layers."""
+        label = _shown(path)
+        try:
+            state_dict, alphas, metadata = pipe.lora_state_dict(
+                str(file), return_alphas=True, return_lora_metadata=True)
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes diffusers raise
+            raise LoraError(f"LoRA '{label}' is not in a LoRA format this server reads for {model_id} "
+                            f"(kohya, xlabs, diffusers/peft, ...): {_summary(exc)}") from None
+        modules = {c: dict(getattr(pipe, c).named_modules()) for c in _COMPONENTS
+                   if getattr(pipe, c, None) is not None}
+        bad: list[str] = []
+        matched, rank, text_encoder = 0, 0, False
+        for key, tensor in state_dict.items():
+            why = _misfit(key, tensor, modules)
+            if why:
+                bad.append(f"{key}: {why}")
+                continue
+            matched += 1
+            text_encoder = text_encoder or key.startswith("text_encoder.")
+            if ".lora_A.weight" in key:
+                rank = max(rank, int(tensor.shape[0]))
+        if not matched:
+            sample = ", ".join(sorted(state_dict)[:3]) or "none"
+            raise LoraError(f"LoRA '{label}' has no weights for the layers of {model_id} (its weights are "
+                            f"named like {sample}): a LoRA for another architecture?")
+        if bad:
+            raise LoraError(f"LoRA '{label}' does not fit {model_id}: {len(bad)} of {len(state_dict)} "
+                            f"weights do not match its layers (e.g. {bad[0]}): a LoRA for another model?")
+        if self.hotswap:
+            if text_encoder:
+                raise LoraError(f"LoRA '{label}' has text-encoder weights; this server swaps LoRAs into a "
+                                "compiled transformer and takes transformer LoRAs only")
+            if rank > self.settings.hotswap_target_rank:
+                raise LoraError(f"LoRA '{label}' has rank {rank}; this server takes LoRAs up to rank "
+                                f"{self.settings.hotswap_target_rank}")
+        return LoraInfo(state_dict=state_dict, load_from_file=bool(alphas) or bool(metadata),
+                        text_encoder=text_encoder, rank=rank)
+
+
+def _misfit(key: str, tensor: torch.Tensor, modules: dict[str, dict[str, Any]]) -> str | None:
+    match = _KEY.match(key)
+    if match is None:
+        return "not a LoRA weight of the transformer or text encoder"
+    layers = modules.get(match["comp"], {})
+    module = layers.get(match["module"])
+    if module is None:
+        return "no such layer"
+    if not isinstance(module, torch.nn.Linear):
+        return f"the layer is a {type(module).__name__}, not a Linear"
+    shape = tuple(tensor.shape)
+    kind, param = match["kind"], match["param"]
+    if kind == "lora_A" and param == "weight" and (len(shape) != 2 or shape[1] != module.in_features):
+        return f"shape {shape} for a layer of {module.in_features} inputs"
+    if kind == "lora_B" and param == "weight" and (len(shape) != 2 or shape[0] != module.out_features):
+        return f"shape {shape} for a layer of {module.out_features} outputs"
+    if kind is None and shape[-1:] != (module.out_features,):
+        return f"shape {shape} for a layer of {module.out_features} outputs"
+    return None
+
+
+def _summary(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."

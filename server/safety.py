@@ -1,0 +1,161 @@
+"""The safety checker's policy and prompt stage (the image stage runs in the worker: engine/safety.py).
+
+- ``resolve_check``: whether a request is checked. ``disable_safety_checker: true`` is honored only when
+  the model allows it (``capabilities.safety_checker_optional``) and the operator does
+  (``safety.allow_disable``: never / always / per_key); otherwise 403.
+- ``PromptGuard``: a word list, regular expressions and optionally a transformers text classifier, run in
+  the API before a job is queued, so a flagged prompt costs no GPU work. Flagged: 422.
+- ``SafetyCounters``: plain counters of what was checked and flagged (reported on ``/ready``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .config import SafetySettings
+from .errors import Forbidden, SafetyFlagged, ServiceUnavailable
+from .registry import ModelManifest
+
+if TYPE_CHECKING:
+    from .engine.safety import TextClassifier
+
+log = logging.getLogger(__name__)
+
+
+class SafetyCounters:
+    """Thread-safe counters; names are plain strings such as ``prompts_flagged``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    scheme, _, token = (authorization or "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def resolve_check(
+    safety: SafetySettings, manifest: ModelManifest, disable: bool | None, api_key: str | None,
+    counters: SafetyCounters | None = None,
+) -> bool:
+    """True when the request's prompt and images must be checked; 403 for a refused disable."""
+    if not safety.enabled:
+        return False  # nothing runs anyway; disabling is a no-op
+    if not disable:
+        return True
+    refusal: str | None = None
+    if not manifest.capabilities.safety_checker_optional:
+        refusal = f"model {manifest.id} does not allow disabling the safety checker"
+    elif safety.allow_disable == "never":
+        refusal = "this server does not allow disabling the safety checker (safety.allow_disable: never)"
+    elif safety.allow_disable == "per_key":
+        supplied = (api_key or "").encode()
+        allowed = False
+        for key in safety.disable_keys:  # every key is compared, in constant time
+            allowed |= hmac.compare_digest(supplied, key.get_secret_value().encode())
+        if not allowed:
+            refusal = "this API key may not disable the safety checker"
+    if refusal is not None:
+        if counters is not None:
+            counters.add("disable_refused")
+        raise Forbidden(refusal, param="disable_safety_checker", code="safety_checker_required")
+    if counters is not None:
+        counters.add("disable_honored")
+    return False
+
+
+def _phrase(word: str) -> str:
+    """A blocklist entry as a regex: whole words, any whitespace between them."""
+    return r"(?<!\w)" + r"\s+".join(re.escape(part) for part in word.split()) + r"(?!\w)"
+
+
+class PromptGuard:
+    """The prompt stage. The word list is instant; the optional classifier loads in the background."""
+
+    def __init__(self, safety: SafetySettings, cache_dir: Path) -> None:
+        self.safety = safety
+        self.cache_dir = cache_dir
+        self.counters = SafetyCounters()
+        words = [w for w in safety.prompt.blocklist if w.strip()]
+        self._words = re.compile("|".join(_phrase(w) for w in words), re.IGNORECASE) if words else None
+        self._patterns = [re.compile(p, re.IGNORECASE | re.DOTALL) for p in safety.prompt.patterns]
+        self._classifier: TextClassifier | None = None
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+        self._classifier_lock = threading.Lock()  # torch modules are not re-entrant across threads
+        if not self.needs_classifier:
+            self.loaded.set()
+
+    @property
+    def needs_classifier(self) -> bool:
+        return self.safety.enabled and self.safety.prompt.classifier is not None
+
+    @property
+    def failed(self) -> bool:
+        return self.load_error is not None
+
+    def start_loading(self) -> None:
+        if not self.loaded.is_set() and not self.failed:
+            threading.Thread(target=self._load, name="prompt-classifier", daemon=True).start()
+
+    def _load(self) -> None:
+        from .engine.safety import TextClassifier
+
+        spec = self.safety.prompt.classifier
+        assert spec is not None
+        try:
+            self._classifier = TextClassifier(spec, self.cache_dir)
+            self._classifier.score("warm-up")
+        except Exception as exc:  # noqa: BLE001 - reported on /ready and to requests
+            log.exception("prompt classifier failed to load")
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            return
+        self.loaded.set()
+
+    def state(self) -> str:
+        if self.failed:
+            return f"failed: {self.load_error}"
+        if not self.needs_classifier:
+            return "word list only" if self.safety.enabled else "disabled"
+        return "ready" if self.loaded.is_set() else "loading"
+
+    def check(self, prompt: str, wait_s: float = 0.0) -> None:
+        """Raise 422 when the prompt is flagged (blocking: call it off the event loop with a classifier)."""
+        self.counters.add("prompts_checked")
+        stage = None
+        if self._words is not None and self._words.search(prompt):
+            stage = "word list"
+        elif any(p.search(prompt) for p in self._patterns):
+            stage = "pattern list"
+        elif self.needs_classifier:
+            if not self.loaded.wait(wait_s) or self._classifier is None:
+                raise ServiceUnavailable(
+                    f"the prompt classifier is not available ({self.state()}); retry later"
+                )
+            with self._classifier_lock:
+                flagged, score = self._classifier.flags(prompt)
+            if flagged:
+                stage = f"classifier, score {score:.3f}"
+        if stage is None:
+            return
+        self.counters.add("prompts_flagged")
+        log.info("prompt flagged stage=%s chars=%d", stage, len(prompt))
+        raise SafetyFlagged(
+            f"the safety checker flagged the prompt ({stage}); no image was generated",
+            param="prompt", code="prompt_flagged",
+        )

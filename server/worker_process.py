@@ -1,0 +1,118 @@
+"""``darkroom worker``: a process with no HTTP API that runs jobs from the Redis queue on its devices.
+
+One ``Worker`` thread per device (server/worker.py, unchanged: the same batching, safety screen and
+encoding as in ``darkroom serve``), each reading through its own consumer in the Redis group. On SIGTERM
+(or SIGINT) a worker finishes the batch in hand, answers and acknowledges it, returns jobs it read but did
+not start to the queue, and exits 0. A small HTTP listener (``worker.health_port``) answers ``/health``
+(the process and its worker threads are alive) and ``/ready`` (models loaded, Redis reachable) for probes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .config import Settings
+from .engine.pipelines import Engine, resolve_devices
+from .queue_redis import RedisSource, default_instance_name
+from .registry import Registry
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+def redis_workers(settings: Settings, registry: Registry) -> list[Worker]:
+    """One worker per device, each taking its batches from the Redis queue under its own consumer name."""
+    base = settings.worker.name or default_instance_name()
+    workers = []
+    for device in resolve_devices(settings.engine.devices):
+        engine = Engine(registry, settings.engine, device, settings.safety)
+        source = RedisSource(settings.queue, f"{base}-{device}")
+        workers.append(Worker(engine, source, settings.scheduler, settings.engine.cpu_threads))
+    return workers
+
+
+def _report(workers: list[Worker]) -> tuple[bool, bool, dict[str, Any]]:
+    states: dict[str, Any] = {}
+    alive = ready = True
+    for worker in workers:
+        source: RedisSource = worker.queue  # type: ignore[assignment]
+        thread_alive = worker._thread.is_alive()
+        redis_ok = source.healthy()
+        state = ("failed: " + str(worker.load_error) if worker.failed else
+                 "ready" if worker.ready.is_set() else "loading")
+        states[worker.name] = {"state": state, "consumer": source.consumer, "redis": redis_ok,
+                               "pipeline_calls": getattr(worker.engine, "calls", None),
+                               "reclaimed": source.reclaimed}
+        alive = alive and (thread_alive or not worker.ready.is_set()) and not worker.failed
+        ready = ready and worker.ready.is_set() and thread_alive and redis_ok
+    return alive, ready, states
+
+
+def _health_server(host: str, port: int, workers: list[Worker]) -> ThreadingHTTPServer:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            alive, ready, states = _report(workers)
+            if self.path == "/health":
+                status, body = (200 if alive else 503), {"status": "ok" if alive else "failed"}
+            elif self.path == "/ready":
+                status, body = (200 if ready else 503), {"ready": ready, "workers": states}
+            else:
+                status, body = 404, {"error": {"message": "no such path", "type": "invalid_request_error",
+                                               "param": None, "code": "not_found"}}
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - probes are not news
+            return
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="worker-health", daemon=True).start()
+    return server
+
+
+def run_worker(settings: Settings) -> int:
+    if settings.queue.backend != "redis":
+        log.error("darkroom worker needs queue.backend: redis (set it, or DARKROOM_QUEUE__BACKEND=redis)")
+        return 2
+    registry = Registry.from_settings(settings.models_dir, settings.models)
+    workers = redis_workers(settings, registry)
+    stop = threading.Event()
+
+    def _on_signal(signum: int, _frame: Any) -> None:
+        log.info("signal %s: finishing the batch in hand, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    health = None
+    if settings.worker.health_port:
+        health = _health_server(settings.worker.health_host, settings.worker.health_port, workers)
+    for worker in workers:
+        worker.start()
+    log.info("worker process started consumers=%s redis=%s",
+             ",".join(w.queue.consumer for w in workers),  # type: ignore[attr-defined]
+             settings.queue.redis_url.split("@")[-1])
+    code = 0
+    while not stop.wait(0.5):
+        if all(w.failed for w in workers):
+            log.error("every worker failed to load its models; exiting")
+            code = 1
+            break
+    for worker in workers:
+        worker.stop(settings.worker.shutdown_timeout_s)
+    for worker in workers:
+        worker.queue.close()  # type: ignore[attr-defined]
+    if health is not None:
+        health.shutdown()
+    log.info("worker process stopped")
+    return code
