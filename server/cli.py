@@ -11,22 +11,18 @@ import uvicorn
 from .config import load_settings
 
 
-def _logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+def _logging(level: str, fmt: str = "text") -> None:
+    from .logs import configure
+
+    configure(level, fmt)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .api.app import create_app
-
     settings = load_settings(args.config)
     host = args.host or settings.server.host
     port = args.port if args.port is not None else settings.server.port
     settings.server.host, settings.server.port = host, port
-    _logging(settings.server.log_level)
+    _logging(settings.server.log_level, settings.server.log_format)
     runtime = None
     if args.command == "api":
         from .api.runtime import Runtime
@@ -36,6 +32,10 @@ def _serve(args: argparse.Namespace) -> int:
                 "darkroom api needs queue.backend: redis (its jobs run in `darkroom worker` processes)")
             return 2
         runtime = Runtime.build(settings, with_workers=False)
+    elif not _weights_ready(settings):
+        return 2
+    from .api.app import create_app  # after the checks: it imports torch and diffusers
+
     # On SIGTERM uvicorn stops accepting, finishes the in-flight responses, then shuts the app down.
     uvicorn.run(create_app(settings, runtime), host=host, port=port, log_config=None, access_log=False)
     return 0
@@ -47,8 +47,41 @@ def _worker(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.health_port is not None:
         settings.worker.health_port = args.health_port
-    _logging(settings.server.log_level)
+    _logging(settings.server.log_level, settings.server.log_format)
+    if not _weights_ready(settings):
+        return 2
     return run_worker(settings)
+
+
+def _weights_ready(settings: object) -> bool:
+    """Refuse to start a model whose weights are not on disk (`darkroom pull MODEL` fetches them)."""
+    from .models_cli import missing_weights
+
+    if settings.engine.allow_downloads:  # type: ignore[attr-defined]
+        return True
+    problems = missing_weights(settings)  # type: ignore[arg-type]
+    for problem in problems:
+        logging.getLogger("server.cli").error("not starting: %s", problem)
+    return not problems
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .models_cli import pull
+
+    settings = load_settings(args.config)
+    _logging(settings.server.log_level, settings.server.log_format)
+    try:
+        return pull(args.model, settings)
+    except KeyError as exc:
+        print(exc.args[0], file=sys.stderr)
+        return 2
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .models_cli import list_models
+
+    settings = load_settings(args.config)
+    return list_models(settings, as_json=args.json)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     worker.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
     worker.add_argument("--health-port", type=int, help="port of /health and /ready (worker.health_port)")
     worker.set_defaults(func=_worker)
+    pull = commands.add_parser("pull", help="download a model's weights into the local Hub cache")
+    pull.add_argument("model", help="manifest id or alias (see `darkroom models`)")
+    pull.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
+    pull.set_defaults(func=_pull)
+    models = commands.add_parser("models", help="list the model manifests and whether their weights are here")
+    models.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.set_defaults(func=_models)
     args = parser.parse_args(argv)
     return args.func(args)
 

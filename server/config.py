@@ -37,6 +37,8 @@ class ServerSettings(BaseModel):
     # What a request without response_format gets; Together answers with a URL.
     default_response_format: Literal["url", "base64"] = "url"
     log_level: str = "INFO"
+    # text: one human-readable line per event; json: one JSON object per line (server/logs.py).
+    log_format: Literal["text", "json"] = "text"
 
 
 class LimitSettings(BaseModel):
@@ -233,6 +235,9 @@ class EngineSettings(BaseModel):
     cache_dir: Path = Path(os.path.expanduser("~/.cache/darkroom"))
     # Threads torch may use on CPU (0 = torch's default).
     cpu_threads: int = 0
+    # false: `darkroom serve`/`worker` refuse to start a model whose Hub weights are not in the local Hub
+    # cache (fetch them with `darkroom pull MODEL`); true: from_pretrained downloads them while loading.
+    allow_downloads: bool = False
 
     _expand_cache = field_validator("cache_dir")(_expand)
 
@@ -335,15 +340,69 @@ class SafetySettings(BaseModel):
     # Who may send disable_safety_checker: true: nobody (403), everybody, or the keys in disable_keys.
     allow_disable: Literal["never", "always", "per_key"] = "never"
     disable_keys: list[SecretStr] = Field(default_factory=list)
+    # Set for you when auth.keys / auth.keys_file configure a key store: with per_key, a key from the store
+    # is allowed by its own disable_safety_checker permission, and disable_keys may be empty.
+    key_permissions: bool = False
     prompt: PromptCheckSettings = Field(default_factory=PromptCheckSettings)
     # The image checker for every model; None: each model's manifest names its own (safety.image_checker).
     image_checker: ImageCheckerSpec | None = None
 
     @model_validator(mode="after")
     def _keys_for_per_key(self) -> SafetySettings:
-        if self.allow_disable == "per_key" and not self.disable_keys:
-            raise ValueError("safety.allow_disable: per_key needs safety.disable_keys")
+        if self.allow_disable == "per_key" and not self.disable_keys and not self.key_permissions:
+            raise ValueError("safety.allow_disable: per_key needs safety.disable_keys "
+                             "(or API keys with disable_safety_checker in auth.keys / auth.keys_file)")
         return self
+
+
+class ApiKeySpec(BaseModel):
+    """One API key of the key store (server/api/keys.py): the key itself or its SHA-256, and its policy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Shown in logs and metrics instead of the key; default: "key-" + the first 8 hex digits of its SHA-256.
+    name: str | None = None
+    # Exactly one of: the key, or the hex SHA-256 of the key (so the config need not hold the secret).
+    key: SecretStr | None = None
+    sha256: str | None = None
+    # Sliding one-minute windows; None: the auth.default_* limit (None there too: unlimited).
+    requests_per_minute: int | None = Field(default=None, ge=1)
+    images_per_minute: int | None = Field(default=None, ge=1)
+    # Model ids or aliases this key may use; None: every served model.
+    models: list[str] | None = None
+    # May send disable_safety_checker (with safety.allow_disable: per_key; the model must allow it too).
+    disable_safety_checker: bool = False
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiKeySpec:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("an API key entry needs exactly one of key, sha256")
+        if self.sha256 is not None:
+            digest = self.sha256.strip().lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError("sha256 must be 64 hex digits (sha256sum of the key)")
+            self.sha256 = digest
+        return self
+
+
+class AuthSettings(BaseModel):
+    """API keys with limits and permissions (server/api/keys.py). ``server.api_keys`` stays valid: such
+    keys get the default limits, every model, and safety.disable_keys decides their safety permission."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[ApiKeySpec] = Field(default_factory=list)
+    # A YAML or JSON file (e.g. a mounted Kubernetes Secret): a list of entries like ``keys``, or
+    # {"keys": [...]}. Re-read when it changes (checked at most every reload_interval_s).
+    keys_file: Path | None = None
+    reload_interval_s: float = 5.0
+    # Limits of keys that set none (also of server.api_keys, and of any bearer when no key is configured).
+    default_requests_per_minute: int | None = Field(default=None, ge=1)
+    default_images_per_minute: int | None = Field(default=None, ge=1)
+
+    @property
+    def store_configured(self) -> bool:
+        return bool(self.keys) or self.keys_file is not None
 
 
 class Settings(BaseSettings):
@@ -361,11 +420,27 @@ class Settings(BaseSettings):
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     loras: LoraSettings = Field(default_factory=LoraSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     models_dir: Path = REPO_ROOT / "models"
     # Manifest ids (or aliases) to serve; the first is the default for requests that name none.
     models: list[str] = Field(default_factory=lambda: ["darkroom/tiny-flux"])
 
     _expand_models_dir = field_validator("models_dir")(_expand)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_store_permissions(cls, data: object) -> object:
+        """With a key store, each key's disable_safety_checker permission replaces safety.disable_keys."""
+        if not isinstance(data, dict):
+            return data
+        auth, safety = data.get("auth"), data.get("safety")
+        if isinstance(auth, AuthSettings):
+            configured = auth.store_configured
+        else:
+            configured = isinstance(auth, dict) and bool(auth.get("keys") or auth.get("keys_file"))
+        if configured and isinstance(safety, dict) and "key_permissions" not in safety:
+            data = {**data, "safety": {**safety, "key_permissions": True}}
+        return data
 
     @field_validator("models")
     @classmethod

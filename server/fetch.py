@@ -43,6 +43,7 @@ from typing import Union
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from . import metrics
 from .config import FetchSettings
 from .errors import DarkroomError, InvalidRequest
 
@@ -306,12 +307,14 @@ class Fetcher:
             return parse_data_url(url, field, limit)
         deadline = time.monotonic() + self.settings.timeout_s
         if not self._slots.acquire(timeout=self.settings.timeout_s):
+            metrics.FETCH_FAILURES.labels(field=field, code=FetchBusy.code).inc()
             raise FetchBusy("too many image downloads in progress; retry shortly", param=field,
                             headers={"Retry-After": "1"})
         try:
             return self._download(url, field, limit, deadline)
         except FetchError as exc:
             log.info("fetch refused field=%s code=%s reason=%s", field, exc.code, exc.message)
+            metrics.FETCH_FAILURES.labels(field=field, code=str(exc.code)).inc()
             raise
         finally:
             self._slots.release()

@@ -43,6 +43,8 @@ class JobResult:
     queue_s: float
     inference_s: float
     encode_s: float
+    # Seconds per stage of the batch (text_encode, denoise, vae_decode, safety) and of this job (image_encode).
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 class ClientGone(Exception):
@@ -58,6 +60,8 @@ class Job:
     created_unix: int = field(default_factory=lambda: int(time.time()))
     future: Future[JobResult] = field(default_factory=Future)
     state: JobState = JobState.QUEUED
+    # The request's x-request-id (server/api/observe.py), for the worker's log line.
+    request_id: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod

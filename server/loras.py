@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from . import metrics
 from .config import FetchSettings, LoraSettings
 from .engine.types import LoraRef
 from .errors import DarkroomError, InvalidRequest, Unsupported
@@ -72,7 +73,7 @@ def _shown(path: str) -> str:
 
 def resolve_loras(specs: Sequence[Any] | None, model_id: str, supported: bool,
                   settings: LoraSettings) -> tuple[LoraRef, ...]:
-    """``image_loras`` → plain ``LoraRef``s, refusing what is wrong without any I/O (400 naming the field)."""
+    """``image_loras`` → plain ``LoraRef``s; what is wrong is refused without any I/O (400 naming the field)."""
     if not specs:
         return ()
     if not supported:
@@ -231,6 +232,11 @@ class LoraStore:
         self.downloads = 0
         self.hits = 0
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> LoraStore:
+        """The store a process builds from its ``Settings`` (loras, fetch allow-lists, engine.cache_dir)."""
+        return cls(settings.loras, settings.fetch, settings.engine.cache_dir)
+
     def close(self) -> None:
         self.fetcher.close()
 
@@ -283,6 +289,7 @@ class LoraStore:
         with self._lock:
             if file.is_file():
                 self.hits += 1
+                metrics.LORA_CACHE_HITS.labels(cache="disk").inc()
                 _touch(file)
                 return file
             waiting = self._inflight.get(key)
@@ -325,7 +332,9 @@ class LoraStore:
                     raise
                 with self._lock:
                     self.downloads += 1
-                log.info("lora downloaded path=%s bytes=%d file=%s", _shown(source.path), len(data), file.name)
+                metrics.LORA_CACHE_MISSES.labels(cache="disk").inc()
+                log.info("lora downloaded path=%s bytes=%d file=%s", _shown(source.path), len(data),
+                         file.name)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         self.evict()
@@ -335,9 +344,10 @@ class LoraStore:
         url = source.url or self._pick_from_repo(source)
         started = time.monotonic()
         try:
-            data = self.fetcher.fetch_bytes(url, source.path, self.settings.max_file_bytes)
+            # The field is the request field (it labels the fetcher's metrics); messages name the path.
+            data = self.fetcher.fetch_bytes(url, FIELD, self.settings.max_file_bytes)
         except FetchError as exc:
-            raise LoraError(f"LoRA {exc.message}", code=exc.code) from None
+            raise LoraError(_naming(exc.message, source.path), code=exc.code) from None
         except DarkroomError:
             raise
         log.debug("lora fetched path=%s seconds=%.2f", _shown(source.path), time.monotonic() - started)
@@ -349,11 +359,12 @@ class LoraStore:
         repo, rev = source.repo, quote(source.revision, safe="")
         listing_url = f"{hub}/api/models/{repo}/revision/{rev}"
         try:
-            raw = self.fetcher.fetch_bytes(listing_url, source.path, _MAX_LISTING_BYTES)
+            raw = self.fetcher.fetch_bytes(listing_url, FIELD, _MAX_LISTING_BYTES)
             listing = json.loads(raw)
             files = [s["rfilename"] for s in listing.get("siblings", []) if isinstance(s, dict)]
         except FetchError as exc:
-            raise LoraError(f"LoRA {exc.message} (listing the files of Hugging Face repo {repo})",
+            raise LoraError(f"{_naming(exc.message, source.path)} (listing the files of Hugging Face "
+                            f"repo {repo})",
                             code=exc.code) from None
         except (ValueError, TypeError, KeyError, AttributeError):
             raise LoraError(f"LoRA '{_shown(source.path)}': the Hub's file list for {repo} is unreadable",
@@ -403,7 +414,14 @@ class LoraStore:
                     total -= size
         for file in removed:
             log.info("lora evicted from the disk cache file=%s", file.name)
+        if removed:
+            metrics.LORA_CACHE_EVICTIONS.labels(cache="disk").inc(len(removed))
         return removed
+
+
+def _naming(message: str, path: str) -> str:
+    """A fetcher message ("'image_loras' could not be fetched: ...") about the LoRA at ``path``."""
+    return f"LoRA '{_shown(path)}'{message.removeprefix(repr(FIELD))}"
 
 
 def _touch(file: Path) -> None:

@@ -51,6 +51,9 @@ from .jobs import Job, JobResult
 log = logging.getLogger(__name__)
 
 GROUP = "workers"
+# Batch windows shorter than this are polled (see _take_batch), longer ones block in Redis.
+_SHORTEST_BLOCK_S = 0.2
+_POLL_S = 0.001
 # Reply lists of API processes that went away expire after this long.
 REPLY_TTL_S = 600
 
@@ -74,7 +77,7 @@ return n
 """
 
 
-def connect(url: str) -> redis.Redis:
+def connect(url: str, retries: int = 4) -> redis.Redis:
     """A client that reconnects by itself (a Redis restart costs the calls in flight, not the process)."""
     return redis.Redis.from_url(
         url,
@@ -82,7 +85,7 @@ def connect(url: str) -> redis.Redis:
         socket_timeout=10,
         socket_keepalive=True,
         health_check_interval=15,
-        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 4),
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
 
@@ -130,11 +133,19 @@ class _Outage:
     def __init__(self, what: str) -> None:
         self.what = what
         self.since: float | None = None
+        self.last: float = 0.0
 
     def failed(self, exc: BaseException) -> None:
+        self.last = time.monotonic()
         if self.since is None:
-            self.since = time.monotonic()
+            self.since = self.last
             log.warning("redis unreachable (%s): %s: %s", self.what, type(exc).__name__, exc)
+
+    def recent(self, window_s: float = 1.0, grace_s: float = 2.0) -> bool:
+        """An outage of more than ``grace_s`` that failed again within ``window_s``: callers fail fast
+        meanwhile instead of each waiting on connection attempts (a Redis restart is shorter)."""
+        now = time.monotonic()
+        return self.since is not None and now - self.since > grace_s and now - self.last < window_s
 
     def ok(self) -> None:
         if self.since is not None:
@@ -151,7 +162,9 @@ class RedisQueue:
     def __init__(self, settings: QueueSettings, instance: str | None = None) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.client = connect(settings.redis_url)
+        # Few retries: these calls run on the event loop; one reconnect covers a Redis restart, and during
+        # an outage requests fail fast (503) instead of each waiting out a backoff.
+        self.client = connect(settings.redis_url, retries=1)
         # The listener blocks on its own connection pool so it never starves request handlers.
         self._listen_client = connect(settings.redis_url)
         self.instance = f"{instance or default_instance_name()}-{uuid.uuid4().hex[:6]}"
@@ -187,6 +200,8 @@ class RedisQueue:
     # the JobQueue protocol (server/jobs.py)
 
     def put(self, job: Job) -> None:
+        if self._outage.recent():
+            raise self._unavailable()
         payload = remote.encode_job(job, self.reply_key)
         with self._lock:  # registered first: a fast worker's reply must find it
             self._jobs[job.id] = (job, None)
@@ -195,10 +210,7 @@ class RedisQueue:
         except RedisError as exc:
             self._unregister(job.id)
             self._outage.failed(exc)
-            raise ServiceUnavailable(
-                "the job queue is unreachable; retry later", code="queue_unavailable",
-                headers={"retry-after": str(self.settings.retry_after_s)},
-            ) from None
+            raise self._unavailable() from None
         self._outage.ok()
         if entry is None:
             self._unregister(job.id)
@@ -209,6 +221,10 @@ class RedisQueue:
         with self._lock:
             if job.id in self._jobs:
                 self._jobs[job.id] = (job, entry)
+
+    def _unavailable(self) -> ServiceUnavailable:
+        return ServiceUnavailable("the job queue is unreachable; retry later", code="queue_unavailable",
+                                  headers={"retry-after": str(self.settings.retry_after_s)})
 
     def _add(self, payload: str) -> Any:
         for attempt in range(2):
@@ -223,6 +239,8 @@ class RedisQueue:
     def reserve_withdrawal(self, job: Job) -> bool:
         """Take a job back before any worker starts it; False when a worker already has (let it finish)."""
         key = self.keys.state(job.id)
+        if self._outage.recent():
+            return True
         try:
             if self.client.set(key, "withdrawn", nx=True, ex=self._ttl(job)):
                 return True
@@ -243,6 +261,8 @@ class RedisQueue:
 
     def depth(self) -> int:
         """Jobs waiting for a worker, across every API pod."""
+        if self._outage.recent():
+            return 0
         try:
             with self.client.pipeline(transaction=False) as pipe:
                 pipe.xlen(self.keys.stream)
@@ -259,12 +279,16 @@ class RedisQueue:
 
     def status(self) -> tuple[bool, str]:
         """Reachability for /ready, and how many workers heart-beat recently."""
+        if self._outage.recent():
+            return False, "redis unreachable"
         try:
             self.client.ping()
             seen = self.client.zcount(self.keys.workers, time.time() - self.settings.visibility_timeout_s,
                                       "+inf")
         except RedisError as exc:
+            self._outage.failed(exc)
             return False, f"redis unreachable: {type(exc).__name__}"
+        self._outage.ok()
         return True, f"redis ok, {seen} worker(s) seen"
 
     # internals
@@ -430,10 +454,14 @@ class RedisSource:
                     batch.append(job)
                     images += job.params.n
             remaining = until - time.monotonic()
-            if images >= max_images or remaining < 0.001 or self._stop.is_set():
+            if images >= max_images or remaining <= 0 or self._stop.is_set():
                 break
-            if not self._absorb(self._read(">", max_images - images, remaining)):
-                break  # the window passed with nothing new
+            if remaining >= _SHORTEST_BLOCK_S:
+                self._absorb(self._read(">", max_images - images, remaining))
+            elif not self._absorb(self._read(">", max_images - images, None)):
+                # Redis times a blocked read out on its own clock tick (up to 1/hz = 100 ms late), so a
+                # window of a few milliseconds is polled instead.
+                time.sleep(min(remaining, _POLL_S))
         return batch
 
     def _read(self, start: str, count: int, block_s: float | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
@@ -464,6 +492,7 @@ class RedisSource:
                 id=envelope.id,
                 enqueued_at=now_mono - (now_unix - envelope.enqueued_unix),
                 created_unix=envelope.created_unix,
+                request_id=envelope.request_id,
                 entry_id=entry_id,
                 payload=payload,
                 reply_to=envelope.reply_to,
@@ -581,7 +610,8 @@ class RedisSource:
                     pipe.execute()
                 log.info("returned %d unstarted job(s) to the queue consumer=%s", len(backlog), self.consumer)
             except RedisError as exc:
-                log.warning("could not return %d job(s); they are taken over after the visibility timeout: %s",
+                log.warning("could not return %d job(s); they are taken over after the visibility timeout: "
+                            "%s",
                             len(backlog), exc)
         try:
             self.client.zrem(self.keys.workers, self.consumer)

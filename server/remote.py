@@ -34,7 +34,7 @@ _TYPES: dict[str, type] = {**_dataclasses_of(engine_types), "JobResult": JobResu
 
 
 def encode_value(value: Any) -> Any:
-    """A JSON-able form of ``value``: dataclasses (of the known types), bytes, tuples, lists, dicts, scalars."""
+    """A JSON-able form of ``value``: known dataclasses, bytes, tuples, lists, dicts, scalars."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -121,6 +121,7 @@ def encode_job(job: Job, reply_to: str) -> str:
         "enqueued": now_unix - (now_mono - job.enqueued_at),
         "created": job.created_unix,
         "reply_to": reply_to,
+        "request_id": job.request_id,
     }, separators=(",", ":"))
 
 
@@ -132,6 +133,7 @@ class JobEnvelope:
     enqueued_unix: float
     created_unix: int
     reply_to: str
+    request_id: str | None = None
 
 
 def decode_job(payload: str | bytes) -> JobEnvelope:
@@ -142,7 +144,7 @@ def decode_job(payload: str | bytes) -> JobEnvelope:
     if not isinstance(params, engine_types.GenerationParams):
         raise ValueError("a job payload must hold GenerationParams")
     return JobEnvelope(str(data["id"]), params, float(data["deadline"]), float(data["enqueued"]),
-                       int(data["created"]), str(data["reply_to"]))
+                       int(data["created"]), str(data["reply_to"]), data.get("request_id"))
 
 
 def encode_reply(job_id: str, result: JobResult | None = None, error: BaseException | None = None) -> str:

@@ -51,9 +51,13 @@ def bearer_token(authorization: str | None) -> str | None:
 
 def resolve_check(
     safety: SafetySettings, manifest: ModelManifest, disable: bool | None, api_key: str | None,
-    counters: SafetyCounters | None = None,
+    counters: SafetyCounters | None = None, key_allows: bool | None = None,
 ) -> bool:
-    """True when the request's prompt and images must be checked; 403 for a refused disable."""
+    """True when the request's prompt and images must be checked; 403 for a refused disable.
+
+    ``key_allows``: the permission of a key from the key store (server/api/keys.py), which decides under
+    ``per_key`` instead of ``disable_keys``; None for other keys.
+    """
     if not safety.enabled:
         return False  # nothing runs anyway; disabling is a no-op
     if not disable:
@@ -68,6 +72,8 @@ def resolve_check(
         allowed = False
         for key in safety.disable_keys:  # every key is compared, in constant time
             allowed |= hmac.compare_digest(supplied, key.get_secret_value().encode())
+        if key_allows is not None:
+            allowed = key_allows
         if not allowed:
             refusal = "this API key may not disable the safety checker"
     if refusal is not None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import dataclasses
 import time
 import uuid
 
 import torch
-from PIL import Image
 
+from . import metrics
 from .config import SchedulerSettings
 from .engine.pipelines import Engine
 from .errors import DarkroomError, DeadlineExceeded, InternalError, ServiceUnavailable
@@ -95,20 +96,30 @@ class Worker:
         except DarkroomError as exc:
             for job in runnable:
                 job.fail(exc)
+                metrics.observe_job(job.params.model, "failed")
             return
         except Exception:  # noqa: BLE001 - one bad batch must not kill the worker
             log.exception("batch failed batch=%s worker=%s", batch_id, self.name)
             for job in runnable:
                 job.fail(InternalError("image generation failed; see the server log"))
+                metrics.observe_job(job.params.model, "failed")
             return
         inference_s = time.monotonic() - started
-        refusals = self._screen(runnable, outputs)
+        # text_encode / denoise / vae_decode of the pipeline call (server/engine/timing.py), then safety.
+        stages = dict(getattr(self.engine, "last_timings", None) or {})
+        screen_started = time.monotonic()
+        refusals = self.engine.screen([job.params for job in runnable], outputs)
+        stages["safety"] = time.monotonic() - screen_started
+        metrics.observe_batch(runnable[0].params.model, len(runnable), images, stages)
 
         for job, pil_images, refusal in zip(runnable, outputs, refusals, strict=True):
             if refusal is not None:  # flagged by the safety checker: nothing is encoded or stored
                 job.fail(refusal)
-                log.info("job refused id=%s model=%s batch=%s code=%s", job.id, job.params.model,
-                         batch_id, refusal.code)
+                metrics.observe_job(job.params.model, "refused", queue_s=started - job.enqueued_at)
+                log.info("job refused id=%s model=%s batch=%s code=%s request_id=%s", job.id, job.params.model,
+                         batch_id, refusal.code, job.request_id,
+                         extra={"fields": {"job_id": job.id, "model": job.params.model, "batch_id": batch_id,
+                                           "code": refusal.code, "request_id": job.request_id}})
                 continue
             encode_started = time.monotonic()
             try:
@@ -119,6 +130,7 @@ class Worker:
             except Exception:  # noqa: BLE001
                 log.exception("encoding failed job=%s", job.id)
                 job.fail(InternalError("image encoding failed; see the server log"))
+                metrics.observe_job(job.params.model, "failed")
                 continue
             result = JobResult(
                 images=encoded,
@@ -129,21 +141,26 @@ class Worker:
                 inference_s=inference_s,
                 encode_s=time.monotonic() - encode_started,
             )
+            result = dataclasses.replace(result, stages={**stages, "image_encode": result.encode_s})
             job.succeed(result)
             p = job.params
+            metrics.observe_job(p.model, "done", queue_s=result.queue_s, encode_s=result.encode_s,
+                                images=len(encoded))
+            stage_ms = {f"{name}_ms": round(seconds * 1000, 2) for name, seconds in result.stages.items()}
             log.info(
                 "job done id=%s model=%s size=%dx%d steps=%d n=%d batch=%s batch_jobs=%d "
-                "batch_images=%d queue_ms=%.1f inference_ms=%.1f encode_ms=%.1f",
+                "batch_images=%d queue_ms=%.1f inference_ms=%.1f encode_ms=%.1f request_id=%s %s",
                 job.id, p.model, p.width, p.height, p.steps, p.n, batch_id, len(runnable), images,
-                result.queue_s * 1000, inference_s * 1000, result.encode_s * 1000,
+                result.queue_s * 1000, inference_s * 1000, result.encode_s * 1000, job.request_id,
+                " ".join(f"{k}={v:.1f}" for k, v in stage_ms.items()),
+                extra={"fields": {
+                    "job_id": job.id, "request_id": job.request_id, "model": p.model, "width": p.width,
+                    "height": p.height, "steps": p.steps, "n": p.n, "loras": len(p.loras),
+                    "conditioning": p.conditioning, "batch_id": batch_id, "batch_jobs": len(runnable),
+                    "batch_images": images, "queue_ms": round(result.queue_s * 1000, 2),
+                    "inference_ms": round(inference_s * 1000, 2), **stage_ms,
+                }},
             )
-
-    def _screen(self, runnable: list[Job], outputs: list[list[Image.Image]]) -> list[DarkroomError | None]:
-        """The image safety stage, one checker call per batch (engine stand-ins without one skip it)."""
-        screen = getattr(self.engine, "screen", None)
-        if screen is None:
-            return [None] * len(runnable)
-        return screen([job.params for job in runnable], outputs)
 
 
 def fail_waiting(queue: MemoryQueue, reason: str) -> None:

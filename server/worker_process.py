@@ -29,8 +29,12 @@ def redis_workers(settings: Settings, registry: Registry) -> list[Worker]:
     """One worker per device, each taking its batches from the Redis queue under its own consumer name."""
     base = settings.worker.name or default_instance_name()
     workers = []
+    # image_loras: one LoRA disk cache per process, fetching through the guarded fetcher (server/loras.py).
+    from .loras import LoraStore
+
+    lora_store = LoraStore.from_settings(settings)
     for device in resolve_devices(settings.engine.devices):
-        engine = Engine(registry, settings.engine, device, settings.safety)
+        engine = Engine(registry, settings.engine, device, settings.safety, loras=lora_store)
         source = RedisSource(settings.queue, f"{base}-{device}")
         workers.append(Worker(engine, source, settings.scheduler, settings.engine.cpu_threads))
     return workers
@@ -56,6 +60,16 @@ def _report(workers: list[Worker]) -> tuple[bool, bool, dict[str, Any]]:
 def _health_server(host: str, port: int, workers: list[Worker]) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            if self.path == "/metrics":  # this process's batches, stages, images (server/metrics.py)
+                from . import metrics
+
+                payload, content_type = metrics.exposition()
+                self.send_response(200)
+                self.send_header("content-type", content_type)
+                self.send_header("content-length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                return
             alive, ready, states = _report(workers)
             if self.path == "/health":
                 status, body = (200 if alive else 503), {"status": "ok" if alive else "failed"}
@@ -96,6 +110,9 @@ def run_worker(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     health = None
     if settings.worker.health_port:
+        from . import metrics
+
+        metrics.attach(metrics.RuntimeCollector(workers=workers))
         health = _health_server(settings.worker.health_host, settings.worker.health_port, workers)
     for worker in workers:
         worker.start()

@@ -270,7 +270,6 @@ def test_body_that_is_not_a_json_object(plain: Server, content: bytes, headers: 
 UNSUPPORTED_CASES: list[tuple[str, Any]] = [
     # The tiny FLUX has no Redux prior (image_url itself is served: see test_conditioning.py).
     ("reference_images", ["https://example.com/style.png"]),
-    ("image_loras", [{"path": "https://example.com/lora.safetensors", "scale": 0.8}]),
 ]
 
 

@@ -12,8 +12,10 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
-from . import images, service
+from .. import metrics
+from . import images, operator, service
 from .errors import install_error_handlers
+from .observe import ObserveMiddleware
 from .runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,7 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         rt = runtime or Runtime.build(settings)
         app.state.runtime = rt
         app.state.started_unix = int(time.time())
+        metrics.attach(metrics.RuntimeCollector(rt))
         rt.start()
         sweeper = asyncio.create_task(_sweep_storage(rt))
         try:
@@ -37,6 +40,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(images.router)
     app.include_router(service.router)
+    app.include_router(operator.router)
+    app.add_middleware(ObserveMiddleware)
     return app
 
 

@@ -16,7 +16,10 @@ from ..errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from ..conditioning import attach_images
 from ..jobs import ClientGone, Job, JobResult, run_job
 from ..safety import bearer_token, resolve_check
+from .. import metrics
 from .auth import check_api_key
+from .keys import authorize_model, charge
+from .observe import request_id
 from .runtime import Runtime
 from .schemas import parse_request, resolve_params, response_kind
 
@@ -49,11 +52,14 @@ async def create_image(request: Request) -> JSONResponse:
     settings = runtime.settings
     req = parse_request(await read_json(request, settings.server.max_body_bytes))
     manifest = runtime.registry.get(req.model)
-    params = resolve_params(req, manifest, settings.limits)
+    key = authorize_model(request, manifest)  # 403 for a model this API key may not use
+    params = resolve_params(req, manifest, settings.limits, settings.loras)
+    await charge(request, key, params.n)  # the key's requests/images per minute: 429 when over
     kind = response_kind(req, settings.server.default_response_format)
     guard = runtime.guard
     if resolve_check(settings.safety, manifest, req.disable_safety_checker,
-                     bearer_token(request.headers.get("authorization")), guard.counters):
+                     bearer_token(request.headers.get("authorization")), guard.counters,
+                     key_allows=key.disable_safety_checker):
         # The prompt stage runs here, before the job is queued: a flagged prompt costs no GPU work.
         if guard.needs_classifier:
             await run_in_threadpool(guard.check, req.prompt, settings.server.request_timeout_s)
@@ -66,14 +72,23 @@ async def create_image(request: Request) -> JSONResponse:
     # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
     # the job is queued.
     params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher)
+    # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
+    if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
+        await run_in_threadpool(runtime.lora_store.prefetch, params.loras)
 
     job = Job.create(params, settings.server.request_timeout_s)
+    job.request_id = request_id(request)
     try:
         result = await run_job(runtime.queue, job, request.is_disconnected)
     except ClientGone:
         # Nobody is listening; 499 is what proxies log for it.
         return JSONResponse({}, status_code=499)
+    storage_started = time.monotonic()
     data = await run_in_threadpool(_data_items, runtime, request, result, kind)
+    stages = dict(result.stages)
+    if kind == "url":
+        stages["storage"] = time.monotonic() - storage_started
+        metrics.STAGE_SECONDS.labels(stage="storage", model=manifest.id).observe(stages["storage"])
     return JSONResponse({
         "id": job.id,
         "model": manifest.id,
@@ -85,6 +100,8 @@ async def create_image(request: Request) -> JSONResponse:
             "inference_s": round(result.inference_s, 4),
             "encode_s": round(result.encode_s, 4),
         },
+        # Seconds per stage: text_encode, denoise, vae_decode, safety (of the batch), image_encode, storage.
+        "stages": {f"{stage}_s": round(seconds, 4) for stage, seconds in stages.items()},
         "batch": {"id": result.batch_id, "jobs": result.batch_jobs, "images": result.batch_images},
     })
 

@@ -10,6 +10,7 @@ from typing import Any
 from ..config import Settings
 from ..engine.pipelines import Engine, resolve_devices
 from ..fetch import Fetcher
+from ..loras import LoraStore
 from ..queue import MemoryQueue
 from ..registry import Registry
 from ..safety import PromptGuard
@@ -30,13 +31,26 @@ class Runtime:
     prompt_guard: PromptGuard | None = None
     # The one guarded fetcher for URLs in requests (image_url, reference_images).
     fetcher: Fetcher | None = None
+    # image_loras: the disk cache of LoRA files, shared by the API (prefetch) and this process's engines.
+    lora_store: LoraStore | None = None
+    # API keys and their rate limiter (server/api/keys.py, server/api/ratelimit.py).
+    keys: Any = None
+    limiter: Any = None
     _watchdog: threading.Thread | None = None
 
     def __post_init__(self) -> None:
         if self.fetcher is None:
             self.fetcher = Fetcher(self.settings.fetch)
+        if self.lora_store is None:
+            self.lora_store = LoraStore.from_settings(self.settings)
         if self.prompt_guard is None:
             self.prompt_guard = PromptGuard(self.settings.safety, self.settings.engine.cache_dir)
+        from .keys import KeyStore, open_limiter
+
+        if self.keys is None:
+            self.keys = KeyStore(self.settings, self.registry)
+        if self.limiter is None:
+            self.limiter = open_limiter(self.settings)
 
     @classmethod
     def build(cls, settings: Settings, with_workers: bool = True) -> Runtime:
@@ -53,14 +67,14 @@ class Runtime:
         queue = MemoryQueue(settings.queue.max_jobs, settings.queue.retry_after_s)
         runtime = cls(settings, registry, queue, open_storage(settings.storage))
         for device in resolve_devices(settings.engine.devices):
-            engine = Engine(registry, settings.engine, device, settings.safety)
+            engine = Engine(registry, settings.engine, device, settings.safety, loras=runtime.lora_store)
             runtime.workers.append(
                 Worker(engine, queue, settings.scheduler, settings.engine.cpu_threads)
             )
         return runtime
 
     def start(self) -> None:
-        if not self.settings.server.api_keys:
+        if self.keys.open:
             log.warning("no API keys configured: any bearer key is accepted")
         start_queue = getattr(self.queue, "start", None)
         if start_queue is not None:
@@ -86,6 +100,10 @@ class Runtime:
                 worker.queue.close()
         if self.fetcher is not None:
             self.fetcher.close()
+        if self.lora_store is not None:
+            self.lora_store.close()
+        if self.limiter is not None:
+            self.limiter.close()
 
     @property
     def guard(self) -> PromptGuard:

@@ -13,9 +13,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..conditioning import conditioning_kind
-from ..config import LimitSettings
+from ..config import LimitSettings, LoraSettings
 from ..engine.types import GenerationParams
 from ..errors import InvalidRequest, Unsupported
+from ..loras import resolve_loras
 from ..registry import ModelManifest
 
 MAX_SEED = 2**63 - 1
@@ -78,9 +79,8 @@ def parse_request(body: Any) -> ImageRequest:
 
 
 def _unsupported(req: ImageRequest) -> None:
-    pending = {
-        "image_loras": bool(req.image_loras),
-    }
+    # Fields the schema accepts that this server does not serve yet (none at the moment).
+    pending: dict[str, bool] = {}
     for field, given in pending.items():
         if given:
             raise Unsupported(f"'{field}' is not supported by this server yet", param=field)
@@ -128,7 +128,8 @@ def _check_limits(req: ImageRequest, width: int, height: int, steps: int, manife
 
 
 def resolve_params(
-    req: ImageRequest, manifest: ModelManifest, server_limits: LimitSettings
+    req: ImageRequest, manifest: ModelManifest, server_limits: LimitSettings,
+    loras: LoraSettings | None = None,
 ) -> GenerationParams:
     """Apply the model's defaults and limits; every refusal is a 400 naming the field."""
     _unsupported(req)
@@ -140,6 +141,8 @@ def resolve_params(
     _check_limits(req, width, height, steps, manifest, server_limits)
     # image_url / reference_images against the model's capabilities; the images are fetched later.
     conditioning, strength = conditioning_kind(req.image_url, req.reference_images, manifest)
+    # image_loras: count, scales and the form of each path (the files are fetched later).
+    lora_refs = resolve_loras(req.image_loras, manifest.id, caps.loras, loras or LoraSettings())
 
     base_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     if base_seed + req.n - 1 > MAX_SEED:
@@ -161,6 +164,7 @@ def resolve_params(
         max_sequence_length=manifest.defaults.max_sequence_length,
         conditioning=conditioning,
         strength=strength,
+        loras=lora_refs,
     )
 
 

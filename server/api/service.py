@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from ..errors import InvalidRequest
 from ..storage import MEDIA_TYPES
 from .auth import check_api_key
+from .keys import visible_models
 from .runtime import Runtime
 
 router = APIRouter()
@@ -39,7 +40,9 @@ def _model_card(runtime: Runtime, manifest: Any, created: int) -> dict[str, Any]
 async def list_models(request: Request) -> dict[str, Any]:
     runtime = _runtime(request)
     created = request.app.state.started_unix
-    return {"object": "list", "data": [_model_card(runtime, m, created) for m in runtime.registry.models]}
+    # A key limited to some models sees only those.
+    models = visible_models(request, runtime.registry.models)
+    return {"object": "list", "data": [_model_card(runtime, m, created) for m in models]}
 
 
 @router.get("/v1/models/{model_id:path}", dependencies=[Depends(check_api_key)])

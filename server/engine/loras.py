@@ -13,8 +13,11 @@ before anything is loaded (and before compiling), then ``loras.max_count`` adapt
 each holding an all-zero LoRA of rank ``hotswap_target_rank`` on every Linear layer of the transformer, so
 any LoRA up to that rank fits. A LoRA enters a slot with ``load_lora_weights(..., hotswap=True)``, which
 swaps the weights in place (no new modules, no recompilation); hotswap resets the slot's scale, so the
-scales are set after it, with every slot always active and unused ones at scale 0 (a zero scale adds
-exact zeros: no-LoRA images stay exact). The slots are the resident set in this mode.
+scales are set after it. Every slot stays active, unused ones at scale 0 (a zero scale adds exact zeros:
+no-LoRA images stay exact), and scales are written into peft's scaling tensors in place, as the LoRA's own
+alpha / rank times the request's scale (``set_adapters`` would swap those tensors for floats, which a
+compiled graph specialises on, and after a hotswap it would use the first LoRA's alpha and rank). The
+slots are the resident set in this mode, reused least recently used first.
 
 Before anything is loaded, a LoRA is read and checked against the model: every weight must name a layer
 of the transformer (or CLIP text encoder) with matching shapes. So a LoRA for another architecture, or
@@ -23,22 +26,46 @@ one diffusers would "expand" the base model for, is refused with a 400 and touch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
+import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from .. import metrics
 from ..config import LoraSettings
 from ..loras import LoraError, LoraStore, _shown
 from .loading import LOAD_LOCK
 from .types import LoraRef
 
 log = logging.getLogger(__name__)
+
+
+class _NoTextEncoderNotice(logging.Filter):
+    """diffusers warns on every load of a LoRA that one component (transformer, text encoder) got no keys."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No LoRA keys associated to")
+
+
+
+@contextlib.contextmanager
+def _loading() -> Iterator[None]:
+    """The process-wide load lock; and peft's warning that a model gets a second adapter goes unsaid
+    (resident adapters and hotswap slots are just that)."""
+    with LOAD_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute in the model")
+        yield
+
+
+for _name in ("diffusers.loaders.lora_base", "diffusers.loaders.peft", "diffusers.loaders.lora_pipeline"):
+    logging.getLogger(_name).addFilter(_NoTextEncoderNotice())
 
 _COMPONENTS = ("transformer", "text_encoder")
 _KEY = re.compile(
@@ -54,6 +81,15 @@ class _ModelState:
     resident: OrderedDict[str, str] = field(default_factory=OrderedDict)
     # Hotswap mode: the path each slot holds (None: the zero LoRA).
     slots: list[str | None] = field(default_factory=list)
+    # Hotswap mode: the all-zero LoRA a slot starts with (made before any adapter wraps a layer).
+    zero: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Hotswap mode: per slot, each LoRA layer's own scaling (alpha / rank of the LoRA in the slot), and the
+    # request scales last applied on top of it (None: to be applied again).
+    base: list[dict[str, float]] = field(default_factory=list)
+    applied: list[float | None] = field(default_factory=list)
+    layers: dict[str, Any] = field(default_factory=dict)  # hotswap mode: the LoRA layers (fixed)
+    used: list[int] = field(default_factory=list)  # hotswap mode: when each slot last served a batch
+    tick: int = 0
     # What set_adapters last set ((name, scale) pairs; () = LoRA layers disabled); None: unknown.
     active: tuple[tuple[str, float], ...] | None = ()
 
@@ -88,13 +124,30 @@ class LoraManager:
         if not self.hotswap:
             return
         rank = self.settings.hotswap_target_rank
-        with LOAD_LOCK:
+        state.zero = self._zero_lora(pipe)
+        with _loading():
             pipe.enable_lora_hotswap(target_rank=rank)
             for i in range(self.settings.max_count):
-                pipe.load_lora_weights(self._zero_lora(pipe), adapter_name=self._slot(i))
+                # Fresh tensors per slot: a load may adopt the given tensors as the slot's weights, and a
+                # hotswap copies into them, so slots sharing tensors would overwrite each other.
+                pipe.load_lora_weights({k: v.clone() for k, v in state.zero.items()},
+                                       adapter_name=self._slot(i))
         state.slots = [None] * self.settings.max_count
-        state.active = None
-        self._set(state, [])
+        # Every slot stays active from now on; only the scaling values change, in place, in tensors, so a
+        # compiled graph neither specialises on them nor sees a different adapter list.
+        transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
+        names = [self._slot(i) for i in range(len(state.slots))]
+        transformer.set_adapters(names, [1.0] * len(names))
+        state.layers = _lora_layers(transformer)
+        for layer in state.layers.values():
+            for name in names:
+                value = layer.scaling[name]
+                if not isinstance(value, torch.Tensor):
+                    layer.scaling[name] = torch.tensor(float(value), device=layer.lora_A[name].weight.device)
+        state.base = [self._read_scaling(state, i) for i in range(len(names))]
+        state.applied = [None] * len(names)
+        state.used = [0] * len(names)
+        self._apply_slot_scales(state, [0.0] * len(names))
         log.info("lora hotswap slots ready model=%s slots=%d rank=%d", model_id, len(state.slots), rank)
 
     @staticmethod
@@ -103,7 +156,7 @@ class LoraManager:
 
     def _zero_lora(self, pipe: Any) -> dict[str, torch.Tensor]:
         rank = self.settings.hotswap_target_rank
-        transformer = pipe.transformer
+        transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
         weight = next(transformer.parameters())
         zeros: dict[str, torch.Tensor] = {}
         for name, module in transformer.named_modules():
@@ -140,7 +193,9 @@ class LoraManager:
     def _resident(self, model_id: str, state: _ModelState, ref: LoraRef, keep: set[str]) -> str:
         if ref.path in state.resident:
             state.resident.move_to_end(ref.path)
+            metrics.LORA_CACHE_HITS.labels(cache="adapter").inc()
             return state.resident[ref.path]
+        metrics.LORA_CACHE_MISSES.labels(cache="adapter").inc()
         with self.store.use(ref.path) as file:
             info = self.inspect(model_id, state.pipe, file, ref.path)
             while len(state.resident) >= self.settings.max_resident:
@@ -150,13 +205,14 @@ class LoraManager:
                 name = state.resident.pop(victim)
                 state.pipe.delete_adapters(name)
                 state.active = None
+                metrics.LORA_CACHE_EVICTIONS.labels(cache="adapter").inc()
                 log.info("lora unloaded model=%s path=%s adapter=%s", model_id, _shown(victim), name)
             self._serial += 1
             name = f"lora{self._serial}"
             started = time.perf_counter()
             state.active = None  # a load activates the new adapter
             try:
-                with LOAD_LOCK:
+                with _loading():
                     state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                  adapter_name=name)
             except Exception as exc:  # noqa: BLE001 - a bad file must not take the worker down
@@ -173,18 +229,23 @@ class LoraManager:
         slots = state.slots
         wanted = {ref.path for ref in refs}
         where: dict[str, int] = {ref.path: slots.index(ref.path) for ref in refs if ref.path in slots}
-        # Free slots: those holding nothing needed, empty ones first.
-        free = sorted((i for i in range(len(slots)) if slots[i] not in wanted), key=lambda i: slots[i] is not None)
+        # Free slots: those holding nothing this batch needs; empty ones first, then least recently used.
+        free = sorted((i for i in range(len(slots)) if slots[i] not in wanted),
+                      key=lambda i: (slots[i] is not None, state.used[i]))
         for ref in refs:
             if ref.path in where:
+                metrics.LORA_CACHE_HITS.labels(cache="adapter").inc()
                 continue
             i = free.pop(0)
+            metrics.LORA_CACHE_MISSES.labels(cache="adapter").inc()
+            if slots[i] is not None:
+                metrics.LORA_CACHE_EVICTIONS.labels(cache="adapter").inc()
             with self.store.use(ref.path) as file:
                 info = self.inspect(model_id, state.pipe, file, ref.path)
                 state.active = None  # hotswap resets the slot's scale
                 started = time.perf_counter()
                 try:
-                    with LOAD_LOCK:
+                    with _loading():
                         state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                      adapter_name=self._slot(i), hotswap=True)
                 except Exception as exc:  # noqa: BLE001
@@ -193,22 +254,50 @@ class LoraManager:
                                     f"{_summary(exc)}") from None
             slots[i] = ref.path
             where[ref.path] = i
+            # Hotswap set the slot's scaling to the new LoRA's alpha / rank: that is its base from now on.
+            state.base[i] = self._read_scaling(state, i)
+            state.applied[i] = None
             self.swaps += 1
             log.info("lora swapped in model=%s path=%s slot=%d seconds=%.3f", model_id, _shown(ref.path), i,
                      time.perf_counter() - started)
         scales = [0.0] * len(slots)
+        state.tick += 1
         for ref in refs:
             scales[where[ref.path]] = ref.scale
-        self._set(state, [(self._slot(i), s) for i, s in enumerate(scales)])
+            state.used[where[ref.path]] = state.tick
+        self._apply_slot_scales(state, scales)
+
+    def _read_scaling(self, state: _ModelState, i: int) -> dict[str, float]:
+        slot = self._slot(i)
+        return {name: float(layer.scaling[slot]) for name, layer in state.layers.items()}
+
+    def _apply_slot_scales(self, state: _ModelState, scales: list[float]) -> None:
+        """scaling = the LoRA's own alpha / rank x the request's scale, written into the slot's tensors.
+
+        Not ``set_adapters``: after a hotswap peft's ``set_scale`` would use the first LoRA's alpha and rank,
+        and it replaces the scaling tensors with floats, which a compiled graph would specialise on.
+        """
+        for i, scale in enumerate(scales):
+            if state.applied[i] == scale:
+                continue
+            slot = self._slot(i)
+            for name, layer in state.layers.items():
+                value = state.base[i].get(name, 1.0) * scale
+                current = layer.scaling[slot]
+                if isinstance(current, torch.Tensor):
+                    current.fill_(value)
+                else:
+                    layer.scaling[slot] = value
+            state.applied[i] = scale
 
     def _reset_slot(self, state: _ModelState, i: int) -> None:
         """After a failed swap the slot's weights are unknown: put the zero LoRA back."""
         state.slots[i] = None
         state.active = None
+        state.applied[i] = None
         try:
-            with LOAD_LOCK:
-                state.pipe.load_lora_weights(self._zero_lora(state.pipe), adapter_name=self._slot(i),
-                                             hotswap=True)
+            with _loading():
+                state.pipe.load_lora_weights(state.zero, adapter_name=self._slot(i), hotswap=True)
         except Exception:  # noqa: BLE001
             log.exception("could not reset LoRA slot %d; the engine's LoRA state is unknown", i)
             raise
@@ -242,7 +331,7 @@ class LoraManager:
                 continue
             chosen = [(n, s) for n, s in pairs if n in present]
             if comp_name == "transformer":
-                if chosen or self.hotswap:
+                if chosen:
                     comp.enable_lora()
                     comp.set_adapters([n for n, _ in chosen], [s for _, s in chosen])
                 else:
@@ -265,8 +354,9 @@ class LoraManager:
         except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes diffusers raise
             raise LoraError(f"LoRA '{label}' is not in a LoRA format this server reads for {model_id} "
                             f"(kohya, xlabs, diffusers/peft, ...): {_summary(exc)}") from None
-        modules = {c: dict(getattr(pipe, c).named_modules()) for c in _COMPONENTS
-                   if getattr(pipe, c, None) is not None}
+        # A torch.compile'd component is a wrapper: its layers are those of the module it wraps.
+        modules = {c: dict(getattr(getattr(pipe, c), "_orig_mod", getattr(pipe, c)).named_modules())
+                   for c in _COMPONENTS if getattr(pipe, c, None) is not None}
         bad: list[str] = []
         matched, rank, text_encoder = 0, 0, False
         for key, tensor in state_dict.items():
@@ -278,7 +368,7 @@ class LoraManager:
             text_encoder = text_encoder or key.startswith("text_encoder.")
             if ".lora_A.weight" in key:
                 rank = max(rank, int(tensor.shape[0]))
-        if not matched:
+        if not matched and all(r.endswith((": no such layer", "transformer or text encoder")) for r in bad):
             sample = ", ".join(sorted(state_dict)[:3]) or "none"
             raise LoraError(f"LoRA '{label}' has no weights for the layers of {model_id} (its weights are "
                             f"named like {sample}): a LoRA for another architecture?")
@@ -296,14 +386,30 @@ class LoraManager:
                         text_encoder=text_encoder, rank=rank)
 
 
+def _lora_layers(module: torch.nn.Module) -> dict[str, Any]:
+    """The peft LoRA layers of a module, by name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoraLayer)}
+
+
 def _misfit(key: str, tensor: torch.Tensor, modules: dict[str, dict[str, Any]]) -> str | None:
     match = _KEY.match(key)
     if match is None:
         return "not a LoRA weight of the transformer or text encoder"
     layers = modules.get(match["comp"], {})
-    module = layers.get(match["module"])
+    name = match["module"]
+    module = layers.get(name)
+    if module is None and match["comp"] == "text_encoder":
+        # CLIP LoRAs name layers "text_model.encoder..."; transformers 5's CLIPTextModel has no
+        # "text_model" level (peft maps the names when it loads), so accept either form.
+        other = name.removeprefix("text_model.") if name.startswith("text_model.") else f"text_model.{name}"
+        module = layers.get(other)
     if module is None:
         return "no such layer"
+    # A layer that already holds adapters is a peft wrapper around the original one.
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
     if not isinstance(module, torch.nn.Linear):
         return f"the layer is a {type(module).__name__}, not a Linear"
     shape = tuple(tensor.shape)

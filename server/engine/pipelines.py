@@ -25,7 +25,10 @@ from ..safety import SafetyCounters
 from .loading import LOAD_LOCK
 from .safety import ImageChecker, load_image_checkers, screen_batch
 from .tiny import ensure_tiny_flux, ensure_tiny_flux_edit, ensure_tiny_redux
+from .timing import stage_timer
 from .types import GenerationParams
+from ..loras import LoraStore
+from .loras import LoraManager
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +122,7 @@ class Engine:
     """The pipelines of one device. Called from that device's worker thread only."""
 
     def __init__(self, registry: Registry, settings: EngineSettings, device: str,
-                 safety: SafetySettings | None = None) -> None:
+                 safety: SafetySettings | None = None, loras: LoraStore | None = None) -> None:
         self.registry = registry
         self.settings = settings
         self.device = device
@@ -131,12 +134,21 @@ class Engine:
         self._checkers: dict[str, ImageChecker | None] = {}
         self.safety_counters = SafetyCounters()
         self.calls = 0
+        self.last_timings: dict[str, float] = {}
+        # image_loras: the store (shared with the API in `darkroom serve`) and this device's adapters.
+        if loras is None:
+            from ..config import FetchSettings, LoraSettings
+
+            loras = LoraStore(LoraSettings(), FetchSettings(), settings.cache_dir)
+        self.loras = LoraManager(loras)
 
     def load(self) -> None:
         for manifest in self.registry.models:
             with LOAD_LOCK:  # see loading.py: concurrent from_pretrained calls corrupt each other
                 self._pipes[manifest.id] = load_pipeline(manifest, self.settings, self.device)
                 self._load_conditioning(manifest)
+            if manifest.capabilities.loras:
+                self.loras.prepare(manifest.id, self._pipes[manifest.id])
         self._checkers = load_image_checkers(
             self.registry, self.safety, self.settings.cache_dir, self.device
         )
@@ -170,9 +182,11 @@ class Engine:
         if first.negative_prompt is not None:
             kwargs["negative_prompt"] = [p.negative_prompt for p in batch for _ in p.seeds]
             kwargs["true_cfg_scale"] = first.true_cfg_scale
+        # The batch's LoRA set (one per batch: it is in the batch key), or none: nothing else stays active.
+        self.loras.activate(first.model, first.loras)
         pipe = self._conditioned(pipe, batch, kwargs)
 
-        with torch.inference_mode():
+        with torch.inference_mode(), stage_timer(pipe, self.device) as stage_times:
             if first.conditioning in ("redux", "img2img+redux"):
                 self._add_redux_tokens(pipe, batch, kwargs)
             images = pipe(
@@ -186,6 +200,8 @@ class Engine:
                 **kwargs,
             ).images
         self.calls += 1
+        # text_encode / denoise / vae_decode seconds of this call, for the worker's log line and metrics.
+        self.last_timings = stage_times.as_dict()
 
         out: list[list[Image.Image]] = []
         start = 0

@@ -93,27 +93,39 @@ def _quiet_loading() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _checker_identity(spec: ImageCheckerSpec, device: str) -> tuple[str, str, torch.dtype]:
+    assert spec.source is not None
+    return f"{spec.format}:{_describe(spec.source)}", device, _dtype(spec.dtype, device)
+
+
+def _load_with_processor(
+    model_cls: Any, spec: ImageCheckerSpec, cache_dir: Path, device: str, dtype: torch.dtype
+) -> tuple[Any, Any]:
+    """A checker model and its image processor, from the same source (each may sit in a subfolder)."""
+    from transformers import AutoImageProcessor
+
+    assert spec.source is not None
+    _quiet_loading()
+    location, kwargs = source_location(spec.source, cache_dir)
+    sub = spec.source.subfolder
+    psub = spec.source.processor_subfolder or sub
+    model = model_cls.from_pretrained(
+        location, dtype=dtype, **kwargs, **({"subfolder": sub} if sub else {})
+    ).to(device).eval()
+    processor = AutoImageProcessor.from_pretrained(location, **kwargs, **({"subfolder": psub} if psub else {}))
+    return model, processor
+
+
 class SDConceptChecker:
     """diffusers' StableDiffusionSafetyChecker, scored in one batched call."""
 
     def __init__(self, spec: ImageCheckerSpec, cache_dir: Path, device: str) -> None:
         from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-        from transformers import AutoImageProcessor
 
-        assert spec.source is not None
-        _quiet_loading()
-        location, kwargs = source_location(spec.source, cache_dir)
-        sub = {"subfolder": spec.source.subfolder} if spec.source.subfolder else {}
-        psub = spec.source.processor_subfolder or spec.source.subfolder
-        self.name = f"sd-safety-checker:{_describe(spec.source)}"
-        self.device = device
-        self.dtype = _dtype(spec.dtype, device)
+        self.name, self.device, self.dtype = _checker_identity(spec, device)
         self.adjustment = spec.adjustment
-        self.model = StableDiffusionSafetyChecker.from_pretrained(
-            location, dtype=self.dtype, **kwargs, **sub
-        ).to(device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(
-            location, **kwargs, **({"subfolder": psub} if psub else {})
+        self.model, self.processor = _load_with_processor(
+            StableDiffusionSafetyChecker, spec, cache_dir, device, self.dtype
         )
 
     @torch.inference_mode()
@@ -143,22 +155,12 @@ class ClassifierChecker:
     """A transformers image classifier: flagged when P(label) >= threshold."""
 
     def __init__(self, spec: ImageCheckerSpec, cache_dir: Path, device: str) -> None:
-        from transformers import AutoImageProcessor, AutoModelForImageClassification
+        from transformers import AutoModelForImageClassification
 
-        assert spec.source is not None
-        _quiet_loading()
-        location, kwargs = source_location(spec.source, cache_dir)
-        sub = {"subfolder": spec.source.subfolder} if spec.source.subfolder else {}
-        psub = spec.source.processor_subfolder or spec.source.subfolder
-        self.name = f"image-classification:{_describe(spec.source)}"
-        self.device = device
-        self.dtype = _dtype(spec.dtype, device)
+        self.name, self.device, self.dtype = _checker_identity(spec, device)
         self.threshold = spec.threshold
-        self.model = AutoModelForImageClassification.from_pretrained(
-            location, dtype=self.dtype, **kwargs, **sub
-        ).to(device).eval()
-        self.processor = AutoImageProcessor.from_pretrained(
-            location, **kwargs, **({"subfolder": psub} if psub else {})
+        self.model, self.processor = _load_with_processor(
+            AutoModelForImageClassification, spec, cache_dir, device, self.dtype
         )
         self.index = _label_index(self.model.config, spec.label, self.name)
 

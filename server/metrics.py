@@ -1,0 +1,201 @@
+"""Prometheus metrics (``GET /metrics``), one registry per process.
+
+The API records requests by route, status and model, and reads queue depth, worker readiness, device
+memory and the safety counters when scraped. Workers record queue wait, batch sizes, per-stage latencies
+and images generated. In `darkroom serve` both live in one process; a `darkroom worker` process exposes
+its own ``/metrics`` on its health port.
+
+Other modules increment the counters below directly, e.g. ``metrics.LORA_CACHE_HITS.labels(cache="disk")``.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# No *_created series: they double the exposition and no dashboard here reads them.
+disable_created_metrics()
+REGISTRY = CollectorRegistry(auto_describe=False)
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+
+_SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0)
+_WAIT = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_COUNT = (1, 2, 4, 8, 16, 32, 64)
+
+# -- API ------------------------------------------------------------------------------------------
+REQUESTS = Counter(
+    "darkroom_requests", "HTTP requests answered, by route, status code and model ('' when none).",
+    ["route", "status", "model"], registry=REGISTRY)
+REQUEST_SECONDS = Histogram(
+    "darkroom_request_duration_seconds", "Time from request to response, by route.", ["route"],
+    buckets=_SECONDS + (120.0, 300.0), registry=REGISTRY)
+RATE_LIMITED = Counter(
+    "darkroom_ratelimited_requests", "Requests refused with 429 by a key's limit, by the quota that was "
+    "exceeded (requests, images).", ["kind"], registry=REGISTRY)
+
+# -- workers --------------------------------------------------------------------------------------
+QUEUE_WAIT = Histogram(
+    "darkroom_queue_wait_seconds", "Time a job waited in the queue before its batch started.", ["model"],
+    buckets=_WAIT, registry=REGISTRY)
+BATCH_IMAGES = Histogram(
+    "darkroom_batch_size_images", "Images per pipeline call (batch).", ["model"], buckets=_COUNT,
+    registry=REGISTRY)
+BATCH_JOBS = Histogram(
+    "darkroom_batch_size_jobs", "Jobs (requests) per pipeline call (batch).", ["model"], buckets=_COUNT,
+    registry=REGISTRY)
+STAGES = ("text_encode", "denoise", "vae_decode", "safety", "image_encode", "storage")
+STAGE_SECONDS = Histogram(
+    "darkroom_stage_duration_seconds", "Latency of one stage: text_encode, denoise and vae_decode per "
+    "pipeline call, safety per batch, image_encode per job, storage per job (URL responses).",
+    ["stage", "model"], buckets=_SECONDS, registry=REGISTRY)
+IMAGES = Counter(
+    "darkroom_images_generated", "Images generated and returned.", ["model"], registry=REGISTRY)
+JOBS = Counter(
+    "darkroom_jobs", "Jobs finished by a worker, by outcome (done, refused by the safety checker, failed).",
+    ["model", "outcome"], registry=REGISTRY)
+
+# -- LoRAs and fetching ----------------------------------------------------------------------------
+# cache="disk": the LoRA file cache (server/loras.py); cache="adapter": adapters resident on a device
+# (server/engine/loras.py).
+LORA_CACHE_HITS = Counter(
+    "darkroom_lora_cache_hits", "LoRA cache hits.", ["cache"], registry=REGISTRY)
+LORA_CACHE_MISSES = Counter(
+    "darkroom_lora_cache_misses", "LoRA cache misses.", ["cache"], registry=REGISTRY)
+LORA_CACHE_EVICTIONS = Counter(
+    "darkroom_lora_cache_evictions", "LoRAs evicted from a cache.", ["cache"], registry=REGISTRY)
+FETCH_FAILURES = Counter(
+    "darkroom_fetch_failures", "Remote fetches (image_url, reference_images, LoRAs) refused or failed, by "
+    "request field and error code.", ["field", "code"], registry=REGISTRY)
+
+
+def observe_batch(model: str, jobs: int, images: int, stages: dict[str, float]) -> None:
+    """One pipeline call: its size and the stages it timed (seconds)."""
+    BATCH_IMAGES.labels(model=model).observe(images)
+    BATCH_JOBS.labels(model=model).observe(jobs)
+    for stage, seconds in stages.items():
+        STAGE_SECONDS.labels(stage=stage, model=model).observe(seconds)
+
+
+def observe_job(model: str, outcome: str, queue_s: float | None = None, encode_s: float | None = None,
+                images: int = 0) -> None:
+    JOBS.labels(model=model, outcome=outcome).inc()
+    if queue_s is not None:
+        QUEUE_WAIT.labels(model=model).observe(max(0.0, queue_s))
+    if encode_s is not None:
+        STAGE_SECONDS.labels(stage="image_encode", model=model).observe(encode_s)
+    if images:
+        IMAGES.labels(model=model).inc(images)
+
+
+# -- read when scraped -----------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def device_memory(devices: list[str]) -> Iterator[tuple[str, str, float]]:
+    """(device, kind, bytes): allocated/reserved/total for CUDA devices, the process RSS for the CPU."""
+    for device in devices:
+        if device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                continue
+            index = torch.device(device).index or 0
+            yield device, "allocated", float(torch.cuda.memory_allocated(index))
+            yield device, "reserved", float(torch.cuda.memory_reserved(index))
+            yield device, "total", float(torch.cuda.get_device_properties(index).total_memory)
+        elif device == "cpu":
+            yield device, "rss", float(_rss_bytes())
+
+
+class RuntimeCollector(Collector):
+    """Gauges read from a live runtime (or a worker process's workers) at scrape time."""
+
+    def __init__(self, runtime: Any = None, workers: list[Any] | None = None) -> None:
+        self.runtime = runtime
+        self.workers = workers
+
+    def _workers(self) -> list[Any]:
+        return list(self.runtime.workers if self.runtime is not None else self.workers or [])
+
+    def collect(self) -> Iterator[Any]:
+        workers = self._workers()
+        if self.runtime is not None:
+            depth = GaugeMetricFamily("darkroom_queue_depth", "Jobs waiting in the queue (not yet running).")
+            try:
+                depth.add_metric([], float(self.runtime.queue.depth()))
+            except Exception:  # noqa: BLE001 - Redis away: the family is left empty, not the scrape failed
+                pass
+            yield depth
+            ready, _ = self.runtime.readiness()
+            gauge = GaugeMetricFamily("darkroom_ready", "1 when /ready answers 200 (models loaded and warm).")
+            gauge.add_metric([], 1.0 if ready else 0.0)
+            yield gauge
+            safety = CounterMetricFamily(
+                "darkroom_safety_events", "Safety checker events (prompts_checked, prompts_flagged, "
+                "images_checked, images_flagged, disable_honored, disable_refused, ...).", labels=["event"])
+            for event, count in sorted(self.runtime.safety_report()["counters"].items()):
+                safety.add_metric([event], float(count))
+            yield safety
+        elif workers:
+            safety = CounterMetricFamily("darkroom_safety_events", "Safety checker events.", labels=["event"])
+            totals: dict[str, int] = {}
+            for worker in workers:
+                counters = getattr(worker.engine, "safety_counters", None)
+                for event, count in (counters.snapshot() if counters else {}).items():
+                    totals[event] = totals.get(event, 0) + count
+            for event, count in sorted(totals.items()):
+                safety.add_metric([event], float(count))
+            yield safety
+        states = GaugeMetricFamily("darkroom_worker_ready", "1 when a worker has loaded and warmed its models.",
+                                   labels=["worker"])
+        for worker in workers:
+            states.add_metric([worker.name], 1.0 if worker.ready.is_set() else 0.0)
+        yield states
+        memory = GaugeMetricFamily("darkroom_device_memory_bytes", "Memory of each worker device: CUDA "
+                                   "allocated/reserved/total, or the process RSS for the CPU.",
+                                   labels=["device", "kind"])
+        devices = list(dict.fromkeys(str(getattr(w.engine, "device", "")) for w in workers))
+        for device, kind, value in device_memory([d for d in devices if d]):
+            memory.add_metric([device, kind], value)
+        yield memory
+
+
+_attached: list[Collector] = []
+_attach_lock = threading.Lock()
+
+
+def attach(collector: Collector) -> None:
+    """Register the scrape-time collector of this process (replacing an earlier one)."""
+    with _attach_lock:
+        for old in _attached:
+            REGISTRY.unregister(old)
+        _attached[:] = [collector]
+        REGISTRY.register(collector)
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
