@@ -17,6 +17,7 @@ import os
 import shutil
 import string
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,8 +67,8 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=_T5_MAX_LEN)
 
 
-def _reinit_(module: torch.nn.Module, gen: torch.Generator, gain: float) -> None:
-    """Re-draw every Linear/Conv weight with fan-in-scaled normal noise times ``gain``.
+def _reinit_(module: torch.nn.Module, gen: torch.Generator, gain: float, bias_std: float = 0.1) -> None:
+    """Re-draw every Linear/Conv weight with fan-in-scaled normal noise times ``gain`` (biases: N(0, bias_std)).
 
     Default inits plus the zero-initialised output layers of FLUX give a transformer
     whose prediction barely depends on the prompt; larger, seeded weights make the
@@ -78,8 +79,12 @@ def _reinit_(module: torch.nn.Module, gen: torch.Generator, gain: float) -> None
             fan_in = m.weight[0].numel()
             with torch.no_grad():
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * gain / fan_in**0.5)
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+                if m.bias is None:
+                    continue
+                if bias_std:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * bias_std)
+                else:
+                    m.bias.zero_()
 
 
 def _components(seed: int) -> dict[str, object]:
@@ -174,9 +179,49 @@ def _components(seed: int) -> dict[str, object]:
     }
 
 
-def _is_complete(path: Path) -> bool:
-    """A model folder is complete once ``model_index.json`` exists (written last, then renamed in)."""
-    return (path / "model_index.json").is_file()
+def _is_complete(path: Path, marker: str = "model_index.json") -> bool:
+    """A model folder is complete once its marker file exists (folders are renamed in whole)."""
+    return (path / marker).is_file()
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write a model folder into a sibling temp folder, then rename it into place.
+
+    Readers never see a half-written model; a leftover without its marker (an interrupted copy) is
+    replaced.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; other users (e.g. the server) must read it
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def ensure_built(cache_dir: Path, name: str, build: Callable[[Path], Path],
+                 marker: str = "model_index.json") -> Path:
+    """``cache_dir / name``, built once even with concurrent callers.
+
+    An exclusive ``flock`` on a lock file in ``cache_dir`` serialises builders; the second process
+    finds the finished model and returns without rebuilding.
+    """
+    cache_dir = Path(cache_dir).expanduser().resolve()
+    target = cache_dir / name
+    if _is_complete(target, marker):
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return build(target)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_tiny_flux(path: Path, seed: int = 0) -> Path:
@@ -189,39 +234,14 @@ def build_tiny_flux(path: Path, seed: int = 0) -> Path:
     if _is_complete(path):
         logger.debug("tiny FLUX already present at %s", path)
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        pipe = FluxPipeline(**_components(seed))  # type: ignore[arg-type]
-        pipe.save_pretrained(str(tmp), safe_serialization=True)
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; other users (e.g. the server) must read it
-        if path.exists():  # leftover without model_index.json: an interrupted copy
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    _save_atomically(FluxPipeline(**_components(seed)), path)  # type: ignore[arg-type]
     logger.info("built tiny FLUX (seed=%d) at %s", seed, path)
     return path
 
 
 def ensure_tiny_flux(cache_dir: Path) -> Path:
-    """Return ``cache_dir / TINY_FLUX_NAME``, building it once even with concurrent callers.
-
-    An exclusive ``flock`` on a lock file in ``cache_dir`` serialises builders; the
-    second process finds the finished model and returns without rebuilding.
-    """
-    cache_dir = Path(cache_dir).expanduser().resolve()
-    target = cache_dir / TINY_FLUX_NAME
-    if _is_complete(target):
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".{TINY_FLUX_NAME}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return build_tiny_flux(target)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    """Return ``cache_dir / TINY_FLUX_NAME``, building it once even with concurrent callers."""
+    return ensure_built(cache_dir, TINY_FLUX_NAME, build_tiny_flux)
 
 
 # -- a tiny FLUX.1 Redux prior ---------------------------------------------------------------------
@@ -269,18 +289,9 @@ def _redux_components(seed: int) -> dict[str, object]:
 
 
 def _save_atomically(pipe: object, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        pipe.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[attr-defined]
-        tmp.chmod(0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return write_atomically(
+        path, lambda tmp: pipe.save_pretrained(str(tmp), safe_serialization=True)  # type: ignore[attr-defined]
+    )
 
 
 def build_tiny_redux(path: Path, seed: int = 1) -> Path:
@@ -313,28 +324,14 @@ def build_tiny_flux_edit(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _ensure(cache_dir: Path, name: str, build: object) -> Path:
-    cache_dir = Path(cache_dir).expanduser().resolve()
-    target = cache_dir / name
-    if _is_complete(target):
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".{name}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return build(target)  # type: ignore[operator]
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def ensure_tiny_redux(cache_dir: Path) -> Path:
     """Return ``cache_dir / TINY_REDUX_NAME``, building it once even with concurrent callers."""
-    return _ensure(cache_dir, TINY_REDUX_NAME, build_tiny_redux)
+    return ensure_built(cache_dir, TINY_REDUX_NAME, build_tiny_redux)
 
 
 def ensure_tiny_flux_edit(cache_dir: Path) -> Path:
     """Return ``cache_dir / TINY_FLUX_EDIT_NAME``, building it once even with concurrent callers."""
-    return _ensure(cache_dir, TINY_FLUX_EDIT_NAME, build_tiny_flux_edit)
+    return ensure_built(cache_dir, TINY_FLUX_EDIT_NAME, build_tiny_flux_edit)
 
 
 # -- tiny LoRAs for the tiny FLUX (tests and benchmarks of image_loras) ------------------------------

@@ -18,34 +18,21 @@ Scores of random models are arbitrary but deterministic, so tests make them flag
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from .loading import LOAD_LOCK
+from .tiny import _clip_tokenizer, _reinit_, ensure_built, write_atomically
+
 
 logger = logging.getLogger(__name__)
 
 TINY_CHECKERS = ("tiny-sd-safety-checker", "tiny-nsfw-vit", "tiny-text-classifier")
 _VERSION = "v1"  # bump when a recipe changes, so caches rebuild
 _IMAGE_SIZE = 32
-
-
-def _reinit_(module: torch.nn.Module, gen: torch.Generator, gain: float = 1.0) -> None:
-    """Seeded fan-in-scaled weights, so a build is reproducible and outputs depend on the input."""
-    for m in module.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            fan_in = m.weight[0].numel()
-            with torch.no_grad():
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * gain / fan_in**0.5)
-                if m.bias is not None:
-                    m.bias.zero_()
 
 
 def _build_sd_checker(out: Path, seed: int) -> None:
@@ -63,7 +50,7 @@ def _build_sd_checker(out: Path, seed: int) -> None:
         projection_dim=16,
     )
     model = StableDiffusionSafetyChecker(config).eval()
-    _reinit_(model, gen, gain=2.0)
+    _reinit_(model, gen, gain=2.0, bias_std=0.0)
     with torch.no_grad():
         model.concept_embeds.copy_(torch.randn(model.concept_embeds.shape, generator=gen))
         model.special_care_embeds.copy_(torch.randn(model.special_care_embeds.shape, generator=gen))
@@ -88,16 +75,14 @@ def _build_nsfw_vit(out: Path, seed: int) -> None:
     model = ViTForImageClassification(config).eval()
     # Louder than default weights spread the scores of different images apart (about 0.80 to 0.90 for
     # the tiny FLUX model's noise), so a threshold can separate two images.
-    _reinit_(model, gen, gain=2.0)
-    _reinit_(model.classifier, gen, gain=2.0)
+    _reinit_(model, gen, gain=2.0, bias_std=0.0)
+    _reinit_(model.classifier, gen, gain=2.0, bias_std=0.0)
     model.save_pretrained(str(out), safe_serialization=True)
     ViTImageProcessor(size={"height": _IMAGE_SIZE, "width": _IMAGE_SIZE}).save_pretrained(str(out))
 
 
 def _build_text_classifier(out: Path, seed: int) -> None:
     from transformers import BertConfig, BertForSequenceClassification
-
-    from .tiny import _clip_tokenizer
 
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +94,7 @@ def _build_text_classifier(out: Path, seed: int) -> None:
         label2id={"safe": 0, "nsfw": 1},
     )
     model = BertForSequenceClassification(config).eval()
-    _reinit_(model, gen, gain=2.0)
+    _reinit_(model, gen, gain=2.0, bias_std=0.0)
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
 
@@ -128,32 +113,17 @@ def build_tiny_checker(name: str, path: Path, seed: int = 0) -> Path:
     path = Path(path).expanduser().resolve()
     if (path / "config.json").is_file():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         with LOAD_LOCK:
             _BUILDERS[name](tmp, seed)
-        tmp.chmod(0o755)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(path, write)
     logger.info("built tiny checker %s (seed=%d) at %s", name, seed, path)
     return path
 
 
 def ensure_tiny_checker(name: str, cache_dir: Path) -> Path:
     """``cache_dir/<name>-v1``, built once even with concurrent callers (an flock serialises builders)."""
-    cache_dir = Path(cache_dir).expanduser().resolve()
-    target = cache_dir / f"{name}-{_VERSION}"
-    if (target / "config.json").is_file():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".{name}-{_VERSION}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            return build_tiny_checker(name, target)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    return ensure_built(cache_dir, f"{name}-{_VERSION}", lambda target: build_tiny_checker(name, target),
+                        marker="config.json")
