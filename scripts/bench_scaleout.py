@@ -18,15 +18,12 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 import yaml
 
@@ -36,15 +33,10 @@ sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_serving import bench_level, cpu_name, mean_batch, percentile  # noqa: E402
 from server.config import Settings, load_settings  # noqa: E402
+from server.launch import free_port, stop, wait_ready  # noqa: E402
 from server.registry import Registry  # noqa: E402
 
 CONCURRENCY = 16
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Processes:
@@ -97,29 +89,16 @@ class Processes:
         return self
 
     def _wait(self, url: str) -> None:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if any(p.poll() is not None for p in self.procs):
-                break
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        logs = "\n".join(p.read_text(errors="replace") for p in self.workdir.glob("*.log"))
-        self.__exit__()
-        raise RuntimeError(f"{self.backend} path did not become ready:\n{logs}")
+        try:
+            wait_ready(url, self.procs, 120, lambda: "\n".join(
+                p.read_text(errors="replace") for p in self.workdir.glob("*.log")))
+        except RuntimeError:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         for proc in reversed(self.procs):  # api, then worker, then redis
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc, 30)
 
 
 def measure(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]]:

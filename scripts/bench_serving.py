@@ -24,7 +24,6 @@ import base64
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from server.api.schemas import parse_request, resolve_params  # noqa: E402
 from server.config import Settings, load_settings  # noqa: E402
 from server.engine.pipelines import Engine  # noqa: E402
 from server.registry import Registry  # noqa: E402
+from server.launch import free_port, stop, wait_ready  # noqa: E402
 from server.storage import encode_image  # noqa: E402
 
 LEVELS = (1, 4, 16)
@@ -102,9 +102,7 @@ class ServerProcess:
     """A ``darkroom serve`` subprocess on a free loopback port with a temporary config."""
 
     def __init__(self, workdir: Path, args: argparse.Namespace, settings: Settings) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
             "models_dir": str(settings.models_dir),
@@ -126,27 +124,16 @@ class ServerProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "server", "serve", "--config", str(self.config_file),
                  "--port", str(self.port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if httpx.get(f"{self.url}/ready", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.__exit__()
-        raise RuntimeError(f"server did not become ready:\n{self.log_file.read_text(errors='replace')}")
+        try:
+            wait_ready(f"{self.url}/ready", [self.proc], 120, lambda: self.log_file.read_text(errors="replace"))
+        except RuntimeError:
+            self.__exit__()
+            raise
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop(self.proc)
 
 
 def check(response: httpx.Response, size: int) -> dict[str, Any]:

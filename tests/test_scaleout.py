@@ -32,6 +32,7 @@ from server import remote
 from server.engine.types import ConditioningImage, GenerationParams, LoraRef
 from server.errors import QueueFull
 from server.jobs import GeneratedImage, Job, JobResult
+from server.launch import stop
 from server.queue_redis import GROUP, Keys
 
 from .conftest import MODEL, REPO, decode_image, free_port
@@ -193,13 +194,7 @@ class Proc:
         return self.proc.wait(timeout_s)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop(self.proc)
 
     def generate(self, **body: Any) -> httpx.Response:
         body.setdefault("model", MODEL)
