@@ -131,7 +131,7 @@ class ImageOrigin:
         self.slow_s = slow_s
         self.hits: dict[str, int] = {}
         self.active = 0
-        self.peak = 0  # most requests handled at once
+        self.peak = 0  # most /pause requests inside their pause at once
         self._lock = threading.Lock()
         origin = self
 
@@ -145,13 +145,7 @@ class ImageOrigin:
                 parsed = urlparse(self.path)
                 with origin._lock:
                     origin.hits[parsed.path] = origin.hits.get(parsed.path, 0) + 1
-                    origin.active += 1
-                    origin.peak = max(origin.peak, origin.active)
-                try:
-                    origin._handle(self, parsed.path, parse_qs(parsed.query))
-                finally:
-                    with origin._lock:
-                        origin.active -= 1
+                origin._handle(self, parsed.path, parse_qs(parsed.query))
 
         self._httpd = _QuietServer((host, 0), Handler)
         self.host = host
@@ -205,7 +199,14 @@ class ImageOrigin:
                 time.sleep(self.slow_s)
                 self._send(h, 200, self.files["/red.png"][0])
             elif path == "/pause":
+                # Counted only while paused, before any byte is sent: a client cannot have finished
+                # this download yet, so two requests paused at once are two downloads at once.
+                with self._lock:
+                    self.active += 1
+                    self.peak = max(self.peak, self.active)
                 time.sleep(0.1)
+                with self._lock:
+                    self.active -= 1
                 self._send(h, 200, self.files["/red.png"][0])
             elif path == "/drip":
                 body = self.files["/red.png"][0]
