@@ -18,7 +18,8 @@ from typing import Any
 
 from .config import Settings
 from .engine.pipelines import Engine, resolve_devices
-from .queue_redis import RedisSource, default_instance_name
+from .queue_redis import default_instance_name
+from .queue_redis_worker import RedisSource
 from .registry import Registry
 from .worker import Worker
 
