@@ -73,6 +73,62 @@ class Defaults(BaseModel):
     img2img_strength: float = Field(default=0.75, gt=0, le=1)
 
 
+class CompileOptions(BaseModel):
+    """torch.compile of the transformer and the VAE decoder (inductor), with an on-disk cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # none: eager; regional: each repeated block compiled once and reused (diffusers'
+    # compile_repeated_blocks: start-up in seconds to a minute); full: the whole transformer.
+    transformer: Literal["none", "regional", "full"] = "none"
+    vae_decoder: bool = False
+    fullgraph: bool = True
+    # torch.compile mode, e.g. "max-autotune-no-cudagraphs"; None: torch's default.
+    mode: str | None = None
+    # Inductor's cache (TORCHINDUCTOR_CACHE_DIR), kept across restarts; None: <engine.cache_dir>/inductor.
+    cache_dir: Path | None = None
+
+
+class WarmupOptions(BaseModel):
+    """What the worker runs per model before it reports ready."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # [width, height] pairs; each is run once per sequence bucket. Empty: one 64x64 call.
+    sizes: list[tuple[int, int]] = Field(default_factory=list)
+    steps: int = Field(default=1, ge=1)
+
+
+class EngineOptions(BaseModel):
+    """Per-model engine optimizations (server/engine/optimize.py). The defaults change nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # diffusers' attention dispatcher backend (transformer.set_attention_backend), e.g. native,
+    # _native_cudnn, _native_flash, flash (needs flash-attn installed); None: the model's default (SDPA).
+    attention_backend: str | None = None
+    # One QKV matmul per attention instead of three. LoRAs target to_q/to_k/to_v: not with loras.
+    fuse_qkv: bool = False
+    compile: CompileOptions = Field(default_factory=CompileOptions)
+    # fp8: torchao dynamic float8 activations and weights for the transformer's linears (CUDA, SM 8.9+).
+    quantize: Literal["none", "fp8"] = "none"
+    # T5 lengths a request may be padded to: the smallest that holds its prompts (a conservative token
+    # count: characters after NFKC + 2); longer prompts use defaults.max_sequence_length.
+    sequence_buckets: list[int] = Field(default_factory=list)
+    warmup: WarmupOptions = Field(default_factory=WarmupOptions)
+
+
+def t5_token_bound(text: str) -> int:
+    """An upper bound of T5's token count for ``text``, with no tokenizer.
+
+    T5's SentencePiece unigram model normalises with NFKC and every piece covers at least one character,
+    so the count is at most the normalised length plus the leading "▁" and the closing </s>.
+    """
+    import unicodedata
+
+    return len(unicodedata.normalize("NFKC", text)) + 2
+
+
 class ModelLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -104,12 +160,39 @@ class ModelManifest(BaseModel):
     defaults: Defaults = Field(default_factory=Defaults)
     limits: ModelLimits = Field(default_factory=ModelLimits)
     safety: ModelSafety = Field(default_factory=ModelSafety)
+    engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @model_validator(mode="after")
     def _conditioning_is_servable(self) -> ModelManifest:
         if self.capabilities.reference_images and self.family == "flux" and self.redux_prior is None:
             raise ValueError(f"{self.id}: reference_images needs a redux_prior for family flux")
         return self
+
+    @model_validator(mode="after")
+    def _engine_options_fit(self) -> ModelManifest:
+        if self.engine.fuse_qkv and self.capabilities.loras:
+            raise ValueError(
+                f"{self.id}: engine.fuse_qkv cannot serve LoRAs (they target the unfused to_q/to_k/to_v "
+                "projections); turn off capabilities.loras or engine.fuse_qkv"
+            )
+        buckets = self.engine.sequence_buckets
+        if buckets != sorted(set(buckets)) or any(b < 1 for b in buckets):
+            raise ValueError(f"{self.id}: engine.sequence_buckets must be positive and increasing")
+        if buckets and buckets[-1] > self.defaults.max_sequence_length:
+            raise ValueError(
+                f"{self.id}: engine.sequence_buckets must not exceed defaults.max_sequence_length "
+                f"({self.defaults.max_sequence_length})"
+            )
+        return self
+
+    def sequence_length(self, *texts: str | None) -> int:
+        """The T5 length of a call with these prompts: the smallest bucket that holds them, else the
+        full defaults.max_sequence_length (so a bucket never truncates more than no bucket would)."""
+        need = max((t5_token_bound(t) for t in texts if t is not None), default=0)
+        for bucket in self.engine.sequence_buckets:
+            if need <= bucket:
+                return bucket
+        return self.defaults.max_sequence_length
 
     def effective_limits(self, server: LimitSettings) -> ModelLimits:
         """The tighter of the manifest's and the operator's limits."""

@@ -161,7 +161,8 @@ def resolve_params(
         true_cfg_scale=manifest.defaults.true_cfg_scale,
         seeds=tuple(base_seed + i for i in range(req.n)),
         output_format="jpeg" if fmt == "jpg" else fmt,
-        max_sequence_length=manifest.defaults.max_sequence_length,
+        # One T5 length per call (it is in the batch key): the model's smallest fitting bucket.
+        max_sequence_length=manifest.sequence_length(req.prompt, req.negative_prompt),
         conditioning=conditioning,
         strength=strength,
         loras=lora_refs,

@@ -22,6 +22,7 @@ from ..config import EngineSettings, SafetySettings
 from ..errors import DarkroomError
 from ..registry import ModelManifest, Registry, WeightsSource
 from ..safety import SafetyCounters
+from . import optimize
 from .loading import LOAD_LOCK
 from .safety import ImageChecker, load_image_checkers, screen_batch
 from .tiny import ensure_tiny_flux, ensure_tiny_flux_edit, ensure_tiny_redux
@@ -146,22 +147,39 @@ class Engine:
         for manifest in self.registry.models:
             with LOAD_LOCK:  # see loading.py: concurrent from_pretrained calls corrupt each other
                 self._pipes[manifest.id] = load_pipeline(manifest, self.settings, self.device)
+                # Attention backend, fused QKV, fp8: before the LoRA slots and the img2img pipeline.
+                optimize.prepare(manifest, self._pipes[manifest.id], self.device)
                 self._load_conditioning(manifest)
             if manifest.capabilities.loras:
                 self.loras.prepare(manifest.id, self._pipes[manifest.id])
+            # Last, so the compiled graphs already hold the LoRA slots (switching LoRAs: no recompile).
+            optimize.compile_modules(manifest, self._pipes[manifest.id], self.settings.cache_dir)
         self._checkers = load_image_checkers(
             self.registry, self.safety, self.settings.cache_dir, self.device
         )
 
     def warmup(self) -> None:
-        """One small call per model, so the first user request does not pay for lazy init."""
+        """Calls per model before the worker is ready, so the first user request does not pay for lazy
+        init or compilation: each of the manifest's engine.warmup sizes at each sequence bucket (by
+        default one 64x64 call), then one small call per conditioning path."""
         for manifest in self.registry.models:
+            for width, height, steps, length in optimize.warmup_plan(manifest):
+                started = time.perf_counter()
+                params = GenerationParams(
+                    model=manifest.id, prompt="warm-up", width=width, height=height, steps=steps,
+                    guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
+                    max_sequence_length=length,
+                )
+                images = self.generate([params])
+                log.info(
+                    "warm-up model=%s size=%dx%d steps=%d max_sequence_length=%d seconds=%.2f",
+                    manifest.id, width, height, steps, length, time.perf_counter() - started,
+                )
             params = GenerationParams(
                 model=manifest.id, prompt="warm-up", width=64, height=64, steps=1,
                 guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
                 max_sequence_length=manifest.defaults.max_sequence_length,
             )
-            images = self.generate([params])
             self._warm_conditioning(params)
             checker = self._checkers.get(manifest.id)
             if checker is not None:
