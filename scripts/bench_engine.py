@@ -35,7 +35,6 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench_serving import cpu_name, percentile  # noqa: E402
+from server.launch import free_port, stop, wait_ready  # noqa: E402
 from server.registry import ModelManifest  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
@@ -68,14 +69,6 @@ CUDA_ENGINE = {"attention_backend": "_native_cudnn", "fuse_qkv": True,
                "compile": {"transformer": "regional", "vae_decoder": True},
                "sequence_buckets": [128, 256]}
 # On CPU: one bucket at half the full length (exercises the bucket path; nothing to compile for).
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * p
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
 
 
 def transformer_flops(config: dict[str, Any], width: int, height: int, text_tokens: int) -> float:
@@ -102,13 +95,7 @@ def transformer_flops(config: dict[str, Any], width: int, height: int, text_toke
 def device_name(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "cpu"
+    return cpu_name()
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
@@ -201,12 +188,6 @@ def bench_baseline(args: argparse.Namespace, weights: Path, dtype: torch.dtype) 
             "text_tokens": args.max_sequence_length, "config": config}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def darkroom_manifest(args: argparse.Namespace, weights: Path, engine: dict[str, Any]) -> dict[str, Any]:
     engine = {**engine, "warmup": {"sizes": [[args.size, args.size]], "steps": args.steps}}
     return {
@@ -248,17 +229,7 @@ def bench_darkroom(args: argparse.Namespace, weights: Path, engine: dict[str, An
     try:
         with PeakMemory(args.device, proc.pid) as memory:
             started = time.perf_counter()
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"darkroom exited:\n{log_file.read_text(errors='replace')}")
-                try:
-                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.perf_counter() - started > args.ready_timeout:
-                    raise RuntimeError(f"darkroom not ready:\n{log_file.read_text(errors='replace')}")
-                time.sleep(0.5)
+            wait_ready(f"{url}/ready", [proc], args.ready_timeout, lambda: log_file.read_text(errors="replace"))
             ready_s = time.perf_counter() - started
             client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
 
@@ -282,12 +253,7 @@ def bench_darkroom(args: argparse.Namespace, weights: Path, engine: dict[str, An
         for row in rows:
             row.update(peak_bytes=memory.peak, text_tokens=text_tokens, ready_s=ready_s)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 60)
     return rows
 
 
