@@ -111,6 +111,20 @@ def server(make_server: Any) -> Server:
     return make_server({"server": {"default_response_format": "base64"}})
 
 
+def together3(server: Server, key: str = "x") -> Any:
+    """The together 3.x client on a server, without retries (a test wants the first answer)."""
+    from together import Together
+
+    return Together(base_url=server.url, api_key=key, max_retries=0, timeout=120)
+
+
+def openai_client(server: Server, key: str = "x") -> Any:
+    """The openai client on a server (base URL ending in /v1, as its users configure it)."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
 def decode_image(b64: str) -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     image.load()

@@ -21,10 +21,8 @@ import httpx
 import openai
 import pytest
 import together
-from openai import OpenAI
-from together import Together
 
-from .conftest import MODEL, TOGETHER1_PYTHON, Server, images_of
+from .conftest import MODEL, TOGETHER1_PYTHON, Server, images_of, openai_client, together3
 
 GEN = "/v1/images/generations"
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 1}
@@ -116,14 +114,6 @@ def assert_image_ok(resp: httpx.Response, size: int = 64) -> None:
     [image] = images_of(resp)
     assert image.size == (size, size)
     assert image.getextrema() != ((0, 0), (0, 0), (0, 0))
-
-
-def together3(server: Server, key: str = "x") -> Together:
-    return Together(base_url=server.url, api_key=key, max_retries=0, timeout=120)
-
-
-def openai_client(server: Server, key: str = "x") -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
 
 T1_SCRIPT = r"""

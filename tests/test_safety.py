@@ -19,8 +19,6 @@ import openai
 import pytest
 import together
 import yaml
-from openai import OpenAI
-from together import Together
 
 from server.config import ImageCheckerSpec, SafetySettings, Settings, TextClassifierSpec, load_settings
 from server.engine.safety import TextClassifier, load_image_checker
@@ -28,7 +26,16 @@ from server.errors import Forbidden
 from server.registry import Registry, load_manifests
 from server.safety import PromptGuard, bearer_token, resolve_check
 
-from .conftest import MODEL, REPO, TOGETHER1_PYTHON, Server, decode_image, mean_abs_diff
+from .conftest import (
+    MODEL,
+    REPO,
+    TOGETHER1_PYTHON,
+    Server,
+    decode_image,
+    mean_abs_diff,
+    openai_client,
+    together3,
+)
 
 GEN = "/v1/images/generations"
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 1}
@@ -103,14 +110,6 @@ def assert_images(resp: httpx.Response, count: int = 1) -> list[Any]:
 def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
     return {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)
             if after.get(k, 0) != before.get(k, 0)}
-
-
-def together3(server: Server, key: str = "any") -> Together:
-    return Together(base_url=server.url, api_key=key, max_retries=0, timeout=120)
-
-
-def openai_client(server: Server, key: str = "any") -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
 
 
 T1_SCRIPT = r"""
