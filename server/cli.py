@@ -87,26 +87,29 @@ def _models(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="darkroom", description="Darkroom image-generation server")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="serve the API and one worker per device")
-    serve.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
-    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port (default 8000)")
+    # Options several commands take, declared once.
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
+    listen = argparse.ArgumentParser(add_help=False)
+    listen.add_argument("--host", help="bind address (default 127.0.0.1)")
+    listen.add_argument("--port", type=int, help="port (default 8000)")
+
+    serve = commands.add_parser("serve", parents=[config, listen],
+                                help="serve the API and one worker per device")
     serve.set_defaults(func=_serve)
-    api = commands.add_parser("api", help="serve the API only; jobs go to workers through Redis")
-    api.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
-    api.add_argument("--host", help="bind address (default 127.0.0.1)")
-    api.add_argument("--port", type=int, help="port (default 8000)")
+    api = commands.add_parser("api", parents=[config, listen],
+                              help="serve the API only; jobs go to workers through Redis")
     api.set_defaults(func=_serve)
-    worker = commands.add_parser("worker", help="run jobs from Redis on this machine's devices (no API)")
-    worker.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
+    worker = commands.add_parser("worker", parents=[config],
+                                 help="run jobs from Redis on this machine's devices (no API)")
     worker.add_argument("--health-port", type=int, help="port of /health and /ready (worker.health_port)")
     worker.set_defaults(func=_worker)
-    pull = commands.add_parser("pull", help="download a model's weights into the local Hub cache")
+    pull = commands.add_parser("pull", parents=[config],
+                               help="download a model's weights into the local Hub cache")
     pull.add_argument("model", help="manifest id or alias (see `darkroom models`)")
-    pull.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
     pull.set_defaults(func=_pull)
-    models = commands.add_parser("models", help="list the model manifests and whether their weights are here")
-    models.add_argument("--config", help="YAML settings file (also DARKROOM_CONFIG)")
+    models = commands.add_parser("models", parents=[config],
+                                 help="list the model manifests and whether their weights are here")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=_models)
     args = parser.parse_args(argv)
