@@ -445,16 +445,18 @@ class Fetcher:
                 last_error = exc
                 continue
             except httpx.TimeoutException:
-                raise FetchError(f"'{field}' timed out after {self.settings.timeout_s:g} s",
-                                 param=field, code="fetch_failed") from None
+                raise self._timed_out(field) from None
             except httpx.HTTPError as exc:
                 raise FetchError(f"'{field}' could not be fetched: {type(exc).__name__}",
                                  param=field, code="fetch_failed") from None
         if last_error is None:
-            raise FetchError(f"'{field}' timed out after {self.settings.timeout_s:g} s",
-                             param=field, code="fetch_failed")
+            raise self._timed_out(field)
         raise FetchError(f"'{field}' could not be fetched: cannot connect to host '{host}'",
                          param=field, code="fetch_failed")
+
+    def _timed_out(self, field: str) -> FetchError:
+        return FetchError(f"'{field}' timed out after {self.settings.timeout_s:g} s", param=field,
+                          code="fetch_failed")
 
     def _read_body(self, response: httpx.Response, field: str, limit: int, deadline: float) -> bytes:
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
@@ -473,11 +475,9 @@ class Fetcher:
                     raise FetchError(f"'{field}' is larger than {limit} bytes", param=field,
                                      code="fetch_failed")
                 if time.monotonic() > deadline:
-                    raise FetchError(f"'{field}' timed out after {self.settings.timeout_s:g} s",
-                                     param=field, code="fetch_failed")
+                    raise self._timed_out(field)
         except httpx.TimeoutException:
-            raise FetchError(f"'{field}' timed out after {self.settings.timeout_s:g} s",
-                             param=field, code="fetch_failed") from None
+            raise self._timed_out(field) from None
         except httpx.HTTPError as exc:
             raise FetchError(f"'{field}' could not be fetched: {type(exc).__name__} while reading",
                              param=field, code="fetch_failed") from None
