@@ -31,10 +31,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from bench_serving import bench_level, cpu_name, mean_batch, percentile  # noqa: E402
-from server.config import Settings, load_settings  # noqa: E402
+from bench_serving import (  # noqa: E402
+    add_common_args,
+    bench_level,
+    cpu_name,
+    mean_batch,
+    percentile,
+    resolve_common_args,
+)
+from server.config import Settings  # noqa: E402
 from server.launch import free_port, stop, wait_ready  # noqa: E402
-from server.registry import Registry  # noqa: E402
 
 CONCURRENCY = 16
 
@@ -133,25 +139,13 @@ def measure(args: argparse.Namespace, settings: Settings) -> list[dict[str, Any]
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--config", help="darkroom YAML settings to start from (default: built-in)")
-    parser.add_argument("--model", default="darkroom/tiny-flux")
-    parser.add_argument("--size", type=int, default=128, help="width and height in pixels")
-    parser.add_argument("--steps", type=int, help="inference steps (default: the model's)")
+    add_common_args(parser, size=128)
     parser.add_argument("--requests", type=int, default=30, help="timed requests at concurrency 1")
     parser.add_argument("--loaded", type=int, default=96, help=f"timed requests at concurrency {CONCURRENCY}")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (figures: their median)")
-    parser.add_argument("--cache-dir", type=Path, help="tiny model cache (default: engine.cache_dir)")
-    parser.add_argument("--quick", action="store_true", help="tiny iteration counts, for smoke tests")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
     args = parser.parse_args(argv)
-
-    settings = load_settings(args.config)
-    if args.cache_dir:
-        settings.engine.cache_dir = args.cache_dir.resolve()
-    manifest = Registry.from_settings(settings.models_dir, [args.model]).default
-    args.model = manifest.id
-    args.steps = args.steps or manifest.defaults.steps
-    if manifest.id == "darkroom/tiny-flux":
+    settings = resolve_common_args(args)
+    if args.model == "darkroom/tiny-flux":
         from server.engine.tiny import ensure_tiny_flux
 
         ensure_tiny_flux(settings.engine.cache_dir)  # built once here, not by two processes at once

@@ -182,24 +182,34 @@ def row(name: str, latencies: list[float], base_p50: float, images_per_s: float,
             "vs_direct": p50 / base_p50, "images_per_s": images_per_s, "mean_batch": batch}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+def add_common_args(parser: argparse.ArgumentParser, size: int) -> None:
+    """The options every serving benchmark takes."""
     parser.add_argument("--config", help="darkroom YAML settings to start from (default: built-in)")
     parser.add_argument("--model", default="darkroom/tiny-flux")
-    parser.add_argument("--size", type=int, default=256, help="width and height in pixels")
+    parser.add_argument("--size", type=int, default=size, help="width and height in pixels")
     parser.add_argument("--steps", type=int, help="inference steps (default: the model's)")
-    parser.add_argument("--requests", type=int, default=30, help="timed requests per latency path")
     parser.add_argument("--cache-dir", type=Path, help="tiny model cache (default: engine.cache_dir)")
     parser.add_argument("--quick", action="store_true", help="tiny iteration counts, for smoke tests")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures as JSON")
-    args = parser.parse_args(argv)
 
+
+def resolve_common_args(args: argparse.Namespace) -> Settings:
+    """Settings for the run; ``args.model`` and ``args.steps`` filled in from the model's manifest."""
     settings = load_settings(args.config)
     if args.cache_dir:
         settings.engine.cache_dir = args.cache_dir.resolve()
     manifest = Registry.from_settings(settings.models_dir, [args.model]).default
     args.model = manifest.id
     args.steps = args.steps or manifest.defaults.steps
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    add_common_args(parser, size=256)
+    parser.add_argument("--requests", type=int, default=30, help="timed requests per latency path")
+    args = parser.parse_args(argv)
+    settings = resolve_common_args(args)
     count = 3 if args.quick else args.requests
     args.warmup = 1 if args.quick else 2
 
