@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -123,6 +124,46 @@ def openai_client(server: Server, key: str = "x") -> Any:
     from openai import OpenAI
 
     return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+T1_SCRIPT = r"""
+import json, sys
+import together
+spec = json.load(sys.stdin)
+results = []
+for call in spec["calls"]:
+    key = call.pop("__api_key", spec["api_key"])
+    client = together.Together(base_url=spec["base_url"], api_key=key, max_retries=0, timeout=120)
+    attempts = []
+    for _ in range(spec.get("attempts", 1)):
+        try:
+            resp = client.images.generate(**call)
+            attempts.append({"ok": True, "images": len(resp.data)})
+        except Exception as exc:
+            attempts.append({"ok": False, "cls": type(exc).__name__, "module": type(exc).__module__,
+                             "message": str(exc), "status": getattr(exc, "http_status", None)})
+            if spec.get("until") == type(exc).__name__:
+                break
+    results.append(attempts)
+print("RESULT " + json.dumps(results))
+"""
+
+
+def run_together1(server: Server, calls: list[dict[str, Any]], key: str = "x", *,
+                  attempts: int = 1, until: str | None = None) -> list[list[dict[str, Any]]]:
+    """Run ``client.images.generate(**call)`` for each call with together 1.x (from its own venv, since
+    1.x and 3.x cannot share one); per call, its attempts. A call's ``__api_key`` overrides ``key``."""
+    if not TOGETHER1_PYTHON.exists():
+        pytest.fail(f"{TOGETHER1_PYTHON} is missing: run `make test`, which installs together 1.x there")
+    spec = {"base_url": server.url + "/v1", "api_key": key, "calls": calls,
+            "attempts": attempts, "until": until}
+    proc = subprocess.run(
+        [str(TOGETHER1_PYTHON), "-c", T1_SCRIPT], input=json.dumps(spec), capture_output=True,
+        text=True, timeout=300, env={**os.environ, "TOGETHER_NO_BANNER": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
 
 
 def decode_image(b64: str) -> Image.Image:

@@ -10,8 +10,6 @@ limits, a queue of one job for 429s).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +20,7 @@ import openai
 import pytest
 import together
 
-from .conftest import MODEL, TOGETHER1_PYTHON, Server, images_of, openai_client, together3
+from .conftest import MODEL, Server, images_of, openai_client, run_together1, together3
 
 GEN = "/v1/images/generations"
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 1}
@@ -114,43 +112,6 @@ def assert_image_ok(resp: httpx.Response, size: int = 64) -> None:
     [image] = images_of(resp)
     assert image.size == (size, size)
     assert image.getextrema() != ((0, 0), (0, 0), (0, 0))
-
-
-T1_SCRIPT = r"""
-import json, sys
-import together
-spec = json.load(sys.stdin)
-results = []
-for call in spec["calls"]:
-    key = call.pop("__api_key", spec["api_key"])
-    client = together.Together(base_url=spec["base_url"], api_key=key, max_retries=0, timeout=120)
-    attempts = []
-    for _ in range(spec.get("attempts", 1)):
-        try:
-            resp = client.images.generate(**call)
-            attempts.append({"ok": True, "images": len(resp.data)})
-        except Exception as exc:
-            attempts.append({"ok": False, "cls": type(exc).__name__, "module": type(exc).__module__,
-                             "message": str(exc), "status": getattr(exc, "http_status", None)})
-            if spec.get("until") == type(exc).__name__:
-                break
-    results.append(attempts)
-print("RESULT " + json.dumps(results))
-"""
-
-
-def run_together1(server: Server, calls: list[dict[str, Any]], key: str = "x", *,
-                  attempts: int = 1, until: str | None = None) -> list[list[dict[str, Any]]]:
-    """Run ``client.images.generate(**call)`` for each call with together 1.x; per call, its attempts."""
-    spec = {"base_url": server.url + "/v1", "api_key": key, "calls": calls,
-            "attempts": attempts, "until": until}
-    proc = subprocess.run(
-        [str(TOGETHER1_PYTHON), "-c", T1_SCRIPT], input=json.dumps(spec), capture_output=True,
-        text=True, timeout=300, env={**os.environ, "TOGETHER_NO_BANNER": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
 
 
 def t1_call(**fields: Any) -> dict[str, Any]:

@@ -8,9 +8,6 @@ built offline with random weights, and thresholds make them flag deterministical
 from __future__ import annotations
 
 import concurrent.futures
-import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +26,11 @@ from server.safety import PromptGuard, bearer_token, resolve_check
 from .conftest import (
     MODEL,
     REPO,
-    TOGETHER1_PYTHON,
     Server,
     decode_image,
     mean_abs_diff,
     openai_client,
+    run_together1,
     together3,
 )
 
@@ -112,36 +109,9 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
             if after.get(k, 0) != before.get(k, 0)}
 
 
-T1_SCRIPT = r"""
-import json, sys
-import together
-spec = json.load(sys.stdin)
-results = []
-for call in spec["calls"]:
-    key = call.pop("__api_key")
-    client = together.Together(base_url=spec["base_url"], api_key=key, max_retries=0, timeout=120)
-    try:
-        resp = client.images.generate(**call)
-        results.append({"ok": True, "images": len(resp.data)})
-    except Exception as exc:
-        results.append({"ok": False, "cls": type(exc).__name__, "module": type(exc).__module__,
-                        "message": str(exc), "status": getattr(exc, "http_status", None)})
-print("RESULT " + json.dumps(results))
-"""
-
-
-def run_together1(server: Server, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``client.images.generate(**call)`` with together 1.x, per call its outcome."""
-    if not TOGETHER1_PYTHON.exists():
-        pytest.fail(f"{TOGETHER1_PYTHON} is missing: run `make test`, which installs together 1.x there")
-    proc = subprocess.run(
-        [str(TOGETHER1_PYTHON), "-c", T1_SCRIPT],
-        input=json.dumps({"base_url": server.url + "/v1", "calls": calls}), capture_output=True,
-        text=True, timeout=300, env={**os.environ, "TOGETHER_NO_BANNER": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+def run_together1_once(server: Server, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``client.images.generate(**call)`` with together 1.x, per call its one outcome."""
+    return [attempts[0] for attempts in run_together1(server, calls)]
 
 
 def t1_call(key: str = "any", **fields: Any) -> dict[str, Any]:
@@ -281,7 +251,7 @@ def test_sdks_raise_422_and_403_classes_on_the_prompt_stage(guarded: Server) -> 
                                                extra_body={"steps": 1, "disable_safety_checker": True})
     assert oa.value.body["code"] == "safety_checker_required"
 
-    prompt_flag, refused, ok = run_together1(guarded, [
+    prompt_flag, refused, ok = run_together1_once(guarded, [
         t1_call(prompt="a zorblax"), t1_call(disable_safety_checker=True), t1_call(),
     ])
     assert (prompt_flag["ok"], prompt_flag["cls"]) == (False, "InvalidRequestError")
@@ -347,7 +317,7 @@ def test_sdks_raise_422_on_the_image_stage(strict: Server) -> None:
     with pytest.raises(together.PermissionDeniedError):
         together3(strict, USER).images.generate(model=VIT_STRICT, prompt="a fox",
                                                 disable_safety_checker=True, **SMALL)
-    image_flag, refused, honored = run_together1(strict, [
+    image_flag, refused, honored = run_together1_once(strict, [
         t1_call(USER, model=VIT_STRICT),
         t1_call(USER, model=VIT_STRICT, disable_safety_checker=True),
         t1_call(TRUSTED, model=SD_STRICT, disable_safety_checker=True, response_format="base64"),
