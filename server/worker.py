@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import dataclasses
 import time
 import uuid
 
@@ -106,7 +105,7 @@ class Worker:
             return
         inference_s = time.monotonic() - started
         # text_encode / denoise / vae_decode of the pipeline call (server/engine/timing.py), then safety.
-        stages = dict(getattr(self.engine, "last_timings", None) or {})
+        stages = dict(self.engine.last_timings)
         screen_started = time.monotonic()
         refusals = self.engine.screen([job.params for job in runnable], outputs)
         stages["safety"] = time.monotonic() - screen_started
@@ -132,6 +131,7 @@ class Worker:
                 job.fail(InternalError("image encoding failed; see the server log"))
                 metrics.observe_job(job.params.model, "failed")
                 continue
+            encode_s = time.monotonic() - encode_started
             result = JobResult(
                 images=encoded,
                 batch_id=batch_id,
@@ -139,9 +139,9 @@ class Worker:
                 batch_images=images,
                 queue_s=started - job.enqueued_at,
                 inference_s=inference_s,
-                encode_s=time.monotonic() - encode_started,
+                encode_s=encode_s,
+                stages={**stages, "image_encode": encode_s},
             )
-            result = dataclasses.replace(result, stages={**stages, "image_encode": result.encode_s})
             job.succeed(result)
             p = job.params
             metrics.observe_job(p.model, "done", queue_s=result.queue_s, encode_s=result.encode_s,

@@ -28,6 +28,7 @@ class StandInEngine:
     """Quacks like server.engine.pipelines.Engine; fails the calls it is told to fail."""
 
     device = "cpu"
+    last_timings: dict[str, float] = {}  # no stage timer: the worker reports only safety and encoding
 
     def __init__(self, fail_calls: Sequence[int] = (), error: Exception | None = None,
                  load_error: Exception | None = None) -> None:
