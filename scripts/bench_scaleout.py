@@ -40,7 +40,7 @@ from bench_serving import (  # noqa: E402
     resolve_common_args,
 )
 from server.config import Settings  # noqa: E402
-from server.launch import free_port, stop, wait_ready  # noqa: E402
+from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 
 CONCURRENCY = 16
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from server.launch import free_port, stop, wait_ready
+from .support.launch import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 TOGETHER1_PYTHON = REPO / ".venv-together1" / "bin" / "python"

@@ -28,14 +28,14 @@ import redis
 import yaml
 from PIL import Image
 
-from server import remote
-from server.engine.types import ConditioningImage, GenerationParams, LoraRef
 from server.errors import QueueFull
 from server.jobs import GeneratedImage, Job, JobResult
-from server.launch import stop
-from server.queue_redis import GROUP, Keys
+from server.params import ConditioningImage, GenerationParams, LoraRef
+from server.queue import wire
+from server.queue.redis_keys import GROUP, Keys
 
 from .conftest import MODEL, REPO, decode_image, free_port
+from .support.launch import stop
 
 REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
@@ -83,7 +83,7 @@ def test_job_round_trip_carries_every_field() -> None:
     job = Job.create(params, timeout_s=30)
     job.request_id = "req-123"
     before = time.time()
-    envelope = remote.decode_job(remote.encode_job(job, "reply-list"))
+    envelope = wire.decode_job(wire.encode_job(job, "reply-list"))
     assert envelope.request_id == "req-123"
     assert envelope.params == params
     assert envelope.params.batch_key() == params.batch_key()
@@ -95,12 +95,12 @@ def test_job_round_trip_carries_every_field() -> None:
     result = JobResult(images=[GeneratedImage(b"\xff\xd8jpeg", 7, "jpeg")], batch_id="b", batch_jobs=2,
                        batch_images=3, queue_s=0.25, inference_s=1.5, encode_s=0.01,
                        stages={"denoise": 1.25, "image_encode": 0.01})
-    job_id, decoded = remote.decode_reply(remote.encode_reply("img-1", result=result))
+    job_id, decoded = wire.decode_reply(wire.encode_reply("img-1", result=result))
     assert (job_id, decoded) == ("img-1", result)
 
     error = QueueFull("full", headers={"retry-after": "3"})
-    _, failed = remote.decode_reply(remote.encode_reply("img-2", error=error))
-    assert isinstance(failed, remote.RemoteError)
+    _, failed = wire.decode_reply(wire.encode_reply("img-2", error=error))
+    assert isinstance(failed, wire.RemoteError)
     assert (failed.status, failed.type, failed.code) == (429, "rate_limit_error", "queue_full")
     assert failed.headers == {"retry-after": "3"}
     assert failed.body() == error.body()
@@ -108,9 +108,9 @@ def test_job_round_trip_carries_every_field() -> None:
 
 def test_payload_cannot_name_arbitrary_types() -> None:
     with pytest.raises(ValueError, match="unknown type"):
-        remote.decode_value({"__dc__": "Popen", "fields": {}})
+        wire.decode_value({"__dc__": "Popen", "fields": {}})
     with pytest.raises(TypeError):
-        remote.encode_value(object())
+        wire.encode_value(object())
 
 
 # -- real processes -----------------------------------------------------------------------------------
@@ -485,7 +485,7 @@ def test_stale_job_is_never_run_and_admission_is_shared(cluster: Cluster) -> Non
                                   guidance_scale=3.5, seeds=(9,))
         stale = Job(params=params, deadline=time.monotonic() + 0.5)
         reply_to = f"{PREFIX}:replies:test"
-        client.xadd(cluster.keys.stream, {"job": remote.encode_job(stale, reply_to)})
+        client.xadd(cluster.keys.stream, {"job": wire.encode_job(stale, reply_to)})
 
         refused = api.generate(prompt="refused", width=64, height=64, steps=1)
         assert refused.status_code == 429, refused.text
@@ -504,8 +504,8 @@ def test_stale_job_is_never_run_and_admission_is_shared(cluster: Cluster) -> Non
     cluster.workers = [worker]
     popped = client.blpop([reply_to], timeout=30)
     assert popped is not None, worker.log()
-    job_id, outcome = remote.decode_reply(popped[1])
-    assert job_id == stale.id and isinstance(outcome, remote.RemoteError)
+    job_id, outcome = wire.decode_reply(popped[1])
+    assert job_id == stale.id and isinstance(outcome, wire.RemoteError)
     assert (outcome.status, outcome.code) == (504, "deadline_exceeded")
     # A fresh job runs; neither stale one ever did.
     valid_images(cluster.apis[0].generate(prompt="fresh", width=64, height=64, steps=1, seed=6), 64, [6])
