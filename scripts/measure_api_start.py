@@ -13,7 +13,6 @@ with SIGTERM. Prints each run and the medians. Nothing is asserted (Linux only: 
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,19 +26,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.launch import free_port, stop  # noqa: E402
-
-
-def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    server = shutil.which("redis-server")
-    if server is None:
-        raise SystemExit("redis-server is not on PATH")
-    port = free_port()
-    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    time.sleep(0.3)
-    return proc, f"redis://127.0.0.1:{port}/0"
+from tests.support.launch import RedisProcess, free_port, stop  # noqa: E402
 
 
 def one_run(repo: Path, config: Path, timeout_s: float) -> tuple[float, float, bool]:
@@ -77,17 +64,17 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        redis_proc, redis_url = start_redis(workdir)
+        redis_proc = RedisProcess(workdir).start()
         try:
             config = workdir / "api.yaml"
             config.write_text(yaml.safe_dump({
-                "queue": {"backend": "redis", "redis_url": redis_url},
+                "queue": {"backend": "redis", "redis_url": redis_proc.url},
                 "storage": {"directory": str(workdir / "images")},
                 "engine": {"cache_dir": str(workdir / "cache")},
             }))
             rows = [one_run(args.repo.resolve(), config, args.timeout) for _ in range(args.runs)]
         finally:
-            stop(redis_proc)
+            redis_proc.stop()
     print(f"darkroom api in {args.repo.resolve()} ({args.runs} runs, python {sys.version.split()[0]})")
     for i, (seconds, rss, torch_loaded) in enumerate(rows, 1):
         print(f"  run {i}: start to /health 200 {seconds:6.2f} s   RSS {rss:6.0f} MB   torch loaded: {torch_loaded}")

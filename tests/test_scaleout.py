@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -35,9 +34,8 @@ from server.queue import wire
 from server.queue.redis_keys import GROUP, Keys
 
 from .conftest import MODEL, REPO, decode_image, free_port
-from .support.launch import stop
+from .support.launch import REDIS_SERVER, RedisProcess, stop
 
-REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 PREFIX = "dr-test"
@@ -114,39 +112,6 @@ def test_payload_cannot_name_arbitrary_types() -> None:
 
 
 # -- real processes -----------------------------------------------------------------------------------
-
-
-class RedisProcess:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisProcess:
-        assert REDIS_SERVER is not None
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = self.client()
-        wait_for(lambda: self._pings(client), 10, "redis-server to answer")
-        return self
-
-    @staticmethod
-    def _pings(client: redis.Redis) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=5)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 class Proc:
