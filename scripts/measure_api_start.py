@@ -33,7 +33,8 @@ def one_run(repo: Path, config: Path, timeout_s: float) -> tuple[float, float, b
     """(seconds to /health 200, RSS in MB at that moment, whether libtorch is mapped)."""
     port = free_port()
     started = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "server", "api", "--config", str(config), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "server", "api", "--config", str(config),
+                             "--port", str(port)],
                             cwd=repo, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while True:
@@ -77,7 +78,8 @@ def main() -> int:
             redis_proc.stop()
     print(f"darkroom api in {args.repo.resolve()} ({args.runs} runs, python {sys.version.split()[0]})")
     for i, (seconds, rss, torch_loaded) in enumerate(rows, 1):
-        print(f"  run {i}: start to /health 200 {seconds:6.2f} s   RSS {rss:6.0f} MB   torch loaded: {torch_loaded}")
+        print(f"  run {i}: start to /health 200 {seconds:6.2f} s   RSS {rss:6.0f} MB   "
+              f"torch loaded: {torch_loaded}")
     print(f"  median: {statistics.median(r[0] for r in rows):.2f} s, "
           f"{statistics.median(r[1] for r in rows):.0f} MB RSS")
     return 0

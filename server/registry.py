@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 
 class ModelSource(WeightsSource):
-    """A model's weights: exactly one of a Hub repo id, a local diffusers folder, or a built-in offline builder."""
+    """A model's weights: exactly one of a Hub repo id, a local diffusers folder, or a builtin built offline."""
 
     builtin: Literal["tiny-flux", "tiny-flux-edit", "tiny-redux"] | None = None
 

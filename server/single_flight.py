@@ -1,7 +1,7 @@
 """One computation per key at a time: concurrent callers for the same key share the first caller's outcome.
 
-Both processes use it: the guarded fetcher (server/fetch.py) downloads a URL once for every request naming it
-at the same moment, and the LoRA store (server/loras.py) fetches a LoRA file once for every batch that needs it.
+Both processes use it: the guarded fetcher (server/fetch.py) downloads a URL once for every request naming
+it at the same moment, and the LoRA store (server/loras.py) fetches a LoRA file once for all that need it.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ class SingleFlight(Generic[K, V]):
 
     def run(self, key: K, work: Callable[[], V], wait_s: float,
             cached: Callable[[], V | None] = lambda: None) -> V:
-        """``cached()`` if it is not None, else the outcome of ``work()``: this caller's, or that of the caller
-        already running it for ``key``. A waiter gets the owner's exception itself, or
+        """``cached()`` if it is not None, else the outcome of ``work()``: this caller's, or that of the
+        caller already running it for ``key``. A waiter gets the owner's exception itself, or
         ``concurrent.futures.TimeoutError`` after ``wait_s`` seconds.
 
         ``cached`` is called under the lock, so a result the work stores before returning is seen by every

@@ -58,7 +58,8 @@ def test_darkroom_api_serves_without_torch(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{port}"
         wait_ready(f"{url}/ready", [proc], 90, log.read_text)
         assert httpx.get(f"{url}/health", timeout=10).json() == {"status": "ok"}
-        assert [m["id"] for m in httpx.get(f"{url}/v1/models", timeout=10).json()["data"]] == ["darkroom/tiny-flux"]
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()["data"]
+        assert [m["id"] for m in models] == ["darkroom/tiny-flux"]
         maps = Path(f"/proc/{proc.pid}/maps").read_text()
         assert "libtorch" not in maps and "/torch/" not in maps
     finally:

@@ -185,7 +185,8 @@ def test_switching_hotswapped_loras_does_not_recompile(tiny_cache: Path, tmp_pat
     assert graphs > 0  # the blocks were compiled
     images = {}
     for name in ("a", "b", "c", None, "a"):
-        images[name] = engine.generate([params(seeds=(1,), loras=(LoraRef(name),) if name else ())]).images[0][0]
+        generation = engine.generate([params(seeds=(1,), loras=(LoraRef(name),) if name else ())])
+        images[name] = generation.images[0][0]
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "switching LoRAs recompiled"
     assert engine.loras.swaps >= 4
     assert mean_abs_diff(images["a"], images[None]) > 1.0 and mean_abs_diff(images["b"], images["c"]) > 1.0

@@ -196,7 +196,7 @@ def open_limiter(settings: Settings) -> Limiter:
 
 
 def bearer_token(authorization: str | None) -> str | None:
-    """The key of an ``Authorization: Bearer <key>`` header value (the scheme in any case); None without one."""
+    """The key in an ``Authorization: Bearer <key>`` header value (any case of the scheme); None without."""
     scheme, _, token = (authorization or "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
 

@@ -18,7 +18,7 @@ from ..params import LoraRef
 
 def resolve_loras(specs: Sequence[Any] | None, model_id: str, supported: bool,
                   settings: LoraSettings) -> tuple[LoraRef, ...]:
-    """``image_loras`` → plain ``LoraRef``s; what is wrong is refused without any I/O (400 naming the field)."""
+    """``image_loras`` → plain ``LoraRef``s; what is wrong is refused with no I/O (400 naming the field)."""
     if not specs:
         return ()
     if not supported:

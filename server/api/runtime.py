@@ -82,8 +82,8 @@ class Runtime:
     def build(cls, settings: Settings, workers: WorkerFactory | None = None) -> Runtime:
         """The runtime of an API process from its settings.
 
-        ``workers`` builds this process's own workers (``darkroom serve``); None: an API pod (``darkroom api``),
-        whose jobs run in worker pods.
+        ``workers`` builds this process's own workers (``darkroom serve``); None: an API pod
+        (``darkroom api``), whose jobs run in worker pods.
         """
         registry = Registry.from_settings(settings.models_dir, settings.models)
         queue: JobQueue

@@ -1,9 +1,9 @@
 """Keeping finished images for ``response_format: url`` behind signed URLs (API side: workers never store).
 
 The API process that answers a request stores its images (encoded by the worker, server/images.py); S3 is
-in server/api/storage_s3.py. A URL is ``/v1/files/<key>?expires=<unix>&signature=<hmac>``: anyone holding it may fetch the image
-until it expires, with no API key, as with Together's hosted URLs. The signature covers key and expiry,
-so neither can be changed. Files older than the retention are deleted by a periodic sweep.
+in server/api/storage_s3.py. A URL is ``/v1/files/<key>?expires=<unix>&signature=<hmac>``: anyone holding it
+may fetch the image until it expires, with no API key, as with Together's hosted URLs. The signature covers
+key and expiry, so neither can be changed. Files older than the retention are deleted by a periodic sweep.
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 
 class FetchSettings(BaseModel):
-    """The guarded fetcher (server/fetch.py, server/addresses.py): what a remote URL in a request may point at, and limits."""
+    """The guarded fetcher (server/fetch.py, server/addresses.py): what a remote URL in a request may point
+    at, and limits."""
 
     allowed_schemes: list[Literal["https", "http", "data"]] = Field(
         default_factory=lambda: ["https", "http", "data"]
@@ -40,7 +41,8 @@ class FetchSettings(BaseModel):
         return value
 
 class LoraSettings(BaseModel):
-    """``image_loras``: per-request LoRAs by URL or registered name (server/loras.py, server/engine/adapters.py)."""
+    """``image_loras``: per-request LoRAs by URL or registered name (server/loras.py,
+    server/engine/adapters.py)."""
 
     model_config = ConfigDict(extra="forbid")
 

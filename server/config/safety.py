@@ -12,8 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 
 class WeightsSource(BaseModel):
     """Where a model's weights come from: exactly one of a Hub repo id (at ``revision``), a local folder, or a
-    tiny random-weight builtin built offline. Model manifests (server/registry.py ``ModelSource``) and safety
-    models (``CheckerSource``) narrow ``builtin`` to their own builders; server/engine/weights.py reads any."""
+    tiny random-weight builtin built offline. Model manifests (server/registry.py ``ModelSource``) and
+    safety models (``CheckerSource``) narrow ``builtin`` to their own builders; server/engine/weights.py
+    reads any."""
 
     model_config = ConfigDict(extra="forbid")
     # How a refusal names the source.

@@ -3,7 +3,8 @@
 - pipelines.py: ``Engine``, the pipelines of one device and the batched call (``Generation``: images and
   stage timings, timing.py); conditioning inputs (img2img, Kontext, Redux) are applied here;
 - adapters.py: per-request LoRAs as resident diffusers adapters or hotswap slots;
-- safety.py: the image checkers (per batch) and the prompt classifier model (loaded by the API's prompt stage);
+- safety.py: the image checkers (per batch) and the prompt classifier model (loaded by the API's prompt
+  stage);
 - optimize.py: the manifest's ``engine:`` options (attention backend, fused QKV, fp8, torch.compile, warm-up);
 - weights.py: the one place that turns a weights source into a location and a dtype;
 - tiny.py, tiny_safety.py: tiny random-weight models built offline (the embedded default); loading.py: the

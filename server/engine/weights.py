@@ -46,7 +46,7 @@ def source_location(source: WeightsSource, cache_dir: Path) -> tuple[str, dict[s
 
 
 def resolve_dtype(name: str, device: str, cuda_auto: torch.dtype = torch.bfloat16) -> torch.dtype:
-    """``name`` (float32, bfloat16, float16), or for ``auto``: ``cuda_auto`` on a CUDA device, float32 else."""
+    """``name`` (float32, bfloat16, float16), or for ``auto``: ``cuda_auto`` on a CUDA device, else float32."""
     if name != "auto":
         return DTYPES[name]
     return cuda_auto if device.startswith("cuda") else torch.float32

@@ -1,4 +1,5 @@
-"""The one batch-filling rule, used by both queue backends (server/queue/memory.py, server/queue/redis_worker.py).
+"""The one batch-filling rule, used by both queue backends (server/queue/memory.py,
+server/queue/redis_worker.py).
 
 A worker takes the oldest job, then waits at most the batch window for compatible jobs (equal
 ``GenerationParams.batch_key()``) to join it, up to a cap on images. Jobs it passes over keep their place

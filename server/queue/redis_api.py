@@ -1,5 +1,6 @@
 """The API side of the Redis queue (``RedisQueue``): admission and enqueue, withdrawal, depth, and one
-listener per API process that completes jobs from the replies workers push (layout: server/queue/redis_keys.py).
+listener per API process that completes jobs from the replies workers push (the layout:
+server/queue/redis_keys.py).
 """
 
 from __future__ import annotations

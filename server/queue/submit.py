@@ -1,5 +1,5 @@
-"""The API's use of any ``JobQueue``: submit a job and await it, withdraw it, and answer every waiting job when
-no worker is left to run them."""
+"""The API's use of any ``JobQueue``: submit a job and await it, withdraw it, and answer every waiting job
+when no worker is left to run them."""
 
 from __future__ import annotations
 

@@ -1,10 +1,11 @@
 """``darkroom worker``: a process with no HTTP API that runs jobs from the Redis queue on its devices.
 
 One ``Worker`` thread per device (server/worker/loop.py, the same batching, safety screen and encoding as in
-``darkroom serve``; wired in server/worker/wiring.py), each reading through its own consumer in the Redis group. On SIGTERM
-(or SIGINT) a worker finishes the batch in hand, answers and acknowledges it, returns jobs it read but did
-not start to the queue, and exits 0. A small HTTP listener (``worker.health_port``) answers ``/health``
-(the process and its worker threads are alive) and ``/ready`` (models loaded, Redis reachable) for probes.
+``darkroom serve``; wired in server/worker/wiring.py), each reading through its own consumer in the Redis
+group. On SIGTERM (or SIGINT) a worker finishes the batch in hand, answers and acknowledges it, returns jobs
+it read but did not start to the queue, and exits 0. A small HTTP listener (``worker.health_port``) answers
+``/health`` (the process and its worker threads are alive) and ``/ready`` (models loaded, Redis reachable)
+for probes.
 """
 
 from __future__ import annotations

@@ -57,6 +57,7 @@ class StandInEngine:
             for p in batch
         ])
 
-    def screen(self, batch: Sequence[GenerationParams], outputs: Sequence[Sequence[Image.Image]]) -> list[None]:
+    def screen(self, batch: Sequence[GenerationParams],
+               outputs: Sequence[Sequence[Image.Image]]) -> list[None]:
         """No image checker: nothing is refused."""
         return [None] * len(batch)

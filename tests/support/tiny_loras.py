@@ -1,8 +1,9 @@
-"""Random-weight LoRAs for the tiny FLUX (server/engine/tiny.py), for the tests and benchmarks of ``image_loras``.
+"""Random-weight LoRAs for the tiny FLUX (server/engine/tiny.py), for tests and benchmarks of ``image_loras``.
 
-Test fixtures, not server code: diffusers/peft format (``tiny_flux_lora``), kohya format with the original FLUX
-layer names (``tiny_flux_lora_kohya``), a CLIP text-encoder LoRA (``tiny_clip_lora``), and a Stable Diffusion
-UNet LoRA that a FLUX server must refuse (``sd_unet_lora``); ``lora_file_bytes`` makes a .safetensors file.
+Test fixtures, not server code: diffusers/peft format (``tiny_flux_lora``), kohya format with the original
+FLUX layer names (``tiny_flux_lora_kohya``), a CLIP text-encoder LoRA (``tiny_clip_lora``), and a Stable
+Diffusion UNet LoRA that a FLUX server must refuse (``sd_unet_lora``); ``lora_file_bytes`` makes a
+.safetensors file.
 """
 
 from __future__ import annotations
