@@ -73,22 +73,6 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode → RGB; transparency is composited over white."""
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
-        image.mode in ("RGB", "L") and "transparency" in image.info
-    ):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping.
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
 # -- sizing ---------------------------------------------------------------------------------------------
 
 
