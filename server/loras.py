@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from . import metrics
-from .config import FetchSettings, LoraSettings
+from .config import FetchSettings, LoraSettings, Settings
 from .errors import DarkroomError, InvalidRequest
 from .fetch import Fetcher, FetchError
 from .params import LoraRef
@@ -196,7 +196,7 @@ class LoraStore:
         self.hits = 0
 
     @classmethod
-    def from_settings(cls, settings: Any) -> LoraStore:
+    def from_settings(cls, settings: Settings) -> LoraStore:
         """The store a process builds from its ``Settings`` (loras, fetch allow-lists, engine.cache_dir)."""
         return cls(settings.loras, settings.fetch, settings.engine.cache_dir)
 

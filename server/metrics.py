@@ -142,7 +142,7 @@ class WorkerStatus(Protocol):
 
     @property
     def calls(self) -> int:
-        """Pipeline calls (batches) run so far."""
+        """Pipeline calls run so far (warm-up calls included)."""
 
     @property
     def safety_counters(self) -> SafetyCounters: ...

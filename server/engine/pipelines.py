@@ -131,10 +131,12 @@ class Engine:
             self.registry, self.safety, self.settings.cache_dir, self.device
         )
 
-    def warmup(self) -> None:
+    def warmup(self) -> int:
         """Calls per model before the worker is ready, so the first user request does not pay for lazy
         init or compilation: each of the manifest's engine.warmup sizes at each sequence bucket (by
-        default one 64x64 call), then one small call per conditioning path."""
+        default one 64x64 call), then one small call per conditioning path. Returns how many pipeline
+        calls it ran."""
+        calls = 0
         for manifest in self.registry.models:
             for width, height, steps, length in optimize.warmup_plan(manifest):
                 started = time.perf_counter()
@@ -144,6 +146,7 @@ class Engine:
                     max_sequence_length=length,
                 )
                 images = self.generate([params]).images
+                calls += 1
                 log.info(
                     "warm-up model=%s size=%dx%d steps=%d max_sequence_length=%d seconds=%.2f",
                     manifest.id, width, height, steps, length, time.perf_counter() - started,
@@ -153,10 +156,11 @@ class Engine:
                 guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
                 max_sequence_length=manifest.defaults.max_sequence_length,
             )
-            self._warm_conditioning(params)
+            calls += self._warm_conditioning(params)
             checker = self._checkers.get(manifest.id)
             if checker is not None:
                 checker.check(images[0])
+        return calls
 
     def generate(self, batch: Sequence[GenerationParams]) -> Generation:
         """Run compatible requests as one pipeline call: each request's images in order, and the call's
@@ -212,8 +216,8 @@ class Engine:
         if manifest.redux_prior is not None:
             self._redux[manifest.id] = load_redux_prior(manifest, self.settings, self.device)
 
-    def _warm_conditioning(self, text: GenerationParams) -> None:
-        """One call per conditioning path a model has, with a plain grey image."""
+    def _warm_conditioning(self, text: GenerationParams) -> int:
+        """One call per conditioning path a model has, with a plain grey image; returns how many."""
         from PIL import Image as PILImage
 
         grey = ConditioningImage.from_pil(PILImage.new("RGB", (text.width, text.height), (128, 128, 128)))
@@ -228,6 +232,7 @@ class Engine:
             variants.append({"conditioning": "redux", "references": (grey,)})
         for changes in variants:
             self.generate([dataclasses.replace(text, **changes)])
+        return len(variants)
 
     def _conditioned(self, pipe: Any, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> Any:
         """The pipeline for the batch's conditioning, with its per-image input images in ``kwargs``."""

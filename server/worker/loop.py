@@ -42,8 +42,8 @@ class DeviceEngine(Protocol):
     def load(self) -> None:
         """Load every served model onto the device (raises: the worker is failed)."""
 
-    def warmup(self) -> None:
-        """Run each model once before the worker reports ready."""
+    def warmup(self) -> int:
+        """Run each model before the worker reports ready; returns how many pipeline calls that took."""
 
     def generate(self, batch: Sequence[GenerationParams]) -> Generation:
         """One pipeline call for compatible requests: their images, and the call's stage seconds."""
@@ -69,7 +69,7 @@ class Worker:
         self.name = f"worker-{engine.device}"
         self.ready = threading.Event()
         self.load_error: str | None = None
-        # Pipeline calls that returned (a batch each).
+        # Pipeline calls that returned: the engine's warm-up calls, then one per batch.
         self.calls = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
@@ -109,7 +109,7 @@ class Worker:
             torch.set_num_threads(self.cpu_threads)
         try:
             self.engine.load()
-            self.engine.warmup()
+            self.calls += self.engine.warmup()
         except Exception as exc:  # noqa: BLE001 - reported on /ready and to waiting jobs
             log.exception("worker failed to load models worker=%s", self.name)
             self.load_error = f"{type(exc).__name__}: {exc}"

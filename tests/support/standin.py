@@ -40,8 +40,9 @@ class StandInEngine:
             raise self.load_error
         self.loaded = True
 
-    def warmup(self) -> None:
+    def warmup(self) -> int:
         self.warmed = True
+        return 0  # no pipeline calls
 
     def generate(self, batch: Sequence[GenerationParams]) -> Generation:
         """No stage timer: the worker reports only safety and encoding for these calls."""
