@@ -38,13 +38,11 @@ import httpx
 from PIL import Image
 
 from . import metrics
-from .addresses import AddressGuard, IPAddress, blocked_reason
+from .addresses import AddressGuard, IPAddress
 from .config import FetchSettings
 from .errors import DarkroomError, FetchError
 from .images import decode_image
 from .single_flight import SingleFlight
-
-__all__ = ["FetchBusy", "FetchError", "Fetcher", "blocked_reason", "decode_image", "parse_data_url"]
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
     from ..engine.timing import Generation
 
-log = logging.getLogger(__name__)
+# The name operators filter the one-line-per-job log on (``job done``), kept from before the package split.
+log = logging.getLogger("server.worker")
 
 
 class DeviceEngine(Protocol):

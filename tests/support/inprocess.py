@@ -9,7 +9,8 @@ log lines (logger ``server``) are kept for ``log()``.
 
 Engines: ``"tiny"`` runs the real tiny FLUX in a worker thread (loads in a few seconds); ``"stand-in"``
 answers with solid images from tests/support/standin.py (no torch work) for everything around the engine.
-Metrics are process-wide (server/metrics.py): counters add up across the apps of one test process.
+Metrics are process-wide (server/metrics.py): counters add up across the apps of one test process, and the
+scrape-time gauges (queue depth, readiness, safety counters) are those of the app started last.
 """
 
 from __future__ import annotations
