@@ -39,6 +39,7 @@ from bench_serving import (  # noqa: E402
     percentile,
     resolve_common_args,
 )
+
 from server.config import Settings  # noqa: E402
 from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 

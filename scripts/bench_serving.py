@@ -42,8 +42,8 @@ sys.path.insert(0, str(REPO))
 from server.api.schemas import parse_request, resolve_params  # noqa: E402
 from server.config import Settings, load_settings  # noqa: E402
 from server.engine.pipelines import Engine  # noqa: E402
-from server.registry import Registry  # noqa: E402
 from server.images import encode_image  # noqa: E402
+from server.registry import Registry  # noqa: E402
 from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 
 LEVELS = (1, 4, 16)

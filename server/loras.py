@@ -63,7 +63,7 @@ class LoraError(InvalidRequest):
         super().__init__(message, param=FIELD, code=code)
 
 
-def shown(path: str) -> str:
+def shown_path(path: str) -> str:
     """A LoRA path as messages and logs show it (cut at 200 characters)."""
     return path if len(path) <= 200 else path[:197] + "..."
 
@@ -141,7 +141,7 @@ def safetensors_keys(data: bytes | Path, label: str) -> list[str]:
         size = len(data)
         length = int.from_bytes(data[:8], "little") if size >= 8 else -1
         raw = data[8 : 8 + length] if 2 <= length <= min(_MAX_HEADER_BYTES, size - 8) else b""
-    not_st = LoraError(f"LoRA '{shown(label)}' is not a safetensors file", code="invalid_lora_file")
+    not_st = LoraError(f"LoRA '{shown_path(label)}' is not a safetensors file", code="invalid_lora_file")
     if not raw:
         raise not_st
     try:
@@ -161,7 +161,7 @@ def safetensors_keys(data: bytes | Path, label: str) -> list[str]:
         keys.append(key)
         end = max(end, int(info["data_offsets"][1]))
     if not keys or end != size - 8 - length:
-        raise LoraError(f"LoRA '{shown(label)}' is not a complete safetensors file with tensors",
+        raise LoraError(f"LoRA '{shown_path(label)}' is not a complete safetensors file with tensors",
                         code="invalid_lora_file")
     return keys
 
@@ -170,7 +170,7 @@ def check_lora_keys(keys: Sequence[str], label: str) -> None:
     """Every format diffusers converts (kohya, xlabs, diffusers/peft, ...) names its weights with "lora"."""
     if not any("lora" in k.lower() for k in keys):
         sample = ", ".join(sorted(keys)[:3])
-        raise LoraError(f"LoRA '{shown(label)}' holds no LoRA weights (tensors like {sample})",
+        raise LoraError(f"LoRA '{shown_path(label)}' holds no LoRA weights (tensors like {sample})",
                         code="invalid_lora_file")
 
 
@@ -286,7 +286,7 @@ class LoraStore:
                 with self._lock:
                     self.downloads += 1
                 metrics.LORA_CACHE_MISSES.labels(cache="disk").inc()
-                log.info("lora downloaded path=%s bytes=%d file=%s", shown(source.path), len(data),
+                log.info("lora downloaded path=%s bytes=%d file=%s", shown_path(source.path), len(data),
                          file.name)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -303,7 +303,7 @@ class LoraStore:
             raise LoraError(_naming(exc.message, source.path), code=exc.code) from None
         except DarkroomError:
             raise
-        log.debug("lora fetched path=%s seconds=%.2f", shown(source.path), time.monotonic() - started)
+        log.debug("lora fetched path=%s seconds=%.2f", shown_path(source.path), time.monotonic() - started)
         return data
 
     def _pick_from_repo(self, source: Source) -> str:
@@ -320,16 +320,16 @@ class LoraStore:
                             f"repo {repo})",
                             code=exc.code) from None
         except (ValueError, TypeError, KeyError, AttributeError):
-            raise LoraError(f"LoRA '{shown(source.path)}': the Hub's file list for {repo} is unreadable",
+            raise LoraError(f"LoRA '{shown_path(source.path)}': the Hub's file list for {repo} is unreadable",
                             code="fetch_failed") from None
         picked = pick_lora_file(files, source.subfolder)
         if picked is None:
-            raise LoraError(f"LoRA '{shown(source.path)}': Hugging Face repo {repo} has no .safetensors "
+            raise LoraError(f"LoRA '{shown_path(source.path)}': Hugging Face repo {repo} has no .safetensors "
                             "file" + (f" in {source.subfolder}" if source.subfolder else " at its top level"),
                             code="invalid_lora_file")
         if isinstance(picked, list):
             shown = ", ".join(picked[:8])
-            raise LoraError(f"LoRA '{shown(source.path)}': Hugging Face repo {repo} holds several "
+            raise LoraError(f"LoRA '{shown_path(source.path)}': Hugging Face repo {repo} holds several "
                             f".safetensors files ({shown}); name one with a "
                             f"{hub}/{repo}/resolve/{source.revision}/FILE URL")
         return f"{hub}/{repo}/resolve/{rev}/{quote(picked)}"
@@ -374,7 +374,7 @@ class LoraStore:
 
 def _naming(message: str, path: str) -> str:
     """A fetcher message ("'image_loras' could not be fetched: ...") about the LoRA at ``path``."""
-    return f"LoRA '{shown(path)}'{message.removeprefix(repr(FIELD))}"
+    return f"LoRA '{shown_path(path)}'{message.removeprefix(repr(FIELD))}"
 
 
 def _touch(file: Path) -> None:

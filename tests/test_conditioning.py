@@ -199,9 +199,9 @@ def test_batched_conditioning_matches_lone_calls(tiny_cache: Path) -> None:
     """In one pipeline call each request keeps its own images; an image is what it would be alone."""
     from PIL import Image
 
-    from server.images import fit_cover
     from server.config import EngineSettings
     from server.engine.pipelines import Engine
+    from server.images import fit_cover
     from server.params import ConditioningImage, GenerationParams
     from server.registry import Registry
 

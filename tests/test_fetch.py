@@ -19,7 +19,7 @@ from PIL import Image
 
 from server.addresses import blocked_reason
 from server.config import FetchSettings
-from server.fetch import FetchError, Fetcher
+from server.fetch import Fetcher, FetchError
 from server.images import decode_image
 
 from .conftest import free_port

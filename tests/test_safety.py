@@ -503,9 +503,9 @@ def test_screen_batch_one_call_per_batch_and_per_job_outcomes() -> None:
     from PIL import Image
 
     from server.engine.safety import screen_batch
-    from server.params import GenerationParams
     from server.errors import InternalError, SafetyFlagged
     from server.metrics import SafetyCounters
+    from server.params import GenerationParams
 
     def job(n: int, check: bool = True) -> GenerationParams:
         return GenerationParams(model=MODEL, prompt="p", width=8, height=8, steps=1, guidance_scale=1.0,

@@ -23,7 +23,6 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import yaml
 from PIL import Image
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import LoraSettings
 from ..errors import InvalidRequest, Unsupported
-from ..loras import FIELD, shown
+from ..loras import FIELD, shown_path
 from ..params import LoraRef
 
 
@@ -34,17 +34,17 @@ def resolve_loras(specs: Sequence[Any] | None, model_id: str, supported: bool,
             raise InvalidRequest(f"'{where}.path' must not be empty", param=FIELD)
         if not math.isfinite(scale) or not settings.min_scale <= scale <= settings.max_scale:
             raise InvalidRequest(
-                f"'{where}.scale' for LoRA '{shown(path)}' must be between {settings.min_scale:g} and "
+                f"'{where}.scale' for LoRA '{shown_path(path)}' must be between {settings.min_scale:g} and "
                 f"{settings.max_scale:g} (got {scale:g})", param=FIELD)
         if path not in settings.registered:
             scheme = path.partition(":")[0].lower()
             if "://" not in path or scheme not in ("http", "https"):
                 names = ", ".join(sorted(settings.registered)) or "none"
                 raise InvalidRequest(
-                    f"'{where}.path' '{shown(path)}' is neither an http(s) URL nor a LoRA registered on "
+                    f"'{where}.path' '{shown_path(path)}' is neither an http(s) URL nor a LoRA registered on "
                     f"this server (registered: {names})", param=FIELD)
         if any(r.path == path for r in refs):
-            raise InvalidRequest(f"LoRA '{shown(path)}' appears twice in '{FIELD}'; give it once with "
+            raise InvalidRequest(f"LoRA '{shown_path(path)}' appears twice in '{FIELD}'; give it once with "
                                  "the sum of the scales", param=FIELD)
         refs.append(LoraRef(path=path, scale=scale))
     return tuple(refs)
