@@ -75,8 +75,11 @@ class ModelNotFound(NotFound):
 
 
 class QueueFull(DarkroomError):
-    status = 429
-    type = "rate_limit_error"
+    """Too many jobs wait: the server is overloaded (503, as Together answers an overloaded engine), not the
+    caller over a limit (that is 429). Sent with ``retry-after``; every SDK retries it (README, Errors)."""
+
+    status = 503
+    type = "service_unavailable"
     code = "queue_full"
 
 
@@ -102,6 +105,11 @@ class Forbidden(DarkroomError):
     status = 403
     type = "permission_error"
     code = "forbidden"
+
+
+class UnsupportedMediaType(DarkroomError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class PayloadTooLarge(DarkroomError):

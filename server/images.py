@@ -105,7 +105,22 @@ def stitch(images: list[Image.Image]) -> Image.Image:
     return canvas
 
 
+def crop_center(image: Image.Image, width: int, height: int) -> Image.Image:
+    """The centre ``width`` x ``height`` of an image at least that large (the image itself if equal)."""
+    if image.size == (width, height):
+        return image
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
 # -- encoding -------------------------------------------------------------------------------------------
+
+
+def encode_output(image: Image.Image, fmt: str, size: tuple[int, int], quality: int | None) -> bytes:
+    """A generated image as the client asked for it: centre-cropped to ``size`` (the pipeline ran at the
+    next multiple FLUX can make), encoded as ``fmt`` at ``quality`` (JPEG/WebP; None: the default)."""
+    cropped = crop_center(image, *size)
+    return encode_image(cropped, fmt) if quality is None else encode_image(cropped, fmt, quality)
 
 
 def encode_image(image: Image.Image, fmt: str, jpeg_quality: int = 90) -> bytes:

@@ -125,7 +125,7 @@ def missing_weights(settings: Settings) -> list[str]:
     """One message per missing set of weights of the served models (empty: all there)."""
     from .registry import Registry
 
-    registry = Registry.from_settings(settings.models_dir, settings.models)
+    registry = Registry.from_settings(settings.models_dir, settings.models, settings.aliases)
     problems: list[str] = []
     seen: set[str] = set()
     for manifest in registry.models:

@@ -63,6 +63,12 @@ class GenerationParams:
     guidance_scale: float
     seeds: tuple[int, ...]
     output_format: str = "jpeg"
+    # The size the client asked for when the pipeline runs at the next size FLUX can make (width x height
+    # above): the worker centre-crops each image to it before encoding. None: width x height.
+    output_width: int | None = None
+    output_height: int | None = None
+    # JPEG / WebP quality 0-100 (openai's output_compression); None: the encoder's default.
+    output_quality: int | None = None
     negative_prompt: str | None = None
     true_cfg_scale: float = 1.0
     max_sequence_length: int = 512
@@ -79,6 +85,11 @@ class GenerationParams:
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images the client gets."""
+        return (self.output_width or self.width, self.output_height or self.height)
 
     def batch_key(self) -> Hashable:
         """Jobs with equal keys can share one pipeline call.

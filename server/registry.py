@@ -123,7 +123,10 @@ class ModelLimits(LimitSettings):
     model_config = ConfigDict(extra="forbid")
 
     min_size: int = 64
+    # What the pipeline needs: it runs at the next multiple of this and the image is cropped to the request.
     size_multiple: int = 16
+    # What a request's width and height must be multiples of (Together asks for 8).
+    request_multiple: int = 8
     max_reference_images: int = 4
 
 
@@ -198,9 +201,14 @@ def load_manifests(directory: Path) -> dict[str, ModelManifest]:
 
 
 class Registry:
-    """The models this server serves, looked up by id or alias."""
+    """The models this server serves, looked up by id or alias.
 
-    def __init__(self, manifests: list[ModelManifest]) -> None:
+    Names: each manifest's ``id`` and ``aliases`` (Together's ids for the same weights ship there), and the
+    operator's map (``aliases: {requested-id: served-id}`` at the top of the settings), so code naming a
+    model this server does not have (a closed one, say) runs on the one the operator chose.
+    """
+
+    def __init__(self, manifests: list[ModelManifest], aliases: dict[str, str] | None = None) -> None:
         if not manifests:
             raise ValueError("a registry needs at least one model")
         self.models = manifests
@@ -210,6 +218,23 @@ class Registry:
                 if name in self._by_name:
                     raise ValueError(f"model name {name!r} is used twice")
                 self._by_name[name] = manifest
+        # requested id -> served manifest id (the operator's map)
+        self.operator_aliases: dict[str, str] = {}
+        for requested, served in (aliases or {}).items():
+            if requested in self._by_name:
+                raise ValueError(f"aliases: {requested!r} already names the served model "
+                                 f"{self._by_name[requested].id}")
+            target = self._by_name.get(served)
+            if target is None:
+                raise ValueError(f"aliases: {requested!r} maps to {served!r}, which is not served here; "
+                                 f"served: {', '.join(m.id for m in manifests)}")
+            self.operator_aliases[requested] = target.id
+        for requested, served_id in self.operator_aliases.items():
+            self._by_name[requested] = self._by_name[served_id]
+
+    def names(self, manifest: ModelManifest) -> list[str]:
+        """Every other name that resolves to ``manifest``: its aliases, then the operator's."""
+        return [*manifest.aliases, *(a for a, served in self.operator_aliases.items() if served == manifest.id)]
 
     @property
     def default(self) -> ModelManifest:
@@ -227,7 +252,8 @@ class Registry:
             ) from None
 
     @classmethod
-    def from_settings(cls, models_dir: Path, served: list[str]) -> Registry:
+    def from_settings(cls, models_dir: Path, served: list[str],
+                      aliases: dict[str, str] | None = None) -> Registry:
         available = load_manifests(models_dir)
         lookup = {name: m for m in available.values() for name in (m.id, *m.aliases)}
         missing = [name for name in served if name not in lookup]
@@ -237,4 +263,4 @@ class Registry:
                 f"known: {', '.join(sorted(available))}"
             )
         chosen = list(dict.fromkeys(lookup[name].id for name in served))
-        return cls([available[model_id] for model_id in chosen])
+        return cls([available[model_id] for model_id in chosen], aliases)

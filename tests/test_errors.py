@@ -4,7 +4,7 @@ Raw HTTP pins the exact status, the error envelope ``{"error": {"message", "type
 and the field it names; the SDK tests pin the exception class each client raises for that status
 (together 3.x, openai, and together 1.x run in its own virtualenv) and that the client surfaces the
 server's message. Two configurations: a plain one, and a strict one (API keys, small prompt and body
-limits, a queue of one job for 429s). Both run in-process with the stand-in engine
+limits, a queue of one job for 503s). Both run in-process with the stand-in engine
 (tests/support/inprocess.py); the strict one runs as a real ``darkroom serve`` process too, for together 1.x
 (which lives in its own virtualenv, so it can only call a real server) and for the full queue (heavy jobs of
 the tiny engine).
@@ -54,8 +54,8 @@ def plain(make_app: Any) -> InProcessServer:
 @pytest.fixture(scope="module")
 def strict(make_app: Any) -> InProcessServer:
     """API keys, small prompt and body limits, and a queue where one job may wait (no batching, so a
-    heavy job holds the worker while the next one waits): 429s come easily. Tests here are sequential,
-    so the tiny queue only matters to the 429 test."""
+    heavy job holds the worker while the next one waits): 503s come easily. Tests here are sequential,
+    so the tiny queue only matters to the 503 test."""
     return make_app(STRICT, engine="stand-in")
 
 
@@ -150,8 +150,8 @@ VALIDATION_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("n 0", {"n": 0}, "n"),
     ("n above max_n", {"n": 5}, "n"),
     ("n not a number", {"n": "two"}, "n"),
-    ("width not multiple of 16", {"width": 100}, "width"),
-    ("height not multiple of 16", {"height": 72}, "height"),
+    ("width not multiple of 8", {"width": 100}, "width"),
+    ("height not multiple of 8", {"height": 70}, "height"),
     ("width too big", {"width": 2048}, "width"),
     ("height too big", {"height": 1040}, "height"),
     ("width too small", {"width": 32}, "width"),
@@ -193,13 +193,13 @@ def test_bad_size_string(plain: InProcessServer, size: str) -> None:
 def test_limit_messages_state_the_limit(plain: InProcessServer) -> None:
     assert "at most 50" in assert_invalid(post(plain, gen_body(steps=51)), "steps")["message"]
     assert "at most 4" in assert_invalid(post(plain, gen_body(n=5)), "n")["message"]
-    assert "multiple of 16" in assert_invalid(post(plain, gen_body(width=100)), "width")["message"]
+    assert "multiple of 8" in assert_invalid(post(plain, gen_body(width=100)), "width")["message"]
     assert "4000" in assert_invalid(post(plain, gen_body(prompt="y" * 4001)), "prompt")["message"]
 
 
 def test_size_string_cannot_exceed_limits(plain: InProcessServer) -> None:
     assert_invalid(post(plain, {"model": MODEL, "prompt": "a", "steps": 1, "size": "2048x64"}), "width")
-    assert_invalid(post(plain, {"model": MODEL, "prompt": "a", "steps": 1, "size": "64x72"}), "height")
+    assert_invalid(post(plain, {"model": MODEL, "prompt": "a", "steps": 1, "size": "64x70"}), "height")
 
 
 @pytest.mark.parametrize(("content", "headers"), [
@@ -210,14 +210,13 @@ def test_size_string_cannot_exceed_limits(plain: InProcessServer) -> None:
     (b"42", {"content-type": "application/json"}),
     (b"not json at all", {"content-type": "application/json"}),
     (b'{"prompt": "a fox",', {"content-type": "application/json"}),
-    (b"prompt=a+fox", {"content-type": "application/x-www-form-urlencoded"}),
     (b"\xff\xfe\x00garbage", {"content-type": "application/json"}),
     (b'{"prompt": "a fox", "junk": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
      {"content-type": "application/json"}),
     (b"", {"content-type": "application/json"}),
-    (b"", {}),
+    (b"", {"content-type": "application/json; charset=utf-8"}),
 ], ids=["array", "array of object", "string", "null", "number", "not json", "truncated json",
-        "form encoded", "invalid utf-8", "nested too deep", "empty body", "empty body no content-type"])
+        "invalid utf-8", "nested too deep", "empty body", "empty body with charset"])
 def test_body_that_is_not_a_json_object(plain: InProcessServer, content: bytes,
                                         headers: dict[str, str]) -> None:
     hdrs = dict(headers)
@@ -411,9 +410,9 @@ SDK_CASES: list[tuple[str, dict[str, Any], dict[str, Any], dict[str, Any], int, 
     ("width not multiple", {"width": 100},
      {"steps": 1, "width": 100, "height": 64},
      {"size": "100x64", "extra_body": {"steps": 1}}, 400, "width", "invalid_request"),
-    ("image_url", {"image_url": "http://169.254.169.254/latest/"},
-     {"steps": 1, "width": 64, "height": 64, "image_url": "http://169.254.169.254/latest/"},
-     {"size": "64x64", "extra_body": {"steps": 1, "image_url": "http://169.254.169.254/latest/"}},
+    ("image_url", {"image_url": "http://169.254.169.254/latest/", "steps": 2},
+     {"steps": 2, "width": 64, "height": 64, "image_url": "http://169.254.169.254/latest/"},
+     {"size": "64x64", "extra_body": {"steps": 2, "image_url": "http://169.254.169.254/latest/"}},
      400, "image_url", "url_not_allowed"),
     ("disable_safety_checker", {"disable_safety_checker": True},
      {"steps": 1, "width": 64, "height": 64, "disable_safety_checker": True},
@@ -539,7 +538,7 @@ def test_sdks_any_key_without_configured_keys(plain: InProcessServer) -> None:
     assert resp.data[0].b64_json
 
 
-# ------------------------------------------------------------------------------------------- 429
+# ------------------------------------------------------------------------------- 503: overloaded
 
 
 class Feeder:
@@ -567,7 +566,7 @@ class Feeder:
                     return
                 with self._lock:
                     self.responses.append(resp)
-                if resp.status_code == 429:
+                if resp.status_code == 503:
                     self.stop.wait(0.05)
 
     def __enter__(self) -> Feeder:
@@ -589,7 +588,7 @@ class Feeder:
         raise AssertionError("the queue never filled")
 
 
-def until_rate_limited(feeder: Feeder, call: Callable[[], Any], exc_type: type[BaseException],
+def until_refused(feeder: Feeder, call: Callable[[], Any], exc_type: type[BaseException],
                        attempts: int = 8) -> Any:
     """Call while the queue is full until the call is refused; an admitted call just runs."""
     for _ in range(attempts):
@@ -601,32 +600,35 @@ def until_rate_limited(feeder: Feeder, call: Callable[[], Any], exc_type: type[B
     raise AssertionError(f"no {exc_type.__name__} in {attempts} tries against a full queue")
 
 
-def test_full_queue_is_429_for_raw_http_and_every_sdk(strict_process: Server) -> None:
+def test_full_queue_is_503_overload_for_raw_http_and_every_sdk(strict_process: Server) -> None:
+    """A full queue is overload (503 with retry-after, as Together answers an overloaded engine), not a
+    rate limit (429 stays for per-key limits): together 1.x raises ServiceUnavailableError, 3.x and openai
+    InternalServerError; each would retry it (max_retries=0 here) after retry-after."""
     small = {"model": MODEL, "prompt": "late", "steps": 1, "width": 64, "height": 64}
     with Feeder(strict_process) as feeder:
         feeder.wait_until_full()
-        raw = until_rate_limited(
+        raw = until_refused(
             feeder, lambda: post(strict_process, small, key=KEY).raise_for_status(), httpx.HTTPStatusError)
-        t3 = until_rate_limited(
+        t3 = until_refused(
             feeder, lambda: together3(strict_process, KEY).images.generate(**small, response_format="base64"),
-            together.RateLimitError)
-        oa = until_rate_limited(
+            together.InternalServerError)
+        oa = until_refused(
             feeder, lambda: openai_client(strict_process, KEY).images.generate(
                 model=MODEL, prompt="late", size="64x64", response_format="b64_json",
                 extra_body={"steps": 1}),
-            openai.RateLimitError)
+            openai.InternalServerError)
         feeder.wait_until_full()
         [t1_attempts] = run_together1(strict_process, [t1_call(prompt="late")], key=KEY, attempts=8,
-                                      until="RateLimitError")
+                                      until="ServiceUnavailableError")
 
     assert not feeder.errors, feeder.errors
     statuses = [r.status_code for r in feeder.responses]
-    assert 429 in statuses and 200 in statuses, statuses
-    assert set(statuses) <= {200, 429}, statuses
+    assert 503 in statuses and 200 in statuses, statuses
+    assert set(statuses) <= {200, 503}, statuses
 
-    limited = [r for r in feeder.responses if r.status_code == 429]
-    for resp in [*limited, raw.response]:
-        err = assert_error(resp, 429, param=None, code="queue_full", type_="rate_limit_error")
+    refused = [r for r in feeder.responses if r.status_code == 503]
+    for resp in [*refused, raw.response]:
+        err = assert_error(resp, 503, param=None, code="queue_full", type_="service_unavailable")
         assert "queue is full" in err["message"]
         assert resp.headers["retry-after"] == "1"
         assert resp.headers["x-should-retry"] == "true"
@@ -635,13 +637,13 @@ def test_full_queue_is_429_for_raw_http_and_every_sdk(strict_process: Server) ->
             assert_image_ok(resp, size=HEAVY["width"])
     message = raw.response.json()["error"]["message"]
 
-    check_sdk_error(t3, 429, message, None, "queue_full")
+    check_sdk_error(t3, 503, message, None, "queue_full")
     assert t3.response.headers["retry-after"] == "1"
-    check_sdk_error(oa, 429, message, None, "queue_full")
+    check_sdk_error(oa, 503, message, None, "queue_full")
     assert oa.response.headers["retry-after"] == "1"
 
     last = t1_attempts[-1]
-    assert last["ok"] is False and last["cls"] == "RateLimitError", t1_attempts
+    assert last["ok"] is False and last["cls"] == "ServiceUnavailableError", t1_attempts
     assert last["module"] == "together.error" and message in last["message"]
 
     # Healthy afterwards: a normal request is served and the queue is empty again.

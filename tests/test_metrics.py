@@ -147,7 +147,7 @@ def test_health_stays_fast_under_full_load(busy: Server) -> None:
         for t in threads:
             t.join(120)
     depth_seen = statuses  # the generation requests all succeeded (or were told to retry)
-    assert depth_seen and set(depth_seen) <= {200, 429}
+    assert depth_seen and set(depth_seen) <= {200, 503}
     p50 = statistics.median(latencies)
     p99 = statistics.quantiles(latencies, n=100)[98]
     print(f"/health under load: {len(latencies)} probes, p50={p50 * 1000:.1f} ms, p99={p99 * 1000:.1f} ms, "

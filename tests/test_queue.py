@@ -1,4 +1,4 @@
-"""The queue and the scheduler, seen from outside: batching, the batch cap, admission (429),
+"""The queue and the scheduler, seen from outside: batching, the batch cap, admission (503),
 deadlines (504) and clients that leave while their job waits.
 
 Every test drives a real ``darkroom serve`` subprocess configured for the behaviour under test.
@@ -230,7 +230,7 @@ def deadline_server(make_server: Any) -> Iterator[Server]:
     server.stop()
 
 
-def test_flood_gets_429_with_retry_after_and_the_rest_succeed(small_queue_server: Server) -> None:
+def test_flood_gets_503_with_retry_after_and_the_rest_succeed(small_queue_server: Server) -> None:
     server = small_queue_server
     before = set(done_ids(server))
     # Compatible requests, heavy enough that the rest arrive while the first batch runs.
@@ -238,11 +238,11 @@ def test_flood_gets_429_with_retry_after_and_the_rest_succeed(small_queue_server
                "response_format": "base64"} for i in range(20)]
     responses = concurrently(server, bodies)
 
-    refused = [r for r in responses if r.status_code == 429]
-    accepted = [r for r in responses if r.status_code != 429]
+    refused = [r for r in responses if r.status_code == 503]
+    accepted = [r for r in responses if r.status_code != 503]
     assert refused and accepted
     for response in refused:
-        assert_error(response, 429, "rate_limit_error", "queue_full")
+        assert_error(response, 503, "service_unavailable", "queue_full")
         assert response.headers["retry-after"] == "3"
     for response in accepted:
         images = images_of(response)
@@ -267,7 +267,7 @@ def test_ready_reports_queue_depth(small_queue_server: Server) -> None:
     waiting = Background(server, {**SMALL, "prompt": "waits its turn"})
     wait_until(lambda: queue_depth(server) == 1, "queue_depth 1 while a job waits")
     # The queue (max_jobs 1) is full now.
-    assert_error(post(server, {**SMALL, "prompt": "no room"}), 429, "rate_limit_error", "queue_full")
+    assert_error(post(server, {**SMALL, "prompt": "no room"}), 503, "service_unavailable", "queue_full")
     assert blocker.result().status_code == 200
     assert len(images_of(waiting.result())) == 1
     assert queue_depth(server) == 0

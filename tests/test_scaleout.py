@@ -98,7 +98,7 @@ def test_job_round_trip_carries_every_field() -> None:
     error = QueueFull("full", headers={"retry-after": "3"})
     _, failed = wire.decode_reply(wire.encode_reply("img-2", error=error))
     assert isinstance(failed, wire.RemoteError)
-    assert (failed.status, failed.type, failed.code) == (429, "rate_limit_error", "queue_full")
+    assert (failed.status, failed.type, failed.code) == (503, "service_unavailable", "queue_full")
     assert failed.headers == {"retry-after": "3"}
     assert failed.body() == error.body()
 
@@ -258,13 +258,13 @@ def test_two_apis_two_workers_under_load(cluster: Cluster) -> None:
         rejected = 0
         for _ in range(60):
             response = await client.post(f"{api.url}/v1/images/generations", json=body)
-            if response.status_code != 429:
+            if response.status_code != 503 or response.json()["error"]["code"] != "queue_full":
                 return rejected, response
             # A deliberate refusal: the shared queue is full. Its shape is the one every SDK parses.
             assert response.json()["error"]["code"] == "queue_full"
             rejected += 1
             await asyncio.sleep(float(response.headers["retry-after"]))
-        raise AssertionError("still 429 after 60 tries")
+        raise AssertionError("still 503 queue_full after 60 tries")
 
     async def run() -> list[tuple[int, httpx.Response]]:
         # A fresh connection per request: a pooled one the server closes as idle (keep-alive timeout)
@@ -452,10 +452,10 @@ def test_stale_job_is_never_run_and_admission_is_shared(cluster: Cluster) -> Non
         client.xadd(cluster.keys.stream, {"job": wire.encode_job(stale, reply_to)})
 
         refused = api.generate(prompt="refused", width=64, height=64, steps=1)
-        assert refused.status_code == 429, refused.text
+        assert refused.status_code == 503, refused.text
         assert refused.headers["retry-after"] == "1"
         assert refused.json() == {"error": {"message": refused.json()["error"]["message"],
-                                            "type": "rate_limit_error", "param": None, "code": "queue_full"}}
+                                            "type": "service_unavailable", "param": None, "code": "queue_full"}}
 
         timed_out = late.result()
     assert timed_out.status_code == 504, timed_out.text

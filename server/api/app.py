@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import metrics
 from ..config import Settings
-from . import images, operator, service
+from . import catalog, edits, images, operator, service
 from .errors import install_error_handlers
 from .observe import ObserveMiddleware
 from .runtime import Runtime
@@ -47,6 +47,8 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     app = FastAPI(title="Darkroom", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.include_router(images.router)
+    app.include_router(edits.router)
+    app.include_router(catalog.router)
     app.include_router(service.router)
     app.include_router(operator.router)
     app.add_middleware(ObserveMiddleware)

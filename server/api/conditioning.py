@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Callable
+from typing import TypeVar
 
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +30,7 @@ from ..params import Conditioning, ConditioningImage, GenerationParams
 from ..registry import ModelManifest
 
 REDUX_MAX_SIDE = 768
+T = TypeVar("T")
 
 
 def conditioning_kind(
@@ -52,18 +55,44 @@ def conditioning_kind(
     return ("redux" if refs else "text"), None
 
 
-def _load(fetcher: Fetcher, url: str, field: str,
-          prepare: Callable[[Image.Image], Image.Image]) -> ConditioningImage:
-    return ConditioningImage.from_pil(prepare(fetcher.fetch_image(url, field)))
+def _fetch(fetcher: Fetcher, url: str, field: str) -> Image.Image:
+    return fetcher.fetch_image(url, field)
+
+
+def _prepare(image: Image.Image, prepare: Callable[[Image.Image], Image.Image]) -> ConditioningImage:
+    return ConditioningImage.from_pil(prepare(image))
+
+
+async def _gather_in_order(calls: list[Callable[[], T]]) -> list[T]:
+    """Run ``calls`` in the thread pool concurrently; the first failure in list (field) order is raised,
+    whichever finished first."""
+    results = await asyncio.gather(*(run_in_threadpool(call) for call in calls), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return list(results)  # type: ignore[arg-type]
 
 
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
-    fetcher: Fetcher,
+    fetcher: Fetcher, *, fields: list[str] | None = None,
+    match_input: Callable[[int, int], GenerationParams] | None = None,
 ) -> GenerationParams:
-    """Fetch, decode and size a request's conditioning images into its params (concurrently)."""
+    """Fetch, decode and size a request's conditioning images into its params (concurrently).
+
+    ``fields`` names each URL in errors (the input image first); by default ``image_url`` and
+    ``reference_images[i]``. ``match_input(width, height)``: the params again, sized from the input image
+    (``aspect_ratio: match_input_image``), once it is decoded and before any image is prepared.
+    """
     if params.conditioning == "text":
         return params
+    urls = ([image_url] if image_url else []) + list(reference_images or [])
+    names = fields or ((["image_url"] if image_url else [])
+                       + [f"reference_images[{i}]" for i in range(len(reference_images or []))])
+    decoded = await _gather_in_order(
+        [functools.partial(_fetch, fetcher, url, field) for url, field in zip(urls, names, strict=True)])
+    if match_input is not None and image_url:
+        params = match_input(decoded[0].width, decoded[0].height)
     w, h = params.width, params.height
 
     def cover(image: Image.Image) -> Image.Image:
@@ -73,19 +102,8 @@ async def attach_images(
         return fit_within(image, REDUX_MAX_SIDE)
 
     ref_prepare = cover if params.conditioning == "kontext" else bounded
-    jobs: list[tuple[str, str, Callable[[Image.Image], Image.Image]]] = []
-    if image_url:
-        jobs.append((image_url, "image_url", cover))
-    jobs += [(url, f"reference_images[{i}]", ref_prepare)
-             for i, url in enumerate(reference_images or [])]
-    results = await asyncio.gather(
-        *(run_in_threadpool(_load, fetcher, url, field, prep) for url, field, prep in jobs),
-        return_exceptions=True,
-    )
-    images: list[ConditioningImage] = []
-    for result in results:  # the first failure in field order, whichever finished first
-        if isinstance(result, BaseException):
-            raise result
-        images.append(result)
+    preparers = ([cover] if image_url else []) + [ref_prepare] * len(reference_images or [])
+    images = await _gather_in_order(
+        [functools.partial(_prepare, image, prep) for image, prep in zip(decoded, preparers, strict=True)])
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))

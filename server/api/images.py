@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,17 +15,23 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .. import metrics
-from ..errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from ..config import Settings
+from ..errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable, UnsupportedMediaType
 from ..jobs import ClientGone, Job, JobResult
+from ..params import GenerationParams
 from ..queue.submit import run_job
+from ..registry import ModelManifest
 from .auth import check_api_key
 from .conditioning import attach_images
+from .extras import Extras, resolve_extras
 from .keys import authorize_model, bearer_token, charge
 from .observe import request_id
 from .runtime import Runtime
 from .safety import resolve_check
-from .schemas import parse_request, resolve_params, response_kind
+from .schemas import ImageRequest, input_image, parse_request, resolve_params, response_kind, with_size
+from .sizing import MATCH_INPUT, resolve_size
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 
 # 3.x posts to /v1/images/generations, 1.x/2.x and openai append /images/generations to a base URL
@@ -48,13 +56,61 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
 
 
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """Where a request's images come from: the input image (``image_url``, together 1.x's ``image_base64``
+    or an edit's first ``image``) and the references, with the field names errors give them."""
+
+    image_url: str | None = None
+    image_field: str = "image_url"
+    references: list[str] | None = None
+    # One name per URL (the input image first); None: image_field, then reference_images[i].
+    fields: list[str] | None = None
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared JSON (``application/json`` or ``application/*+json``), as every SDK
+    sends it. A browser may post ``text/plain``, a form or multipart to another site without a CORS
+    preflight; none of those reach the generation path."""
+    declared = request.headers.get("content-type")
+    media = declared.split(";", 1)[0].strip().lower() if declared else ""
+    if media == "application/json" or (media.startswith("application/") and media.endswith("+json")):
+        return
+    shown = ascii(media)[1:-1][:100] if media else "none"
+    raise UnsupportedMediaType(
+        f"the request body must be JSON, sent with 'Content-Type: application/json' (got {shown})")
+
+
 async def create_image(request: Request) -> JSONResponse:
     runtime: Runtime = request.app.state.runtime
+    require_json(request)
+    req = parse_request(await read_json(request, runtime.settings.server.max_body_bytes))
+    image_url, field = input_image(req)
+    return await generate(request, req, Inputs(image_url=image_url, image_field=field,
+                                               references=req.reference_images))
+
+
+def _note_extras(request: Request, extras: Extras) -> None:
+    """The SDK fields that only reach the logs: ``user`` on the request's line, ignored fields on one line."""
+    if extras.user:
+        request.state.user = ascii(extras.user)[1:-1]
+    if extras.ignored:
+        log.info("request fields ignored request_id=%s fields=%s", request_id(request), ",".join(extras.ignored),
+                 extra={"fields": {"request_id": request_id(request), "ignored": list(extras.ignored)}})
+
+
+async def generate(request: Request, req: ImageRequest, inputs: Inputs,
+                   default_model: ModelManifest | None = None) -> JSONResponse:
+    """Run one validated request (``POST /v1/images/generations`` or ``/v1/images/edits``) and answer it."""
+    runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    req = parse_request(await read_json(request, settings.server.max_body_bytes))
-    manifest = runtime.registry.get(req.model)
+    manifest = runtime.registry.get(req.model) if req.model or default_model is None else default_model
     key = authorize_model(request, manifest)  # 403 for a model this API key may not use
-    params = resolve_params(req, manifest, settings.limits, settings.loras)
+    params = resolve_params(req, manifest, settings.limits, settings.loras,
+                            image_url=inputs.image_url, image_field=inputs.image_field)
+    extras = resolve_extras(req, params.output_format, req.unknown_fields())
+    params = dataclasses.replace(params, output_quality=extras.output_quality)
+    _note_extras(request, extras)
     await charge(request, key, params.n)  # the key's requests/images per minute: 429 when over
     kind = response_kind(req, settings.server.default_response_format)
     guard = runtime.guard
@@ -71,8 +127,9 @@ async def create_image(request: Request) -> JSONResponse:
     if not runtime.accepting():
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
     # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
-    # the job is queued.
-    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher)
+    # the job is queued. aspect_ratio "match_input_image" sizes the output once the input is decoded.
+    params = await attach_images(params, inputs.image_url, inputs.references, runtime.fetcher,
+                                 fields=inputs.fields, match_input=_matcher(req, manifest, params, settings))
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
     if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
         await run_in_threadpool(runtime.lora_store.prefetch, params.loras)
@@ -92,7 +149,8 @@ async def create_image(request: Request) -> JSONResponse:
         metrics.STAGE_SECONDS.labels(stage="storage", model=manifest.id).observe(stages["storage"])
     return JSONResponse({
         "id": job.id,
-        "model": manifest.id,
+        # The id the client asked for (an alias included), as Together echoes it.
+        "model": req.model or manifest.id,
         "object": "list",
         "created": job.created_unix,
         "data": data,
@@ -105,6 +163,20 @@ async def create_image(request: Request) -> JSONResponse:
         "stages": {f"{stage}_s": round(seconds, 4) for stage, seconds in stages.items()},
         "batch": {"id": result.batch_id, "jobs": result.batch_jobs, "images": result.batch_images},
     })
+
+
+def _matcher(req: ImageRequest, manifest: ModelManifest, params: GenerationParams,
+             settings: Settings) -> Callable[[int, int], GenerationParams] | None:
+    """For ``aspect_ratio: match_input_image``: the params sized from the input image's width x height."""
+    if req.aspect_ratio != MATCH_INPUT:
+        return None
+    limits = manifest.effective_limits(settings.limits)
+
+    def sized(width: int, height: int) -> GenerationParams:
+        size = resolve_size(req.width, req.height, req.size, req.aspect_ratio, manifest, limits, (width, height))
+        return with_size(params, size)
+
+    return sized
 
 
 def _data_items(runtime: Runtime, request: Request, result: JobResult, kind: str) -> list[dict[str, Any]]:

@@ -74,9 +74,12 @@ class ObserveMiddleware:
             metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)
             if scope["path"] not in _QUIET:
                 key = state.get("api_key")
+                # user: what an openai client says its end user is (``user`` / ``safety_identifier``).
+                user = state.get("user")
                 fields = {"request_id": rid, "method": scope["method"], "path": scope["path"], "status": status,
                           "model": model or None, "key": getattr(key, "name", None),
-                          "duration_ms": round(elapsed * 1000, 1)}
+                          "duration_ms": round(elapsed * 1000, 1), **({"user": user} if user else {})}
                 log.info("request done request_id=%s method=%s path=%s status=%d model=%s key=%s "
-                         "duration_ms=%.1f", rid, scope["method"], scope["path"], status, model or "-",
-                         fields["key"] or "-", elapsed * 1000, extra={"fields": fields})
+                         "duration_ms=%.1f%s", rid, scope["method"], scope["path"], status, model or "-",
+                         fields["key"] or "-", elapsed * 1000, f" user={user}" if user else "",
+                         extra={"fields": fields})

@@ -85,7 +85,7 @@ class Runtime:
         ``workers`` builds this process's own workers (``darkroom serve``); None: an API pod
         (``darkroom api``), whose jobs run in worker pods.
         """
-        registry = Registry.from_settings(settings.models_dir, settings.models)
+        registry = Registry.from_settings(settings.models_dir, settings.models, settings.aliases)
         queue: JobQueue
         if settings.queue.backend == "redis":
             # The redis package is an extra (darkroom[scale]): imported only when the queue is on Redis.

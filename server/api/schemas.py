@@ -1,12 +1,14 @@
 """The request body of ``POST /v1/images/generations`` and its resolution into engine parameters.
 
 Fields and defaults follow Together's API; OpenAI-style callers may send ``size: "WxH"`` and
-``response_format: "b64_json"``. Unknown fields are ignored, as Together does. A field this server
-does not serve yet is accepted by the schema and refused with a 400 that names it.
+``response_format: "b64_json"``; the fields only other SDKs send are decided in server/api/extras.py. Every
+field has a strict type (server/api/fields.py): text is valid Unicode without NUL, numbers are JSON numbers,
+booleans JSON booleans. Unknown fields are ignored, as Together does (and named in a log line).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from typing import Any, Literal
 
@@ -15,9 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..config import LimitSettings, LoraSettings
 from ..errors import InvalidRequest, Unsupported
 from ..params import GenerationParams
-from ..registry import ModelManifest
+from ..registry import ModelLimits, ModelManifest
 from .conditioning import conditioning_kind
+from .extras import SdkFields
+from .fields import Flag, Integer, Number, Text, Url
 from .loras import resolve_loras
+from .sizing import MATCH_INPUT, Size, parse_aspect_ratio, parse_size, resolve_size
 
 MAX_SEED = 2**63 - 1
 
@@ -25,39 +30,47 @@ MAX_SEED = 2**63 - 1
 class LoraSpec(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    path: str
-    scale: float = 1.0
+    path: Text
+    scale: Number = 1.0
 
 
-class ImageRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class ImageRequest(SdkFields):
+    model_config = ConfigDict(extra="allow")
 
-    prompt: str = Field(min_length=1)
-    model: str | None = None
-    steps: int | None = Field(default=None, ge=1, strict=True)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
-    n: int = Field(default=1, ge=1, strict=True)
-    width: int | None = Field(default=None, ge=1, strict=True)
-    height: int | None = Field(default=None, ge=1, strict=True)
-    size: str | None = None
-    negative_prompt: str | None = None
-    guidance_scale: float | None = Field(default=None, ge=0, le=100, allow_inf_nan=False)
+    prompt: Text = Field(min_length=1)
+    model: Text | None = None
+    steps: Integer | None = Field(default=None, ge=1)
+    seed: Integer | None = Field(default=None, ge=0, le=MAX_SEED)
+    n: Integer = Field(default=1, ge=1)
+    width: Integer | None = Field(default=None, ge=1)
+    height: Integer | None = Field(default=None, ge=1)
+    size: Text | None = None
+    negative_prompt: Text | None = None
+    guidance_scale: Number | None = Field(default=None, ge=0, le=100)
     response_format: Literal["base64", "b64_json", "url"] | None = None
     output_format: Literal["jpeg", "jpg", "png", "webp"] | None = None
-    image_url: str | None = None
-    reference_images: list[str] | None = None
+    image_url: Url | None = None
+    reference_images: list[Url] | None = None
     image_loras: list[LoraSpec] | None = None
-    disable_safety_checker: bool | None = None
+    disable_safety_checker: Flag | None = None
 
     @field_validator("size")
     @classmethod
     def _size_shape(cls, value: str | None) -> str | None:
-        if value is None or value == "auto":
-            return value
-        parts = value.lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ValueError("size must look like '1024x768' (width x height)")
+        if value is not None:
+            parse_size(value)
         return value
+
+    @field_validator("aspect_ratio")
+    @classmethod
+    def _ratio_shape(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_aspect_ratio(value)
+        return value
+
+    def unknown_fields(self) -> list[str]:
+        """Names of the fields sent that no schema here knows (ignored, as Together does)."""
+        return sorted(self.model_extra or {})
 
 
 def parse_request(body: Any) -> ImageRequest:
@@ -74,73 +87,76 @@ def parse_request(body: Any) -> ImageRequest:
         if error["type"] == "missing":
             message = f"'{where}' is required"
         else:
-            message = f"invalid '{where}': {error['msg']}"
+            message = f"invalid '{where}': {error['msg'].removeprefix('Value error, ')}"
         raise InvalidRequest(message, param=field) from None
 
 
-def _unsupported(req: ImageRequest) -> None:
-    # Fields the schema accepts that this server does not serve yet (none at the moment).
-    pending: dict[str, bool] = {}
-    for field, given in pending.items():
-        if given:
-            raise Unsupported(f"'{field}' is not supported by this server yet", param=field)
+def input_image(req: ImageRequest) -> tuple[str | None, str]:
+    """The input image's URL and the field it came from: ``image_url``, or together 1.x's ``image_base64``
+    (plain base64 or a data URL) as a ``data:`` URL, so the guarded fetcher decodes it like any other."""
+    if req.image_base64 is None:
+        return req.image_url, "image_url"
+    if req.image_url is not None:
+        raise InvalidRequest("send the input image as 'image_url' or 'image_base64', not both",
+                             param="image_base64")
+    data = req.image_base64.strip()
+    return (data if data[:5].lower() == "data:" else f"data:image/unknown;base64,{data}"), "image_base64"
 
 
-def _size(req: ImageRequest, manifest: ModelManifest) -> tuple[int, int]:
-    width, height = req.width, req.height
-    if req.size and req.size != "auto" and width is None and height is None:
-        width, height = (int(p) for p in req.size.lower().split("x"))
-    return width or manifest.defaults.width, height or manifest.defaults.height
+def with_size(params: GenerationParams, size: Size) -> GenerationParams:
+    """``params`` at another size (``match_input_image`` once the input image is known)."""
+    exact = (size.width, size.height) == (size.gen_width, size.gen_height)
+    return dataclasses.replace(
+        params, width=size.gen_width, height=size.gen_height,
+        output_width=None if exact else size.width, output_height=None if exact else size.height)
 
 
-def _check_limits(req: ImageRequest, width: int, height: int, steps: int, manifest: ModelManifest,
-                  server_limits: LimitSettings) -> None:
-    limits = manifest.effective_limits(server_limits)
+def _check_limits(req: ImageRequest, steps: int, manifest: ModelManifest, limits: ModelLimits) -> None:
     name = manifest.id
     if req.n > limits.max_n:
         raise InvalidRequest(f"'n' must be at most {limits.max_n} for {name}", param="n")
     if steps > limits.max_steps:
         raise InvalidRequest(f"'steps' must be at most {limits.max_steps} for {name}", param="steps")
-    if len(req.prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(
-            f"'prompt' is longer than {limits.max_prompt_chars} characters", param="prompt"
-        )
-    if req.negative_prompt is not None and len(req.negative_prompt) > limits.max_prompt_chars:
-        raise InvalidRequest(
-            f"'negative_prompt' is longer than {limits.max_prompt_chars} characters",
-            param="negative_prompt",
-        )
-    for field, value, most in (("width", width, limits.max_width), ("height", height, limits.max_height)):
-        if value % limits.size_multiple:
-            raise InvalidRequest(
-                f"'{field}' must be a multiple of {limits.size_multiple} for {name} (got {value})",
-                param=field,
-            )
-        if not limits.min_size <= value <= most:
-            raise InvalidRequest(
-                f"'{field}' must be between {limits.min_size} and {most} for {name} (got {value})",
-                param=field,
-            )
-    if width * height > limits.max_pixels:
-        raise InvalidRequest(
-            f"width x height must be at most {limits.max_pixels} pixels for {name}", param="width"
-        )
+    for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise InvalidRequest(f"'{field}' is longer than {limits.max_prompt_chars} characters", param=field)
+
+
+def _check_conditioning(req: ImageRequest, image_url: str | None, image_field: str, conditioning: str,
+                        steps: int, manifest: ModelManifest) -> None:
+    """What an input image needs beyond the model's capability (conditioning_kind checks that)."""
+    if req.aspect_ratio == MATCH_INPUT and not image_url:
+        raise InvalidRequest(f"aspect_ratio '{MATCH_INPUT}' needs an input image ('image_url')",
+                             param="aspect_ratio")
+    # diffusers' img2img runs the last int(steps x strength) steps: at one step it starts from pure noise
+    # and the input image would be silently ignored.
+    if conditioning in ("img2img", "img2img+redux") and steps < 2:
+        raise InvalidRequest(f"'{image_field}' needs at least 2 steps on {manifest.id} (got steps={steps})",
+                             param="steps")
 
 
 def resolve_params(
     req: ImageRequest, manifest: ModelManifest, server_limits: LimitSettings,
-    loras: LoraSettings | None = None,
+    loras: LoraSettings | None = None, *, image_url: str | None = None, image_field: str = "image_url",
 ) -> GenerationParams:
-    """Apply the model's defaults and limits; every refusal is a 400 naming the field."""
-    _unsupported(req)
+    """Apply the model's defaults and limits; every refusal is a 400 naming the field.
+
+    ``image_url``: the input image when it does not come from the request's own ``image_url`` (an edit's
+    upload, together 1.x's ``image_base64``: see ``input_image``), named ``image_field`` in errors.
+    """
     caps = manifest.capabilities
     if req.negative_prompt is not None and not caps.negative_prompt:
         raise Unsupported(f"model {manifest.id} does not support 'negative_prompt'", param="negative_prompt")
-    width, height = _size(req, manifest)
+    image_url = image_url if image_url is not None else req.image_url
+    if image_url and image_field != "image_url" and not caps.image_to_image:
+        raise Unsupported(f"'{image_field}' is not supported by model {manifest.id}", param=image_field)
+    limits = manifest.effective_limits(server_limits)
+    size = resolve_size(req.width, req.height, req.size, req.aspect_ratio, manifest, limits)
     steps = req.steps or manifest.defaults.steps
-    _check_limits(req, width, height, steps, manifest, server_limits)
-    # image_url / reference_images against the model's capabilities; the images are fetched later.
-    conditioning, strength = conditioning_kind(req.image_url, req.reference_images, manifest)
+    _check_limits(req, steps, manifest, limits)
+    # The input image / reference_images against the model's capabilities; the images are fetched later.
+    conditioning, strength = conditioning_kind(image_url, req.reference_images, manifest)
+    _check_conditioning(req, image_url, image_field, conditioning, steps, manifest)
     # image_loras: count, scales and the form of each path (the files are fetched later).
     lora_refs = resolve_loras(req.image_loras, manifest.id, caps.loras, loras or LoraSettings())
 
@@ -148,12 +164,12 @@ def resolve_params(
     if base_seed + req.n - 1 > MAX_SEED:
         raise InvalidRequest(f"'seed' must be at most {MAX_SEED - req.n + 1} with n={req.n}", param="seed")
     fmt = req.output_format or "jpeg"
-    return GenerationParams(
+    params = GenerationParams(
         model=manifest.id,
         prompt=req.prompt,
         negative_prompt=req.negative_prompt or None,
-        width=width,
-        height=height,
+        width=size.gen_width,
+        height=size.gen_height,
         steps=steps,
         guidance_scale=(
             req.guidance_scale if req.guidance_scale is not None else manifest.defaults.guidance_scale
@@ -167,6 +183,7 @@ def resolve_params(
         strength=strength,
         loras=lora_refs,
     )
+    return with_size(params, size)
 
 
 def response_kind(req: ImageRequest, default: str) -> Literal["b64_json", "url"]:

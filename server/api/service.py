@@ -1,15 +1,13 @@
-"""Everything besides generation: the model list, health, readiness, and stored images."""
+"""Everything besides generation and the model list (server/api/catalog.py): health, readiness, and stored
+images."""
 
 from __future__ import annotations
 
-from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from ..errors import InvalidRequest
-from .auth import check_api_key
-from .keys import visible_models
 from .runtime import Runtime
 from .storage import MEDIA_TYPES
 
@@ -18,37 +16,6 @@ router = APIRouter()
 
 def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
-
-
-def _model_card(runtime: Runtime, manifest: Any, created: int) -> dict[str, Any]:
-    limits = manifest.effective_limits(runtime.settings.limits)
-    return {
-        "id": manifest.id,
-        "object": "model",
-        "created": created,
-        "owned_by": manifest.owned_by,
-        "type": "image",
-        "aliases": manifest.aliases,
-        "capabilities": manifest.capabilities.model_dump(),
-        "defaults": manifest.defaults.model_dump(),
-        "limits": limits.model_dump(),
-    }
-
-
-@router.get("/v1/models", dependencies=[Depends(check_api_key)])
-@router.get("/models", dependencies=[Depends(check_api_key)], include_in_schema=False)
-async def list_models(request: Request) -> dict[str, Any]:
-    runtime = _runtime(request)
-    created = request.app.state.started_unix
-    # A key limited to some models sees only those.
-    models = visible_models(request, runtime.registry.models)
-    return {"object": "list", "data": [_model_card(runtime, m, created) for m in models]}
-
-
-@router.get("/v1/models/{model_id:path}", dependencies=[Depends(check_api_key)])
-async def get_model(request: Request, model_id: str) -> dict[str, Any]:
-    runtime = _runtime(request)
-    return _model_card(runtime, runtime.registry.get(model_id), request.app.state.started_unix)
 
 
 @router.get("/health")

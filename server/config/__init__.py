@@ -6,7 +6,7 @@ then the defaults of each section, which are the embedded default: the tiny FLUX
 The object is built once at start-up and passed down; nothing deeper reads the environment.
 
 Both processes import it. The sections live by subject: processes.py (server, limits, queue, scheduler,
-worker, engine, storage), inputs.py (fetch, loras), safety.py (safety, and ``WeightsSource``), auth.py (auth);
+worker, engine, storage), inputs.py (fetch, loras, uploads), safety.py (safety, and ``WeightsSource``), auth.py (auth);
 ``from server.config import X`` names any of them.
 """
 
@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from .auth import ApiKeySpec, AuthSettings
-from .inputs import FetchSettings, LoraSettings
+from .inputs import FetchSettings, LoraSettings, UploadSettings
 from .processes import (
     REPO_ROOT,
     EngineSettings,
@@ -52,8 +52,8 @@ __all__ = [
     "DEFAULT_PROMPT_BLOCKLIST", "DEFAULT_PROMPT_PATTERNS", "REPO_ROOT", "ApiKeySpec", "AuthSettings",
     "CheckerSource", "EngineSettings", "FetchSettings", "ImageCheckerSpec", "LimitSettings", "LoraSettings",
     "PromptCheckSettings", "QueueSettings", "S3Settings", "SafetySettings", "SchedulerSettings",
-    "ServerSettings", "Settings", "StorageSettings", "TextClassifierSpec", "WeightsSource", "WorkerSettings",
-    "load_settings",
+    "ServerSettings", "Settings", "StorageSettings", "TextClassifierSpec", "UploadSettings", "WeightsSource",
+    "WorkerSettings", "load_settings",
 ]
 
 
@@ -71,11 +71,15 @@ class Settings(BaseSettings):
     safety: SafetySettings = Field(default_factory=SafetySettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     loras: LoraSettings = Field(default_factory=LoraSettings)
+    uploads: UploadSettings = Field(default_factory=UploadSettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     models_dir: Path = REPO_ROOT / "models"
     # Manifest ids (or aliases) to serve; the first is the default for requests that name none.
     models: list[str] = Field(default_factory=lambda: ["darkroom/tiny-flux"])
+    # Model ids a request may name that resolve to a served model: {requested-id: served id or alias}, e.g.
+    # {"black-forest-labs/FLUX.1.1-pro": "black-forest-labs/FLUX.1-dev"} (server/registry.py).
+    aliases: dict[str, str] = Field(default_factory=dict)
 
     _expand_models_dir = field_validator("models_dir")(expand_path)
 

@@ -40,6 +40,22 @@ class FetchSettings(BaseModel):
             ipaddress.ip_network(cidr, strict=False)
         return value
 
+class UploadSettings(BaseModel):
+    """Multipart bodies (``POST /v1/images/edits``, server/api/multipart.py): what one request may upload.
+    One file may be at most ``fetch.max_bytes`` (the limit of a fetched image); its pixels are checked as a
+    fetched image's are (``fetch.max_pixels``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The whole body, all files together.
+    max_bytes: int = Field(default=25_000_000, ge=1)
+    max_parts: int = Field(default=64, ge=1)
+    # One text field (a prompt is at most limits.max_prompt_chars characters, up to 4 bytes each).
+    max_field_bytes: int = Field(default=65_536, ge=1)
+    # The headers of one part.
+    max_header_bytes: int = Field(default=8192, ge=64)
+
+
 class LoraSettings(BaseModel):
     """``image_loras``: per-request LoRAs by URL or registered name (server/loras.py,
     server/engine/adapters.py)."""

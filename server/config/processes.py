@@ -47,8 +47,8 @@ class LimitSettings(BaseModel):
 class QueueSettings(BaseModel):
     # memory: one process (`darkroom serve`). redis: API pods and worker pods share a Redis Stream.
     backend: Literal["memory", "redis"] = "memory"
-    # Jobs waiting (not yet running) before new requests are answered 429; with Redis, counted across
-    # every API pod (the stream's undelivered entries).
+    # Jobs waiting (not yet running) before new requests are answered 503 (overloaded); with Redis, counted
+    # across every API pod (the stream's undelivered entries).
     max_jobs: int = 256
     retry_after_s: int = 1
     # -- backend: redis (server/queue/redis_api.py, server/queue/redis_worker.py) --

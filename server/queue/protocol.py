@@ -19,7 +19,7 @@ class JobQueue(Protocol):
         """Begin background work (the Redis replies listener); nothing for the in-process queue."""
 
     def put(self, job: Job) -> None:
-        """Admit and enqueue a job: ``QueueFull`` (429) when too many wait, ``ServiceUnavailable`` (503)
+        """Admit and enqueue a job: ``QueueFull`` (503, overloaded) when too many wait, ``ServiceUnavailable`` (503)
         when the backend is unreachable."""
 
     def reserve_withdrawal(self, job: Job) -> bool:

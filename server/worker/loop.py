@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol
 from .. import metrics
 from ..config import SchedulerSettings
 from ..errors import DarkroomError, DeadlineExceeded, InternalError
-from ..images import encode_image
+from ..images import encode_output
 from ..jobs import GeneratedImage, Job, JobResult
 from ..metrics import SafetyCounters
 from ..params import GenerationParams
@@ -173,7 +173,8 @@ class Worker:
             encode_started = time.monotonic()
             try:
                 encoded = [
-                    GeneratedImage(encode_image(img, job.params.output_format), seed, job.params.output_format)
+                    GeneratedImage(encode_output(img, job.params.output_format, job.params.output_size,
+                                                job.params.output_quality), seed, job.params.output_format)
                     for img, seed in zip(pil_images, job.params.seeds, strict=True)
                 ]
             except Exception:  # noqa: BLE001
