@@ -145,3 +145,59 @@ def test_health_and_ready(server: Server) -> None:
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{server.url}/ready")
     assert ready.status_code == 200 and ready.json()["ready"] is True
+
+
+def test_together_v1_models_list(server: Server) -> None:
+    """1.x asserts that GET {base}/models answers a bare list (Together's shape); it gets one."""
+    result = _run_together_v1(f"""
+        import json, together
+        client = together.Together(base_url="{server.url}/v1", api_key="k")
+        models = client.models.list()
+        print(json.dumps([[m.id, m.type, m.object, m.pricing.input] for m in models]))
+    """)
+    assert result == [[MODEL, "image", "model", 0.0]]
+    # The same path, without the 1.x client, keeps the OpenAI shape.
+    assert httpx.get(f"{server.url}/v1/models").json()["object"] == "list"
+
+
+def test_together_v1_aspect_ratio_and_image_base64(server: Server) -> None:
+    """1.x passes extra keyword arguments through: aspect_ratio (with its default width/height dropped by
+    passing None) and image_base64, the input image it documents."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (80, 64), (10, 200, 10)).save(buffer, format="PNG")
+    b64 = base64.b64encode(buffer.getvalue()).decode()
+    result = _run_together_v1(f"""
+        import json, together
+        client = together.Together(base_url="{server.url}/v1", api_key="k")
+        wide = client.images.generate(prompt="a", model="{MODEL}", width=None, height=None, steps=1,
+                                      aspect_ratio="16:9", response_format="base64")
+        edited = client.images.generate(prompt="a", model="{MODEL}", width=64, height=64, steps=2, seed=1,
+                                        image_base64="{b64}", response_format="base64")
+        plain = client.images.generate(prompt="a", model="{MODEL}", width=64, height=64, steps=2, seed=1,
+                                       response_format="base64")
+        print(json.dumps([wide.data[0].b64_json, edited.data[0].b64_json, plain.data[0].b64_json]))
+    """)
+    wide, edited, plain = (decode_image(b) for b in result)
+    assert wide.size == (688, 384)  # 16:9 at about the tiny model's 512 x 512 area
+    assert edited.size == (64, 64) and edited.tobytes() != plain.tobytes()
+
+
+def test_curl_multipart_edit(server: Server, tmp_path) -> None:
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(photo)
+    out = subprocess.run(
+        ["curl", "-sS", f"{server.url}/v1/images/edits", "-H", "Authorization: Bearer x",
+         "-F", f"image=@{photo};type=image/png", "-F", "prompt=make it blue", "-F", f"model={MODEL}",
+         "-F", "size=72x88", "-F", "steps=2", "-F", "n=2", "-F", "response_format=b64_json",
+         "-F", "output_format=png", "-w", "\n%{http_code}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    payload, status = out.stdout.rsplit("\n", 1)
+    assert status == "200", payload
+    images = [decode_image(item["b64_json"]) for item in json.loads(payload)["data"]]
+    assert [(i.format, i.size) for i in images] == [("PNG", (72, 88))] * 2
+    bad = subprocess.run(
+        ["curl", "-sS", f"{server.url}/v1/images/edits", "-F", f"image=@{photo}", "-F", "prompt=a",
+         "-F", f"mask=@{photo}", "-w", "\n%{http_code}"], capture_output=True, text=True, timeout=60)
+    payload, status = bad.stdout.rsplit("\n", 1)
+    assert status == "400" and json.loads(payload)["error"]["param"] == "mask"

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from ..errors import Unsupported
-from .fields import Flag, Integer, Text, Url
+from .fields import Choice, Flag, Integer, Text, Url
 
 IGNORED = ("quality", "style", "moderation", "complexity", "input_fidelity", "partial_images")
 REFUSED = {
@@ -44,7 +44,7 @@ class SdkFields(BaseModel):
 
     image_base64: Url | None = None
     aspect_ratio: Text | None = None
-    background: Literal["transparent", "opaque", "auto"] | None = None
+    background: Choice[Literal["transparent", "opaque", "auto"]] | None = None
     output_compression: Integer | None = Field(default=None, ge=0, le=100)
     user: Text | None = Field(default=None, max_length=256)
     safety_identifier: Text | None = Field(default=None, max_length=256)

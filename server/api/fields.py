@@ -3,6 +3,7 @@
 - ``Text``: a JSON string, and nothing else (no number or boolean is turned into text). It must be valid
   Unicode with no NUL: a lone surrogate (JSON allows ``"\\ud800"``; it is no character) or a NUL would reach a
   tokenizer, a URL parser, a log line or a JSON answer and fail there, in the worker or for a whole batch.
+- ``Choice[Literal[...]]``: one of fixed texts, checked as ``Text`` first.
 - ``Url``: ``Text`` that is not empty (an empty URL is a mistake, never "no URL": send null or leave it out).
 - ``Number``: a JSON number (an integer is a number; a string or a boolean is not); finite.
 - ``Integer``: a JSON integer (not ``4.0``, not ``"4"``, not ``true``).
@@ -16,9 +17,11 @@ server/api/multipart.py turns their numeric and boolean fields into JSON values 
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, TypeVar
 
-from pydantic import AfterValidator, Field, Strict
+from pydantic import AfterValidator, BeforeValidator, Field, Strict
+
+T = TypeVar("T")
 
 
 def text_problem(value: str) -> str | None:
@@ -33,10 +36,13 @@ def text_problem(value: str) -> str | None:
     return None
 
 
-def _valid_text(value: str) -> str:
-    problem = text_problem(value)
-    if problem is not None:
-        raise ValueError(problem)
+def _valid_text(value: object) -> object:
+    """Runs before pydantic's own string check (which refuses a surrogate inside a string with a vaguer
+    message); anything but a string is left to the type's own check."""
+    if isinstance(value, str):
+        problem = text_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
     return value
 
 
@@ -46,8 +52,10 @@ def _non_empty(value: str) -> str:
     return value
 
 
-Text = Annotated[str, Strict(), AfterValidator(_valid_text)]
-Url = Annotated[str, Strict(), AfterValidator(_valid_text), AfterValidator(_non_empty)]
+Text = Annotated[str, Strict(), BeforeValidator(_valid_text)]
+Url = Annotated[str, Strict(), BeforeValidator(_valid_text), AfterValidator(_non_empty)]
+# A text field with a fixed set of values: Choice[Literal["a", "b"]].
+Choice = Annotated[T, BeforeValidator(_valid_text)]
 Number = Annotated[float, Strict(), Field(allow_inf_nan=False)]
 Integer = Annotated[int, Strict()]
 Flag = Annotated[bool, Strict()]

@@ -67,6 +67,13 @@ class Inputs:
     # One name per URL (the input image first); None: image_field, then reference_images[i].
     fields: list[str] | None = None
 
+    def names(self) -> list[str]:
+        """The field name of each URL, the input image first (for errors)."""
+        if self.fields is not None:
+            return self.fields
+        return (([self.image_field] if self.image_url else [])
+                + [f"reference_images[{i}]" for i in range(len(self.references or []))])
+
 
 def require_json(request: Request) -> None:
     """415 unless the body is declared JSON (``application/json`` or ``application/*+json``), as every SDK
@@ -129,7 +136,7 @@ async def generate(request: Request, req: ImageRequest, inputs: Inputs,
     # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
     # the job is queued. aspect_ratio "match_input_image" sizes the output once the input is decoded.
     params = await attach_images(params, inputs.image_url, inputs.references, runtime.fetcher,
-                                 fields=inputs.fields, match_input=_matcher(req, manifest, params, settings))
+                                 fields=inputs.names(), match_input=_matcher(req, manifest, params, settings))
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
     if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
         await run_in_threadpool(runtime.lora_store.prefetch, params.loras)

@@ -20,7 +20,7 @@ from ..params import GenerationParams
 from ..registry import ModelLimits, ModelManifest
 from .conditioning import conditioning_kind
 from .extras import SdkFields
-from .fields import Flag, Integer, Number, Text, Url
+from .fields import Choice, Flag, Integer, Number, Text, Url
 from .loras import resolve_loras
 from .sizing import MATCH_INPUT, Size, parse_aspect_ratio, parse_size, resolve_size
 
@@ -47,8 +47,8 @@ class ImageRequest(SdkFields):
     size: Text | None = None
     negative_prompt: Text | None = None
     guidance_scale: Number | None = Field(default=None, ge=0, le=100)
-    response_format: Literal["base64", "b64_json", "url"] | None = None
-    output_format: Literal["jpeg", "jpg", "png", "webp"] | None = None
+    response_format: Choice[Literal["base64", "b64_json", "url"]] | None = None
+    output_format: Choice[Literal["jpeg", "jpg", "png", "webp"]] | None = None
     image_url: Url | None = None
     reference_images: list[Url] | None = None
     image_loras: list[LoraSpec] | None = None
