@@ -45,8 +45,8 @@ def last_call(server: InProcessServer) -> Any:
 
 def post_form(server: InProcessServer, data: dict[str, Any] | None = None,
               files: list[tuple[str, tuple[str, bytes, str]]] | None = None, **kwargs: Any) -> httpx.Response:
-    return server.client.post(EDITS, data=data or {}, files=files or [("image", ("a.png", png(64, 64), "image/png"))],
-                              **kwargs)
+    files = files or [("image", ("a.png", png(64, 64), "image/png"))]
+    return server.client.post(EDITS, data=data or {}, files=files, **kwargs)
 
 
 def assert_error(response: httpx.Response, status: int, param: str | None) -> dict[str, Any]:
@@ -74,7 +74,8 @@ def test_openai_edit_several_images_and_default_model(standin: InProcessServer) 
     """Several images: the first is edited, the others are references. Without ``model``, the first served
     model that edits (Kontext here)."""
     response = openai_client(standin).images.edit(
-        image=[("a.png", png(64, 64), "image/png"), ("b.jpg", png(80, 64, (0, 0, 250), "JPEG"), "image/jpeg")],
+        image=[("a.png", png(64, 64), "image/png"),
+               ("b.jpg", png(80, 64, (0, 0, 250), "JPEG"), "image/jpeg")],
         prompt="put b in a", size="64x64", response_format="b64_json", extra_body={"steps": 1})
     assert len(response.data) == 1
     params = last_call(standin)
@@ -150,24 +151,26 @@ def test_tiny_engine_edit_depends_on_the_image(make_app: Any) -> None:
 
 def test_form_limits(standin: InProcessServer) -> None:
     many = {f"field{i}": "x" for i in range(20)}
-    assert "more than 12 parts" in assert_error(post_form(standin, {"prompt": "a", **many}), 400, None)["message"]
+    err = assert_error(post_form(standin, {"prompt": "a", **many}), 400, None)
+    assert "more than 12 parts" in err["message"]
     long_field = {"prompt": "a", "user": "u" * 30_000}
     assert_error(post_form(standin, long_field), 413, "user")
     big = [("image", ("a.png", b"\x89PNG" + b"\0" * 250_000, "image/png"))]
     assert_error(post_form(standin, {"prompt": "a"}, big), 413, "image")
     huge = [("image", ("a.png", b"\0" * 180_000, "image/png"))] * 3
-    assert "larger than 400000 bytes" in assert_error(post_form(standin, {"prompt": "a"}, huge), 413, None)["message"]
+    err = assert_error(post_form(standin, {"prompt": "a"}, huge), 413, None)
+    assert "larger than 400000 bytes" in err["message"]
 
 
 @pytest.mark.parametrize(("content", "ctype", "status"), [
     (b'{"prompt": "a"}', "application/json", 415),
     (b"prompt=a", "application/x-www-form-urlencoded", 415),
-    (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na\r\n", "multipart/form-data; boundary=B",
-     400),  # truncated
+    (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na\r\n",
+     "multipart/form-data; boundary=B", 400),  # truncated
     (b"garbage", "multipart/form-data; boundary=B", 400),
     (b"--B\r\nContent-Disposition: form-data\r\n\r\na\r\n--B--\r\n", "multipart/form-data; boundary=B", 400),
-    (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\nX-Pad: " + b"p" * 10_000 + b"\r\n\r\na\r\n--B--\r\n",
-     "multipart/form-data; boundary=B", 400),  # headers too long
+    (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\nX-Pad: " + b"p" * 10_000
+     + b"\r\n\r\na\r\n--B--\r\n", "multipart/form-data; boundary=B", 400),  # headers too long
     (b"--B\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\n\xff\xfe\r\n--B--\r\n",
      "multipart/form-data; boundary=B", 400),  # not UTF-8
     (b"x", "multipart/form-data", 400),  # no boundary
@@ -177,3 +180,39 @@ def test_malformed_forms(standin: InProcessServer, content: bytes, ctype: str, s
     assert response.status_code == status, response.text
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert "Traceback" not in standin.log()
+
+
+def test_multipart_fuzz_never_5xx(standin: InProcessServer) -> None:
+    """A few hundred seeded mutations of a valid form (bytes flipped, cut, duplicated, boundaries and
+    headers mangled): every answer is a 2xx or 4xx in the error shape, never a 5xx."""
+    import random
+
+    rng = random.Random(1234)
+    valid = (b"--fuzzb\r\nContent-Disposition: form-data; name=\"prompt\"\r\n\r\na fox\r\n"
+             b"--fuzzb\r\nContent-Disposition: form-data; name=\"steps\"\r\n\r\n1\r\n"
+             b"--fuzzb\r\nContent-Disposition: form-data; name=\"size\"\r\n\r\n64x64\r\n"
+             b"--fuzzb\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n"
+             b"Content-Type: image/png\r\n\r\n" + png(16, 16) + b"\r\n--fuzzb--\r\n")
+    pieces = [b"--fuzzb", b"\r\n", b"Content-Disposition: form-data; name=\"", b"\"; filename=\"",
+              b"\xff\xfe", b"\x00", b"--fuzzb--", b"image[]", b"n\"\r\n\r\n99999999999999999999", b"[][",
+              b"Content-Type: image/png"]
+    statuses: dict[int, int] = {}
+    for _ in range(300):
+        body = bytearray(valid)
+        for _ in range(rng.randint(1, 4)):
+            op, at = rng.randrange(4), rng.randrange(len(body) + 1)
+            if op == 0 and body:
+                body[min(at, len(body) - 1)] = rng.randrange(256)
+            elif op == 1:
+                del body[at:at + rng.randint(1, 40)]
+            elif op == 2:
+                body[at:at] = rng.choice(pieces)
+            else:
+                body[at:at] = body[rng.randrange(len(body)):][:rng.randint(1, 80)]
+        response = standin.client.post(
+            EDITS, content=bytes(body), headers={"content-type": "multipart/form-data; boundary=fuzzb"})
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        assert response.status_code < 500, (response.status_code, response.text, bytes(body)[:300])
+        if response.status_code >= 400:
+            assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+    assert statuses.get(200, 0) and sum(v for k, v in statuses.items() if k >= 400), statuses

@@ -61,7 +61,8 @@ def test_models_list_openai_and_plain_http(standin: InProcessServer) -> None:
     raw = standin.client.get("/v1/models").json()
     assert raw["object"] == "list"  # plain HTTP callers keep the OpenAI shape
     card = raw["data"][0]
-    assert {"id", "object", "created", "owned_by", "type", "display_name", "organization", "pricing"} <= set(card)
+    assert {"id", "object", "created", "owned_by", "type", "display_name", "organization",
+            "pricing"} <= set(card)
     assert card["type"] == "image" and card["object"] == "model"
     assert CLOSED in card["aliases"] and "tiny-flux" in card["aliases"]
     # The explicit override and together 1.x's header get Together's bare array.
@@ -106,7 +107,8 @@ def test_operator_alias_runs_and_is_echoed(standin: InProcessServer) -> None:
 def test_shipped_together_ids_resolve_to_the_same_weights() -> None:
     registry = Registry.from_settings(REPO / "models", ["black-forest-labs/FLUX.1-schnell-Free",
                                                         "black-forest-labs/FLUX.1-dev-lora"])
-    assert [m.id for m in registry.models] == ["black-forest-labs/FLUX.1-schnell", "black-forest-labs/FLUX.1-dev"]
+    assert [m.id for m in registry.models] == ["black-forest-labs/FLUX.1-schnell",
+                                               "black-forest-labs/FLUX.1-dev"]
     assert registry.get("black-forest-labs/FLUX.1-dev-lora").capabilities.loras
 
 
@@ -222,7 +224,7 @@ def test_img2img_at_one_step_is_400_naming_steps(standin: InProcessServer) -> No
                                        image_url=data_url(64, 64))
 
 
-# -- 5. Fields other SDKs send ---------------------------------------------------------------------------------
+# -- 5. Fields other SDKs send ----------------------------------------------------------------------------
 
 
 def test_openai_fields_honoured_or_ignored_and_logged(standin: InProcessServer) -> None:
@@ -248,7 +250,8 @@ def test_openai_fields_honoured_or_ignored_and_logged(standin: InProcessServer) 
     ({"output_compression": 101}, "output_compression"),
     ({"image_base64": "aGVsbG8=", "image_url": "https://example.com/a.png"}, "image_base64"),
 ])
-def test_refused_sdk_fields_name_the_field(standin: InProcessServer, fields: dict[str, Any], param: str) -> None:
+def test_refused_sdk_fields_name_the_field(standin: InProcessServer, fields: dict[str, Any],
+                                           param: str) -> None:
     response = standin.generate(prompt="a", steps=1, width=64, height=64, **fields)
     assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
 

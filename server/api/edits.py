@@ -73,8 +73,8 @@ def _check_files(files: list[Part], manifest: ModelManifest) -> list[Part]:
         raise Unsupported(f"model {manifest.id} does not edit images", param="model")
     most = 1 + (manifest.limits.max_reference_images if caps.reference_images else 0)
     if len(images) > most:
-        raise InvalidRequest(f"model {manifest.id} takes at most {most} image(s) per edit (got {len(images)})",
-                             param="image")
+        raise InvalidRequest(
+            f"model {manifest.id} takes at most {most} image(s) per edit (got {len(images)})", param="image")
     return images
 
 
@@ -85,8 +85,8 @@ async def edit_image(request: Request) -> JSONResponse:
     body = form_fields(parts)
     for name in URL_FIELDS:
         if name in body:
-            raise Unsupported(f"'{name}' is not taken by the edits endpoint; send the images as 'image' files",
-                              param=name)
+            raise Unsupported(
+                f"'{name}' is not taken by the edits endpoint; send the images as 'image' files", param=name)
     model = body.get("model")
     manifest = _editing_model(runtime, model if isinstance(model, str) and model else None)
     images = _check_files([part for part in parts if part.filename is not None], manifest)

@@ -102,8 +102,9 @@ def _note_extras(request: Request, extras: Extras) -> None:
     if extras.user:
         request.state.user = ascii(extras.user)[1:-1]
     if extras.ignored:
-        log.info("request fields ignored request_id=%s fields=%s", request_id(request), ",".join(extras.ignored),
-                 extra={"fields": {"request_id": request_id(request), "ignored": list(extras.ignored)}})
+        rid = request_id(request)
+        log.info("request fields ignored request_id=%s fields=%s", rid, ",".join(extras.ignored),
+                 extra={"fields": {"request_id": rid, "ignored": list(extras.ignored)}})
 
 
 async def generate(request: Request, req: ImageRequest, inputs: Inputs,
@@ -180,8 +181,8 @@ def _matcher(req: ImageRequest, manifest: ModelManifest, params: GenerationParam
     limits = manifest.effective_limits(settings.limits)
 
     def sized(width: int, height: int) -> GenerationParams:
-        size = resolve_size(req.width, req.height, req.size, req.aspect_ratio, manifest, limits, (width, height))
-        return with_size(params, size)
+        return with_size(params, resolve_size(req.width, req.height, req.size, req.aspect_ratio, manifest,
+                                              limits, (width, height)))
 
     return sized
 

@@ -84,7 +84,8 @@ class _Reader:
     def _count_header(self, size: int) -> None:
         self._header_bytes += size
         if self._header_bytes > self.limits.max_header_bytes:
-            raise InvalidRequest(f"a form part's headers are longer than {self.limits.max_header_bytes} bytes")
+            raise InvalidRequest(
+                f"a form part's headers are longer than {self.limits.max_header_bytes} bytes")
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
         self._count_header(end - start)
@@ -196,8 +197,8 @@ def _container(body: dict[str, Any], name: str, kind: type) -> Any:
 
 
 def form_fields(parts: list[Part]) -> dict[str, Any]:
-    """The text parts as a JSON-like body: ``name`` → value, ``name[]`` → list, ``name[][key]`` → list of
-    objects (a repeated key starts the next object), ``name[key]`` → object. Empty values are openai's None
+    """The text parts as a JSON-like body: ``name`` → value, ``name[]`` → list, ``name[][key]`` → list
+    of objects (a repeated key starts the next object), ``name[key]`` → object. Empty values are openai's None
     and are left out."""
     body: dict[str, Any] = {}
     for part in parts:

@@ -76,8 +76,8 @@ class ObserveMiddleware:
                 key = state.get("api_key")
                 # user: what an openai client says its end user is (``user`` / ``safety_identifier``).
                 user = state.get("user")
-                fields = {"request_id": rid, "method": scope["method"], "path": scope["path"], "status": status,
-                          "model": model or None, "key": getattr(key, "name", None),
+                fields = {"request_id": rid, "method": scope["method"], "path": scope["path"],
+                          "status": status, "model": model or None, "key": getattr(key, "name", None),
                           "duration_ms": round(elapsed * 1000, 1), **({"user": user} if user else {})}
                 log.info("request done request_id=%s method=%s path=%s status=%d model=%s key=%s "
                          "duration_ms=%.1f%s", rid, scope["method"], scope["path"], status, model or "-",

@@ -119,7 +119,8 @@ def _check_limits(req: ImageRequest, steps: int, manifest: ModelManifest, limits
         raise InvalidRequest(f"'steps' must be at most {limits.max_steps} for {name}", param="steps")
     for field, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
         if text is not None and len(text) > limits.max_prompt_chars:
-            raise InvalidRequest(f"'{field}' is longer than {limits.max_prompt_chars} characters", param=field)
+            raise InvalidRequest(f"'{field}' is longer than {limits.max_prompt_chars} characters",
+                                 param=field)
 
 
 def _check_conditioning(req: ImageRequest, image_url: str | None, image_field: str, conditioning: str,
