@@ -62,7 +62,8 @@ def every_field_set() -> GenerationParams:
     reference = ConditioningImage(1, 1, b"\x00\xff\x10")
     params = GenerationParams(
         model=MODEL, prompt="a lighthouse, ünïcode ✓", width=64, height=96, steps=3, guidance_scale=2.75,
-        seeds=(7, 8), output_format="png", negative_prompt="blur", true_cfg_scale=1.5,
+        seeds=(7, 8), output_format="png", output_width=56, output_height=88, output_quality=70,
+        negative_prompt="blur", true_cfg_scale=1.5,
         max_sequence_length=256, check_safety=False, conditioning="img2img+redux", image=image,
         references=(reference, image), strength=0.6,
         loras=(LoraRef("https://example.com/style.safetensors", 0.8), LoraRef("registered-name")),
