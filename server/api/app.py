@@ -12,8 +12,8 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from ..config import Settings
-from .. import metrics
-from . import images, operator, service
+from .. import __version__, metrics
+from . import docs, images, operator, service
 from .errors import install_error_handlers
 from .observe import ObserveMiddleware
 from .runtime import Runtime
@@ -36,7 +36,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
             sweeper.cancel()
             await run_in_threadpool(rt.stop)
 
-    app = FastAPI(title="Darkroom", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json and /docs (public, server.api_docs): server/api/docs.py.
+    app = docs.make_app(settings, title="Darkroom", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(images.router)
     app.include_router(service.router)
