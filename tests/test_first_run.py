@@ -198,6 +198,11 @@ def test_openapi_schema_is_public_and_describes_the_request(public: Server) -> N
     fields = schema["components"]["schemas"][body]["properties"]
     assert {"prompt", "model", "n", "width", "height", "seed", "image_loras", "reference_images"} <= set(fields)
     assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    # Errors are documented in Together's shape, not FastAPI's 422 detail list (which Darkroom never sends).
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    error = schema["components"]["schemas"]["Error"]["properties"]["error"]
+    assert error["required"] == ["message", "type", "param", "code"]
+    assert "422" not in operation["responses"] and "default" in operation["responses"]
     # Operator routes stay out of it.
     assert not {"/metrics", "/playground", "/"} & set(schema["paths"])
 

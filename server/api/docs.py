@@ -53,8 +53,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "type": "http", "scheme": "bearer",
         "description": "An API key (`Authorization: Bearer <key>`); any key when none is configured.",
     }
+    # Every failure answers Together's error shape (server/api/errors.py), never FastAPI's 422 detail list.
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    schemas["Error"] = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["message", "type", "param", "code"],
+        "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                       "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+    error = {"description": "An error (400, 401, 403, 404, 413, 422 safety, 429, 500, 503, 504)",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
+            operation["responses"].pop("422", None)
+            operation["responses"]["default"] = error
             if path.startswith(KEYED_PREFIXES):
                 operation["security"] = [{"bearer": []}]
             if method == "post" and path == "/v1/images/generations":
