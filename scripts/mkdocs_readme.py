@@ -2,7 +2,8 @@
 
 README.md links to the docs as ``docs/<page>.md`` (what GitHub shows); on the site those pages are siblings
 of the home page, so the ``docs/`` prefix is dropped. MkDocs then validates every link of the result like any
-other page's (``validation:`` in mkdocs.yml, ``--strict``). Hook API: https://www.mkdocs.org/user-guide/configuration/#hooks
+other page's (``validation:`` in mkdocs.yml, ``--strict``).
+Hook API: https://www.mkdocs.org/user-guide/configuration/#hooks
 """
 
 from __future__ import annotations

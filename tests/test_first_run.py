@@ -28,7 +28,8 @@ from .conftest import MODEL, REPO, Server
 KNOWN_HARMLESS = ("requires torchvision (not installed)", "should be kept in float32: []")
 
 
-def darkroom(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+def darkroom(*args: str, env: dict[str, str] | None = None,
+             **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "server", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=120, env={**os.environ, **(env or {})}, **kwargs)
 
@@ -64,8 +65,9 @@ def test_models_json_into_a_closed_pipe_exits_quietly() -> None:
 
 def test_models_json_piped_into_head() -> None:
     """The reported command line, through a shell with pipefail: one line, nothing on stderr, status 0."""
-    result = subprocess.run(["bash", "-o", "pipefail", "-c", f"{sys.executable} -m server models --json | head -1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    line = f"{sys.executable} -m server models --json | head -1"
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", line], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0 and result.stdout == "[\n" and result.stderr == "", result
 
 
@@ -90,8 +92,8 @@ def test_refuses_a_public_address_without_keys(tmp_path: Path, command: str) -> 
     message = result.stderr
     assert "not starting" in message and "0.0.0.0" in message
     # It says how: set keys, or opt in by the config key or the environment variable.
-    for how in ("DARKROOM_SERVER__API_KEYS", "server.allow_anonymous: true", "DARKROOM_SERVER__ALLOW_ANONYMOUS=true",
-                "--host 127.0.0.1"):
+    for how in ("DARKROOM_SERVER__API_KEYS", "server.allow_anonymous: true",
+                "DARKROOM_SERVER__ALLOW_ANONYMOUS=true", "--host 127.0.0.1"):
         assert how in message, how
     assert "Uvicorn running" not in message
 
@@ -109,7 +111,8 @@ def test_loopback_needs_no_keys(host: str) -> None:
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "10.0.0.5", "darkroom.example.com"])
-def test_public_hosts_need_keys_or_the_opt_in(host: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_public_hosts_need_keys_or_the_opt_in(host: str, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
     settings = load_settings()
     settings.server.host = host
     assert listen_refusal(settings) is not None
@@ -162,14 +165,14 @@ def test_harmless_filters_keep_real_warnings() -> None:
     diffusers_filter = DropHarmless(dict(HARMLESS)["diffusers.models.modeling_utils"])
 
     def record(message: str) -> logging.LogRecord:
-        return logging.LogRecord("diffusers.models.modeling_utils", logging.WARNING, __file__, 1, message, None,
-                                 None)
+        return logging.LogRecord("diffusers.models.modeling_utils", logging.WARNING, __file__, 1, message,
+                                 None, None)
 
     assert not diffusers_filter.filter(record(
         "There are modules in AutoencoderKL that should be kept in float32: []. Casting directly ..."))
     # A module that does need float32 is a real warning.
     assert diffusers_filter.filter(record(
-        "There are modules in AutoencoderKL that should be kept in float32: ['decoder']. Casting directly ..."))
+        "There are modules in AutoencoderKL that should be kept in float32: ['decoder']. Casting ..."))
     assert diffusers_filter.filter(record("Some other warning"))
 
 
@@ -196,7 +199,8 @@ def test_openapi_schema_is_public_and_describes_the_request(public: Server) -> N
     assert operation["security"] == [{"bearer": []}]
     body = operation["requestBody"]["content"]["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]
     fields = schema["components"]["schemas"][body]["properties"]
-    assert {"prompt", "model", "n", "width", "height", "seed", "image_loras", "reference_images"} <= set(fields)
+    assert {"prompt", "model", "n", "width", "height", "seed", "image_loras",
+            "reference_images"} <= set(fields)
     assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     # Errors are documented in Together's shape, not FastAPI's 422 detail list (which Darkroom never sends).
     assert "HTTPValidationError" not in schema["components"]["schemas"]

@@ -94,10 +94,16 @@ def generate(page: Any, count: int) -> list[bytes]:
     """Click Generate; the bytes of the ``count`` images the page shows."""
     page.click("#generate")
     page.wait_for_function(f"document.querySelectorAll('#images img').length === {count} && "
-                           "[...document.querySelectorAll('#images img')].every(i => i.complete && i.naturalWidth > 0)"
-                           " && !document.getElementById('generate').disabled", timeout=60_000)
+                           "[...document.querySelectorAll('#images img')]"
+                           ".every(i => i.complete && i.naturalWidth > 0) && "
+                           "!document.getElementById('generate').disabled", timeout=60_000)
     sources = page.eval_on_selector_all("#images img", "imgs => imgs.map(i => i.src)")
     return [base64.b64decode(src.split(",", 1)[1]) for src in sources]
+
+
+def sent_body(page: Any) -> dict[str, Any]:
+    """The JSON body in the curl snippet (between ``-d '`` and the closing quote)."""
+    return json.loads(page.inner_text("#code_curl").split(" -d '", 1)[1].split("'\n", 1)[0])
 
 
 def card(site: Server, model: str) -> dict[str, Any]:
@@ -135,7 +141,8 @@ def test_limits_sizes_and_the_tiny_models_note(site: Server, page: Any) -> None:
         for size in sizes:
             w, h = (int(v) for v in size.split("x"))
             assert w % limits["size_multiple"] == 0 and h % limits["size_multiple"] == 0, size
-            assert limits["min_size"] <= w <= limits["max_width"] and limits["min_size"] <= h <= limits["max_height"]
+            assert limits["min_size"] <= w <= limits["max_width"], size
+            assert limits["min_size"] <= h <= limits["max_height"], size
             assert w * h <= limits["max_pixels"], size
     page.select_option("#aspect", "1:1")
     assert "64x64" in page.eval_on_selector_all("#size option", "os => os.map(o => o.value)")
@@ -183,7 +190,7 @@ def test_generate_download_timings_and_copy_as_code(site: Server, page: Any, tmp
     env = {**os.environ, "DARKROOM_API_KEY": KEY}
     curl = page.inner_text("#code_curl")
     assert "$DARKROOM_API_KEY" in curl and KEY not in curl  # the key itself is never shown
-    sent = json.loads(curl.split(" -d '", 1)[1].split("'\n", 1)[0])
+    sent = sent_body(page)
     assert sent["image_loras"] == [{"path": "style-a", "scale": 0.8}, {"path": "style-b", "scale": 0.5}]
     assert (sent["width"], sent["height"], sent["seed"], sent["n"]) == (96, 64, 42, 2)
     result = subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=120, env=env)
@@ -242,7 +249,7 @@ def test_reference_image_list(site: Server, page: Any) -> None:
     page.fill("#steps", "1")
     page.fill("#seed", "5")
     page.fill("#n", "1")
-    assert json.loads(page.inner_text("#code_curl").split(" -d '", 1)[1].split("'\n", 1)[0])["reference_images"] == urls
+    assert sent_body(page)["reference_images"] == urls
     (image,) = generate(page, 1)
     assert Image.open(io.BytesIO(image)).size == (64, 64)
     # At most the model's max_reference_images entries.
