@@ -44,6 +44,7 @@ $(TORCH_STAMP):
 	    rm -rf $(VENV); \
 	fi; \
 	set -e; \
+	echo "building $(VENV) with $(TORCH) (first time: a few minutes)"; \
 	$(PYTHON) -m venv $(VENV); \
 	$(BIN)/python -m pip install -q --upgrade pip; \
 	$(BIN)/python -m pip install -q "$(TORCH)"; \
