@@ -26,7 +26,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_serving.py $(ARGS)
 
 docs: $(VENV)/.installed
-	$(BIN)/mkdocs build --strict $(ARGS)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict $(ARGS)
 
 install: $(VENV)/.installed
 
