@@ -1,4 +1,9 @@
-"""The ``darkroom`` command."""
+"""The ``darkroom`` command: the one place that puts a process together.
+
+``serve`` runs the API with one worker per device (server/api/, server/worker/wiring.py); ``api`` runs the API
+alone on the Redis queue and never imports torch; ``worker`` runs Redis workers (server/worker/process.py);
+``pull`` and ``models`` manage weights (server/models_cli.py). Each side is imported only by its command.
+"""
 
 from __future__ import annotations
 
@@ -32,31 +37,33 @@ def _serve(args: argparse.Namespace) -> int:
     if refusal:
         log.error("%s", refusal)
         return 2
-    runtime = None
     if args.command == "api":
-        from .api.runtime import Runtime
-
         if settings.queue.backend != "redis":
             logging.getLogger(__name__).error(
                 "darkroom api needs queue.backend: redis (its jobs run in `darkroom worker` processes)")
             return 2
-        runtime = Runtime.build(settings, with_workers=False)
+        workers = None  # an API pod: torch and diffusers are never imported
     elif not _weights_ready(settings):
         return 2
     else:
         log_torch(settings)
-    from .api.app import create_app  # after the checks: it imports torch and diffusers
+        from .worker.wiring import serve_workers  # the engine side: torch and diffusers
 
+        workers = serve_workers
+    from .api.app import create_app
+    from .api.runtime import Runtime
+
+    app = create_app(settings, Runtime.build(settings, workers))
     base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     docs = f", API docs {base}/docs" if settings.server.api_docs else ""
     log.info("darkroom %s on %s: playground %s/playground%s", __version__, base, base, docs)
     # On SIGTERM uvicorn stops accepting, finishes the in-flight responses, then shuts the app down.
-    uvicorn.run(create_app(settings, runtime), host=host, port=port, log_config=None, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .worker_process import run_worker
+    from .worker.process import run_worker
 
     settings = load_settings(args.config)
     if args.health_port is not None:
@@ -120,13 +127,13 @@ def log_torch(settings: Settings) -> None:
              torch.version.cuda, ", ".join(names), ",".join(devices), extra={"fields": fields})
 
 
-def _weights_ready(settings: object) -> bool:
+def _weights_ready(settings: Settings) -> bool:
     """Refuse to start a model whose weights are not on disk (`darkroom pull MODEL` fetches them)."""
     from .models_cli import missing_weights
 
-    if settings.engine.allow_downloads:  # type: ignore[attr-defined]
+    if settings.engine.allow_downloads:
         return True
-    problems = missing_weights(settings)  # type: ignore[arg-type]
+    problems = missing_weights(settings)
     for problem in problems:
         log.error("not starting: %s", problem)
     return not problems

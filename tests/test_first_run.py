@@ -222,14 +222,9 @@ def test_swagger_ui_loads_nothing_from_elsewhere(public: Server) -> None:
     assert response.status_code == 200, response.text
 
 
-def test_api_docs_can_be_turned_off(tmp_path: Path) -> None:
-    from fastapi.testclient import TestClient
-
-    from server.api.app import create_app
-    from server.config import Settings
-
-    client = TestClient(create_app(Settings(server={"api_docs": False})))
+def test_api_docs_can_be_turned_off(make_app: Any) -> None:
+    closed = make_app({"server": {"api_docs": False}}, engine="stand-in")
     for path in ("/openapi.json", "/docs", "/docs/assets/swagger-ui.css"):
-        response = client.get(path)
+        response = closed.client.get(path)
         assert response.status_code == 404 and response.json()["error"]["code"] == "not_found", path
-    assert "docs" not in client.get("/").json()
+    assert "docs" not in closed.client.get("/").json()

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is
 
 @pytest.fixture(scope="module")
 def site(make_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
-    from server.engine.tiny import lora_file_bytes, tiny_flux_lora
+    from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
     loras = tmp_path_factory.mktemp("loras")
     registered = {}
