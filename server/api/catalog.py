@@ -66,6 +66,7 @@ def model_card(runtime: Runtime, manifest: ModelManifest, created: int) -> dict[
         "owned_by": manifest.owned_by,
         "type": "image",
         "display_name": manifest.description or manifest.id,
+        "description": manifest.description,
         "organization": manifest.owned_by,
         "link": f"https://huggingface.co/{hub}" if hub else None,
         "license": None,

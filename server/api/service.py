@@ -3,7 +3,6 @@ images."""
 
 from __future__ import annotations
 
-
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
