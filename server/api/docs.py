@@ -23,7 +23,15 @@ DOCS_URL = "/docs"
 # Where fastapi-offline serves the Swagger UI's bundle, CSS and favicon.
 ASSETS_URL = "/docs/assets"
 # Routes whose operations need a bearer key (the others in the schema: /health, /ready, /v1/files).
-KEYED_PREFIXES = ("/v1/images/generations", "/v1/models")
+KEYED_PREFIXES = ("/v1/images/generations", "/v1/images/edits", "/v1/models", "/v2/")
+
+
+# The files of POST /v1/images/edits (its text fields are ImageRequest's).
+_EDIT_FILES = {"type": "object", "required": ["image"], "properties": {
+    "image": {"description": "the image to edit (several: image[], the others are references)",
+              "oneOf": [{"type": "string", "format": "binary"},
+                        {"type": "array", "items": {"type": "string", "format": "binary"}}]},
+    "mask": {"type": "string", "format": "binary", "description": "inpainting: refused (400) by every model"}}}
 
 
 def make_app(settings: Settings, **kwargs: Any) -> FastAPI:
@@ -60,7 +68,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         "type": "object", "required": ["message", "type", "param", "code"],
         "properties": {"message": {"type": "string"}, "type": {"type": "string"},
                        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
-    error = {"description": "An error (400, 401, 403, 404, 413, 422 safety, 429, 500, 503, 504)",
+    error = {"description": "An error (400, 401, 403, 404, 413, 415, 422 safety, 429 rate limit, 500, "
+                            "503 overloaded or not ready, 504)",
              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     for path, operations in schema.get("paths", {}).items():
         for method, operation in operations.items():
@@ -71,5 +80,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
             if method == "post" and path == "/v1/images/generations":
                 operation["requestBody"] = {"required": True, "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/ImageRequest"}}}}
+            if method == "post" and path == "/v1/images/edits":
+                operation["requestBody"] = {"required": True, "content": {"multipart/form-data": {"schema": {
+                    "allOf": [{"$ref": "#/components/schemas/ImageRequest"}, _EDIT_FILES]}}}}
     app.openapi_schema = schema
     return schema
