@@ -185,3 +185,34 @@ def test_control_pipelines_follow_the_control_image(kind: str, folder: Path) -> 
     assert np.array_equal(_px(a), _px(_run(pipe, control_image=[first], guidance_scale=3.5)))
     assert _diff(a, _run(pipe, control_image=[second], guidance_scale=3.5)) > 2
     assert _diff(a, _run(pipe, seed=1, control_image=[first], guidance_scale=3.5)) > 5
+
+
+# -- each row's own references in one call (server/engine/flux2.py) ---------------------------------
+
+
+@pytest.mark.parametrize("which", ["flux2", "klein"])
+def test_rows_pipeline_gives_each_row_its_references(which: str, folder: Path,
+                                                    request: pytest.FixtureRequest) -> None:
+    from server.engine.flux2 import Flux2KleinRowsPipeline, Flux2RowsPipeline
+    from server.engine.tiny_flux2 import ensure_tiny_flux2, ensure_tiny_flux2_klein
+
+    cls, ensure = {"flux2": (Flux2RowsPipeline, ensure_tiny_flux2),
+                   "klein": (Flux2KleinRowsPipeline, ensure_tiny_flux2_klein)}[which]
+    pipe = cls.from_pretrained(str(ensure(folder)), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    mine, yours = [_noise_image(0), gradient(96, 64)], [checker(), checker(96, 64, 16)]
+
+    def call(prompts: list[str], images: list[Image.Image], seeds: list[int]) -> list[Image.Image]:
+        return pipe(prompt=prompts, image=images, width=64, height=64, num_inference_steps=2,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+
+    together = call(["a cat", "a dog"], mine + yours, [0, 1])
+    alone = [call(["a cat"], mine, [0])[0], call(["a dog"], yours, [1])[0]]
+    for t, a in zip(together, alone):
+        assert _diff(t, a) < 0.5  # float noise of a batched matmul at most
+    assert _diff(together[0], together[1]) > 5
+    # One row: exactly what the upstream pipeline gives.
+    assert np.array_equal(_px(alone[0]), _px(_run(request.getfixturevalue(which), image=mine)))
+    # Rows whose references make different numbers of tokens cannot share a call.
+    with pytest.raises(ValueError, match="same sizes"):
+        call(["a cat", "a dog"], mine + [checker(), checker()], [0, 1])

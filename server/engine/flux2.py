@@ -1,0 +1,47 @@
+"""FLUX.2 [dev] and [klein] pipelines that take each prompt's own reference images in one batched call.
+
+diffusers' ``Flux2Pipeline`` and ``Flux2KleinPipeline`` take ``image`` as ONE list of reference images that
+every prompt of the call shares (``prepare_image_latents`` encodes the list once and repeats it over the
+batch). A server batches requests from different users, each with its own references, so these subclasses
+read ``image`` as the concatenation of every row's references, ``k`` per row in row order
+(``len(image) == batch_size * k``), and give each row its own reference tokens. Everything else is the
+upstream pipeline: each reference is VAE-encoded alone (the latent mode, no noise), packed, and placed at its
+own time offset of the RoPE ids (10, 20, ... in list order, so order matters as upstream); the rows' token
+counts must match (the worker batches only references of equal sizes, position by position). With one row the result is exactly upstream's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+
+class _PerRowReferences:
+    """Mixin over a FLUX.2 pipeline: ``image`` holds ``k`` references per row instead of ``k`` for all rows."""
+
+    def prepare_image_latents(self, images: list[torch.Tensor], batch_size: int, generator: Any,
+                              device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference tokens ``(batch_size, k x tokens, C)`` and their ids ``(batch_size, k x tokens, 4)``.
+
+        ``images`` are the preprocessed references of every row, row after row. Raises ``ValueError`` when
+        they do not split evenly over the rows or when rows would get different token counts.
+        """
+        if len(images) % batch_size:
+            raise ValueError(f"{len(images)} reference images do not split evenly over {batch_size} images")
+        per_row = len(images) // batch_size
+        upstream = super().prepare_image_latents  # type: ignore[misc]
+        rows = [upstream(images[i * per_row:(i + 1) * per_row], 1, generator, device, dtype)
+                for i in range(batch_size)]
+        if len({latents.shape for latents, _ in rows}) != 1:
+            raise ValueError("the rows of a batch need reference images of the same sizes")
+        return torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
+
+
+class Flux2RowsPipeline(_PerRowReferences, Flux2Pipeline):
+    """``Flux2Pipeline`` (FLUX.2 [dev]) with per-row reference images; loads from the same folders."""
+
+
+class Flux2KleinRowsPipeline(_PerRowReferences, Flux2KleinPipeline):
+    """``Flux2KleinPipeline`` (FLUX.2 [klein]) with per-row reference images; loads from the same folders."""
