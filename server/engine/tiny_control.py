@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from diffusers import FluxTransformer2DModel
 
-from .tiny import _TEXT_DIM, _components, _is_complete, _reinit_, _save_atomically, ensure_built, write_atomically
+from .tiny import _components, _is_complete, _reinit_, _save_atomically, ensure_built, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ _DEPTH_SIZE = 56  # 4 x 4 patches (Depth Anything: 518 px, 37 x 37)
 def control_components(seed: int) -> dict[str, object]:
     """Every component of a tiny ``FluxControlPipeline`` (deterministic in ``seed``)."""
     components = _components(seed)
+    text_dim = components["text_encoder_2"].config.d_model  # type: ignore[attr-defined]
     gen = torch.Generator().manual_seed(seed + 100)
     torch.manual_seed(seed + 100)
     transformer = FluxTransformer2DModel(
@@ -49,8 +50,8 @@ def control_components(seed: int) -> dict[str, object]:
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
-        joint_attention_dim=_TEXT_DIM,
-        pooled_projection_dim=_TEXT_DIM,
+        joint_attention_dim=text_dim,
+        pooled_projection_dim=text_dim,
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),
     )
