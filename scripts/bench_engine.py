@@ -54,8 +54,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_serving import cpu_name, percentile  # noqa: E402
-from server.launch import free_port, stop, wait_ready  # noqa: E402
 from server.registry import ModelManifest  # noqa: E402
+from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
 MODEL_ID = "bench/flux"

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import CheckerSource, Settings
-from .registry import ModelManifest, WeightsSource, load_manifests
+from .config import Settings, WeightsSource
+from .registry import ModelManifest, load_manifests
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Weights:
     """One set of weights a model needs."""
 
     role: str  # model, redux prior, image checker, prompt classifier
-    source: WeightsSource | CheckerSource
+    source: WeightsSource
     # Folders of a repo that are used (None: the whole repo).
     subfolders: tuple[str, ...] | None = None
 
@@ -77,7 +77,7 @@ def find_manifest(name: str, settings: Settings) -> ModelManifest:
 # -- presence ----------------------------------------------------------------------------------------
 
 
-def _hub_snapshot(source: WeightsSource | CheckerSource) -> Path | None:
+def _hub_snapshot(source: WeightsSource) -> Path | None:
     """The cached snapshot folder of a Hub source, or None (no network is used)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -205,14 +205,9 @@ def pull(name: str, settings: Settings, out: Any = sys.stdout) -> int:
 
 
 def _build_builtin(weights: Weights, settings: Settings) -> Path:
-    cache = settings.engine.cache_dir
-    if isinstance(weights.source, CheckerSource):
-        from .engine.tiny_safety import ensure_tiny_checker
+    from .engine.weights import ensure_builtin  # the builders need torch and diffusers
 
-        return ensure_tiny_checker(str(weights.source.builtin), cache)
-    from .engine.pipelines import source_location
-
-    return Path(source_location(weights.source, cache)[0])
+    return ensure_builtin(str(weights.source.builtin), settings.engine.cache_dir)
 
 
 # -- listing -----------------------------------------------------------------------------------------

@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..conditioning import conditioning_kind
 from ..config import LimitSettings, LoraSettings
-from ..engine.types import GenerationParams
 from ..errors import InvalidRequest, Unsupported
-from ..loras import resolve_loras
+from ..params import GenerationParams
 from ..registry import ModelManifest
+from .conditioning import conditioning_kind
+from .loras import resolve_loras
 
 MAX_SEED = 2**63 - 1
 

@@ -1,5 +1,7 @@
 """Per-request LoRAs on a device: resident adapters, activation per batch, and hotswap slots.
 
+The engine half of ``image_loras``: files come from the LoRA store (server/loras.py), shared with the API.
+
 One ``LoraManager`` per engine (one device), called from that device's worker thread only.
 
 Default mode: every LoRA a batch uses is loaded once as a named diffusers adapter (``load_lora_weights``
@@ -40,9 +42,9 @@ import torch
 
 from .. import metrics
 from ..config import LoraSettings
-from ..loras import LoraError, LoraStore, _shown
+from ..loras import LoraError, LoraStore, shown_path
+from ..params import LoraRef
 from .loading import LOAD_LOCK
-from .types import LoraRef
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,7 @@ class LoraManager:
                 state.pipe.delete_adapters(name)
                 state.active = None
                 metrics.LORA_CACHE_EVICTIONS.labels(cache="adapter").inc()
-                log.info("lora unloaded model=%s path=%s adapter=%s", model_id, _shown(victim), name)
+                log.info("lora unloaded model=%s path=%s adapter=%s", model_id, shown_path(victim), name)
             self._serial += 1
             name = f"lora{self._serial}"
             started = time.perf_counter()
@@ -217,11 +219,11 @@ class LoraManager:
                                                  adapter_name=name)
             except Exception as exc:  # noqa: BLE001 - a bad file must not take the worker down
                 self._drop_partial(state.pipe, name)
-                raise LoraError(f"LoRA '{_shown(ref.path)}' could not be loaded into {model_id}: "
+                raise LoraError(f"LoRA '{shown_path(ref.path)}' could not be loaded into {model_id}: "
                                 f"{_summary(exc)}") from None
         state.resident[ref.path] = name
         self.loads += 1
-        log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, _shown(ref.path), name,
+        log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, shown_path(ref.path), name,
                  time.perf_counter() - started)
         return name
 
@@ -250,7 +252,7 @@ class LoraManager:
                                                      adapter_name=self._slot(i), hotswap=True)
                 except Exception as exc:  # noqa: BLE001
                     self._reset_slot(state, i)
-                    raise LoraError(f"LoRA '{_shown(ref.path)}' could not be swapped into {model_id}: "
+                    raise LoraError(f"LoRA '{shown_path(ref.path)}' could not be swapped into {model_id}: "
                                     f"{_summary(exc)}") from None
             slots[i] = ref.path
             where[ref.path] = i
@@ -258,7 +260,7 @@ class LoraManager:
             state.base[i] = self._read_scaling(state, i)
             state.applied[i] = None
             self.swaps += 1
-            log.info("lora swapped in model=%s path=%s slot=%d seconds=%.3f", model_id, _shown(ref.path), i,
+            log.info("lora swapped in model=%s path=%s slot=%d seconds=%.3f", model_id, shown_path(ref.path), i,
                      time.perf_counter() - started)
         scales = [0.0] * len(slots)
         state.tick += 1
@@ -347,7 +349,7 @@ class LoraManager:
 
     def inspect(self, model_id: str, pipe: Any, file: Any, path: str) -> LoraInfo:
         """Read a LoRA as diffusers converts it and check every weight against the model's layers."""
-        label = _shown(path)
+        label = shown_path(path)
         try:
             state_dict, alphas, metadata = pipe.lora_state_dict(
                 str(file), return_alphas=True, return_lora_metadata=True)

@@ -1,5 +1,6 @@
 """``image_url`` and ``reference_images``: which conditioning a request gets, and its images, fetched.
 
+The API half of conditioning (the engine's half, using the prepared images, is server/engine/pipelines.py).
 Runs in the API process, before a job is queued: a bad URL or a model without the capability is a 400
 that costs no GPU work. Images travel in the job as plain RGB bytes (``ConditioningImage``), already
 sized for their use, so the worker does no network I/O and little image work:
@@ -20,10 +21,11 @@ from collections.abc import Callable
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from .engine.types import ConditioningImage, Conditioning, GenerationParams
-from .errors import InvalidRequest, Unsupported
-from .fetch import Fetcher
-from .registry import ModelManifest
+from ..errors import InvalidRequest, Unsupported
+from ..fetch import Fetcher
+from ..images import fit_cover, fit_within
+from ..params import Conditioning, ConditioningImage, GenerationParams
+from ..registry import ModelManifest
 
 REDUX_MAX_SIDE = 768
 
@@ -48,35 +50,6 @@ def conditioning_kind(
     if image_url:
         return ("img2img+redux" if refs else "img2img"), manifest.defaults.img2img_strength
     return ("redux" if refs else "text"), None
-
-
-def fit_cover(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover ``width`` x ``height``, then crop the centre to exactly that size."""
-    scale = max(width / image.width, height / image.height)
-    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    resized = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (w - width) // 2, (h - height) // 2
-    return resized.crop((left, top, left + width, top + height))
-
-
-def fit_within(image: Image.Image, side: int) -> Image.Image:
-    if max(image.size) <= side:
-        return image
-    scale = side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-
-
-def stitch(images: list[Image.Image]) -> Image.Image:
-    """Images of one height side by side, left to right (Kontext's input plus references)."""
-    if len(images) == 1:
-        return images[0]
-    canvas = Image.new("RGB", (sum(i.width for i in images), images[0].height))
-    x = 0
-    for image in images:
-        canvas.paste(image, (x, 0))
-        x += image.width
-    return canvas
 
 
 def _load(fetcher: Fetcher, url: str, field: str,
@@ -109,9 +82,10 @@ async def attach_images(
         *(run_in_threadpool(_load, fetcher, url, field, prep) for url, field, prep in jobs),
         return_exceptions=True,
     )
+    images: list[ConditioningImage] = []
     for result in results:  # the first failure in field order, whichever finished first
         if isinstance(result, BaseException):
             raise result
-    images: list[ConditioningImage] = list(results)  # type: ignore[arg-type]
+        images.append(result)
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))
