@@ -78,7 +78,8 @@ def test_flux2_has_the_real_component_classes(flux2: Any, klein: Any) -> None:
         # FLUX.2 latents: the VAE's channels x a 2x2 patch, what the transformer takes per token.
         assert pipe.transformer.config.in_channels == 4 * pipe.vae.config.latent_channels
         # The pipelines stack three hidden-state layers of the text encoder.
-        assert pipe.transformer.config.joint_attention_dim == 3 * pipe.text_encoder.config.get_text_config().hidden_size
+        text_width = pipe.text_encoder.config.get_text_config().hidden_size
+        assert pipe.transformer.config.joint_attention_dim == 3 * text_width
     assert isinstance(flux2.text_encoder, Mistral3ForConditionalGeneration)
     assert flux2.transformer.config.guidance_embeds  # FLUX.2 [dev] is guidance-distilled
     assert isinstance(klein.text_encoder, Qwen3ForCausalLM)
@@ -165,7 +166,8 @@ def test_control_pipelines_follow_the_control_image(kind: str, folder: Path) -> 
 
     from server.engine import tiny_control
 
-    ensure = {"canny": tiny_control.ensure_tiny_flux_canny, "depth": tiny_control.ensure_tiny_flux_depth}[kind]
+    ensure = {"canny": tiny_control.ensure_tiny_flux_canny,
+              "depth": tiny_control.ensure_tiny_flux_depth}[kind]
     pipe = FluxControlPipeline.from_pretrained(str(ensure(folder)), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     config = pipe.transformer.config

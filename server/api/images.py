@@ -72,7 +72,7 @@ async def create_image(request: Request) -> JSONResponse:
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
     # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
     # the job is queued.
-    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher)
+    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, manifest)
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
     if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
         await run_in_threadpool(runtime.lora_store.prefetch, params.loras)

@@ -14,12 +14,18 @@ Worker side only: OpenCV and the depth model are never imported by an API proces
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from diffusers import FluxControlPipeline
 from PIL import Image
+
+from ..params import GenerationParams
+from .runner import FamilyRunner, SharedModels, grey, per_image
+from .weights import source_location
 
 log = logging.getLogger(__name__)
 
@@ -85,3 +91,35 @@ class DepthPreprocessor:
                 depth = depth.resize(image.size, Image.Resampling.BICUBIC)
             out.append(depth.convert("RGB"))
         return out
+
+
+class ControlRunner(FamilyRunner):
+    """FLUX.1 Canny / Depth [dev] (``family: flux-control``): ``FluxControlPipeline`` with each request's
+    control image computed from its ``image_url`` photo (sized to the output by the API) by the manifest's
+    preprocessor. No negative conditioning (the pipeline has none)."""
+
+    pipeline_class = FluxControlPipeline
+    preprocess: ControlPreprocessor
+
+    def attach(self, shared: SharedModels) -> None:
+        spec = self.manifest.control
+        assert spec is not None  # the manifest validator requires it for this family
+        if spec.preprocessor == "canny":
+            self.preprocess = CannyPreprocessor(spec.canny_low, spec.canny_high)
+            return
+        assert spec.depth_model is not None
+        location, kwargs = source_location(spec.depth_model, self.settings.cache_dir)
+        # One depth model per device, however many manifests name it.
+        self.preprocess = shared.get("depth-estimation", location,
+                                     lambda: DepthPreprocessor(location, self.device, kwargs))
+
+    def route(self, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> Any:
+        photos = []
+        for p in batch:
+            assert p.image is not None  # the API requires image_url for this family
+            photos.append(p.image.to_pil())
+        kwargs["control_image"] = per_image(batch, self.preprocess(photos))
+        return self.pipe
+
+    def warm_request(self, params: GenerationParams) -> GenerationParams:
+        return dataclasses.replace(params, conditioning="control", image=grey(params.width, params.height))

@@ -191,7 +191,7 @@ def _image_components(seed: int, guidance_embeds: bool) -> dict[str, object]:
 
 
 def flux2_components(seed: int = 0) -> dict[str, object]:
-    """Every component of a tiny ``Flux2Pipeline`` (FLUX.2 [dev]: guidance-distilled, Mistral text encoder)."""
+    """Every component of a tiny ``Flux2Pipeline`` (FLUX.2 [dev]: guidance-distilled, Mistral encoder)."""
     components = _image_components(seed, guidance_embeds=True)
     tokenizer = mistral_tokenizer()
     torch.manual_seed(seed + 1)
@@ -201,7 +201,7 @@ def flux2_components(seed: int = 0) -> dict[str, object]:
 
 
 def flux2_klein_components(seed: int = 2) -> dict[str, object]:
-    """Every component of a tiny ``Flux2KleinPipeline`` (no guidance embedding; true CFG when not distilled)."""
+    """Every component of a tiny ``Flux2KleinPipeline`` (no guidance embedding; true CFG unless distilled)."""
     components = _image_components(seed, guidance_embeds=False)
     tokenizer = qwen_tokenizer()
     torch.manual_seed(seed + 1)
