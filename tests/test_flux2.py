@@ -314,3 +314,58 @@ def test_engine_batches_by_family_kind_and_reference_sizes(tiny_cache: Path) -> 
     # Same sizes, other pixels: one key.
     assert (params(DEV, conditioning="references", references=(noise, grad)).batch_key()
             == params(DEV, conditioning="references", references=(check, noise)).batch_key())
+
+
+def test_flux2_hotswap_slots_match_named_adapters(origin: ImageOrigin, tmp_path: Path,
+                                                  tiny_cache: Path) -> None:
+    """FLUX.2 LoRAs through the compiled-transformer path (hotswap into fixed slots, no compile on CPU)."""
+    from server.config import EngineSettings, FetchSettings, LoraSettings, SafetySettings
+    from server.engine.pipelines import Engine
+    from server.loras import LoraStore
+    from server.params import GenerationParams, LoraRef
+    from server.registry import Registry
+
+    plain, aitk = origin.url("/loras/flux2.safetensors"), origin.url("/loras/aitk.safetensors")
+    sets = [(), ((plain, 1.0),), ((aitk, 0.8),), ((plain, 0.5), (aitk, 1.0)), ()]
+
+    def images(hotswap: bool) -> list[Image.Image]:
+        store = LoraStore(LoraSettings(cache_dir=tmp_path / f"loras-{hotswap}", hotswap=hotswap,
+                                       hotswap_target_rank=8, max_count=2),
+                          FetchSettings(allow_hosts=["127.0.0.1"]), tmp_path)
+        engine = Engine(Registry.from_settings(REPO / "models", [DEV]), EngineSettings(cache_dir=tiny_cache),
+                        "cpu", SafetySettings(enabled=False), loras=store)
+        engine.load()
+        return [engine.generate([GenerationParams(
+            model=DEV, prompt="a red barn", width=64, height=64, steps=2, guidance_scale=4.0, seeds=(3,),
+            max_sequence_length=256, loras=tuple(LoraRef(p, s) for p, s in loras))]).images[0][0]
+            for loras in sets]
+
+    named, swapped = images(False), images(True)
+    for loras, x, y in zip(sets, named, swapped):
+        assert mean_abs_diff(x, y) <= SAME, loras
+    assert mean_abs_diff(named[0], named[1]) > VISIBLE and mean_abs_diff(named[1], named[2]) > VISIBLE
+    assert same(named[0], named[4])
+
+
+def test_distilled_klein_weights_refuse_a_negative_prompt_manifest(tmp_path: Path, tiny_cache: Path) -> None:
+    """A FLUX.2 [klein] manifest allowing negative prompts on step-distilled weights does not start."""
+    import json
+    import shutil
+
+    import yaml
+
+    from server.config import EngineSettings
+    from server.engine.families import load_runner
+    from server.engine.tiny_flux2 import ensure_tiny_flux2_klein
+    from server.registry import ModelManifest
+
+    weights = tmp_path / "distilled-klein"
+    shutil.copytree(ensure_tiny_flux2_klein(tiny_cache), weights)
+    index = json.loads((weights / "model_index.json").read_text())
+    (weights / "model_index.json").write_text(json.dumps({**index, "is_distilled": True}))
+    data = yaml.safe_load((REPO / "models" / "tiny-flux2-klein.yaml").read_text())
+    data["source"] = {"path": str(weights)}
+    with pytest.raises(ValueError, match="step-distilled"):
+        load_runner(ModelManifest.model_validate(data), EngineSettings(cache_dir=tiny_cache), "cpu")
+    data["capabilities"]["negative_prompt"] = False
+    assert load_runner(ModelManifest.model_validate(data), EngineSettings(cache_dir=tiny_cache), "cpu").pipe

@@ -23,7 +23,7 @@ from diffusers import Flux2KleinPipeline, Flux2Pipeline
 from ..config import EngineSettings
 from ..params import GenerationParams
 from ..registry import ModelManifest
-from .runner import FamilyRunner, grey, per_image
+from .runner import FamilyRunner, grey, load_pipeline, per_image
 
 
 class _PerRowReferences:
@@ -67,12 +67,15 @@ class Flux2Runner(FamilyRunner):
     """
 
     def __init__(self, manifest: ModelManifest, settings: EngineSettings, device: str) -> None:
-        self.pipeline_class = Flux2RowsPipeline if manifest.family == "flux2" else Flux2KleinRowsPipeline
         super().__init__(manifest, settings, device)
         self.klein = isinstance(self.pipe, Flux2KleinPipeline)
         if self.klein and self.pipe.config.is_distilled and manifest.capabilities.negative_prompt:
             raise ValueError(f"{manifest.id}: these FLUX.2 [klein] weights are step-distilled (no classifier-"
                              "free guidance, so no negative prompt); set capabilities.negative_prompt: false")
+
+    def load(self) -> Any:
+        cls = Flux2RowsPipeline if self.manifest.family == "flux2" else Flux2KleinRowsPipeline
+        return load_pipeline(cls, self.manifest, self.settings, self.device)
 
     def route(self, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> Any:
         if batch[0].conditioning == "references":
