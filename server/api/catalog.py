@@ -73,6 +73,8 @@ def model_card(runtime: Runtime, manifest: ModelManifest, created: int) -> dict[
         "context_length": None,
         "pricing": dict(_FREE),
         "aliases": runtime.registry.names(manifest),
+        # The pipeline family: what image_url and reference_images mean here (docs/models.md).
+        "family": manifest.family,
         "capabilities": manifest.capabilities.model_dump(),
         "defaults": manifest.defaults.model_dump(),
         "limits": limits.model_dump(),

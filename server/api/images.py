@@ -136,7 +136,7 @@ async def generate(request: Request, req: ImageRequest, inputs: Inputs,
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
     # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
     # the job is queued. aspect_ratio "match_input_image" sizes the output once the input is decoded.
-    params = await attach_images(params, inputs.image_url, inputs.references, runtime.fetcher,
+    params = await attach_images(params, inputs.image_url, inputs.references, runtime.fetcher, manifest,
                                  fields=inputs.names(), match_input=_matcher(req, manifest, params, settings))
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
     if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
