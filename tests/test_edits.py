@@ -216,3 +216,19 @@ def test_multipart_fuzz_never_5xx(standin: InProcessServer) -> None:
         if response.status_code >= 400:
             assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert statuses.get(200, 0) and sum(v for k, v in statuses.items() if k >= 400), statuses
+
+
+def test_openai_edit_on_flux2_takes_every_image_as_a_reference(make_app: Any) -> None:
+    """On FLUX.2 the first image is one of the references, and counts against the same limit."""
+    server = make_app({"server": {"default_response_format": "base64"}, "models": ["darkroom/tiny-flux2"]},
+                      engine="stand-in")
+    most = server.runtime.registry.default.limits.max_reference_images
+    images = [("a.png", png(64, 64), "image/png"), ("b.png", png(96, 64, (0, 0, 250)), "image/png")]
+    openai_client(server).images.edit(image=images, prompt="b in a", size="64x64", response_format="b64_json",
+                                      extra_body={"steps": 1})
+    params = last_call(server)
+    assert params.conditioning == "references" and params.image is None and len(params.references) == 2
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client(server).images.edit(image=[images[0]] * (most + 1), prompt="a", size="64x64",
+                                          extra_body={"steps": 1})
+    assert info.value.param == "image"

@@ -71,7 +71,9 @@ def _check_files(files: list[Part], manifest: ModelManifest) -> list[Part]:
     caps = manifest.capabilities
     if not caps.image_to_image:
         raise Unsupported(f"model {manifest.id} does not edit images", param="model")
-    most = 1 + (manifest.limits.max_reference_images if caps.reference_images else 0)
+    refs = manifest.limits.max_reference_images if caps.reference_images else 0
+    # On FLUX.2 the first image is one of the references (server/api/conditioning.py): the same limit.
+    most = refs if manifest.family in ("flux2", "flux2-klein") else 1 + refs
     if len(images) > most:
         raise InvalidRequest(
             f"model {manifest.id} takes at most {most} image(s) per edit (got {len(images)})", param="image")
