@@ -41,11 +41,13 @@ def _serve(args: argparse.Namespace) -> int:
 
         workers = serve_workers
     from .api.app import create_app
+    from .api.http import uvicorn_options
     from .api.runtime import Runtime
 
     app = create_app(settings, Runtime.build(settings, workers))
     # On SIGTERM uvicorn stops accepting, finishes the in-flight responses, then shuts the app down.
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
+                **uvicorn_options(settings.server))
     return 0
 
 

@@ -21,6 +21,8 @@ from .. import metrics
 from ..config import Settings
 from . import images, operator, service
 from .errors import install_error_handlers
+from .hosts import HostGuard
+from .http import BodyDeadline
 from .observe import ObserveMiddleware
 from .runtime import Runtime
 
@@ -43,12 +45,18 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
         finally:
             sweeper.cancel()
             await run_in_threadpool(runtime.stop)
+            await runtime.aclose()
 
     app = FastAPI(title="Darkroom", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)
     app.include_router(images.router)
     app.include_router(service.router)
     app.include_router(operator.router)
+    server = settings.server
+    # Added last is outermost: the request log sees every answer, the host check's too.
+    app.add_middleware(BodyDeadline, read_timeout_s=server.body_read_timeout_s,
+                       total_timeout_s=server.body_timeout_s)
+    app.add_middleware(HostGuard, allowed=server.allowed_hosts)
     app.add_middleware(ObserveMiddleware)
     return app
 

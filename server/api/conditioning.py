@@ -19,13 +19,13 @@ import dataclasses
 from collections.abc import Callable
 
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidRequest, Unsupported
 from ..fetch import Fetcher
 from ..images import fit_cover, fit_within
 from ..params import Conditioning, ConditioningImage, GenerationParams
 from ..registry import ModelManifest
+from .lanes import Lane, Lanes
 
 REDUX_MAX_SIDE = 768
 
@@ -59,9 +59,13 @@ def _load(fetcher: Fetcher, url: str, field: str,
 
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
-    fetcher: Fetcher,
+    fetcher: Fetcher, lanes: Lanes, key: str,
 ) -> GenerationParams:
-    """Fetch, decode and size a request's conditioning images into its params (concurrently)."""
+    """Fetch, decode and size a request's conditioning images into its params (concurrently).
+
+    Downloads run in the downloads lane (counted against the API key ``key``), ``data:`` URLs in the decodes
+    lane (server/api/lanes.py): a full lane is a 429 ``fetch_busy`` within ``server.slot_wait_s``.
+    """
     if params.conditioning == "text":
         return params
     w, h = params.width, params.height
@@ -79,7 +83,8 @@ async def attach_images(
     jobs += [(url, f"reference_images[{i}]", ref_prepare)
              for i, url in enumerate(reference_images or [])]
     results = await asyncio.gather(
-        *(run_in_threadpool(_load, fetcher, url, field, prep) for url, field, prep in jobs),
+        *(_lane(lanes, url).run(_load, fetcher, url, field, prep, lane_key=key)
+          for url, field, prep in jobs),
         return_exceptions=True,
     )
     images: list[ConditioningImage] = []
@@ -89,3 +94,8 @@ async def attach_images(
         images.append(result)
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))
+
+
+def _lane(lanes: Lanes, url: str) -> Lane:
+    """A ``data:`` URL downloads nothing: it only decodes (the fetcher refuses whatever is not a URL)."""
+    return lanes.decodes if isinstance(url, str) and url[:5].lower() == "data:" else lanes.downloads

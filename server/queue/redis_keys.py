@@ -35,7 +35,9 @@ import socket
 import time
 
 import redis
-from redis.backoff import ExponentialBackoff
+import redis.asyncio as redis_async
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -72,16 +74,31 @@ return n
 """
 
 
-def connect(url: str, retries: int = 4) -> redis.Redis:
-    """A client that reconnects by itself (a Redis restart costs the calls in flight, not the process)."""
+def connect(url: str, retries: int = 4, timeout_s: float = 10.0) -> redis.Redis:
+    """A client that reconnects by itself (a Redis restart costs the calls in flight, not the process);
+    ``timeout_s``: the longest wait for one reply (longer than any blocking command's own timeout)."""
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=2,
-        socket_timeout=10,
+        socket_connect_timeout=min(2.0, timeout_s),
+        socket_timeout=timeout_s,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
+    )
+
+
+def connect_async(url: str, timeout_s: float, max_connections: int) -> redis_async.Redis:
+    """The asyncio client of an API process's request path: every connect and reply within ``timeout_s``,
+    no retries (the request answers 503 instead), at most ``max_connections`` (more: an error at once)."""
+    return redis_async.Redis.from_url(
+        url,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_keepalive=True,
+        health_check_interval=15,
+        max_connections=max_connections,
+        retry=AsyncRetry(NoBackoff(), 0),
     )
 
 
@@ -129,9 +146,11 @@ class Outage:
         self.what = what
         self.since: float | None = None
         self.last: float = 0.0
+        self.reason = ""
 
     def failed(self, exc: BaseException) -> None:
         self.last = time.monotonic()
+        self.reason = type(exc).__name__
         if self.since is None:
             self.since = self.last
             log.warning("redis unreachable (%s): %s: %s", self.what, type(exc).__name__, exc)
