@@ -8,6 +8,9 @@ Tests point ``image_url`` / ``reference_images`` (and the fetcher itself) at it.
   /slow                                             waits ``slow_s`` before answering
   /pause                                            waits 0.1 s, then serves a good PNG (``peak`` counts overlap)
   /drip                                             sends a valid header, then one byte every 0.2 s
+  /stall?s=S                                        headers and the first 40 bytes of a good PNG, then
+                                                    silence for S seconds (none: until ``release()``),
+                                                    then the rest; ``stalled`` counts those in silence
   /huge /huge-declared                              more bytes than the test cap (chunked / Content-Length)
   /bomb.png                                         a tiny PNG whose header declares 50000x50000
   /truncated.jpg /not-image.png                     half a JPEG / HTML served as image/png
@@ -132,6 +135,8 @@ class ImageOrigin:
         self.hits: dict[str, int] = {}
         self.active = 0
         self.peak = 0  # most /pause requests inside their pause at once
+        self.stalled = 0  # /stall requests in their silence now
+        self._released = threading.Event()
         self._lock = threading.Lock()
         origin = self
 
@@ -160,7 +165,12 @@ class ImageOrigin:
         self._thread.start()
         return self
 
+    def release(self) -> None:
+        """End the silence of every /stall request (now and later)."""
+        self._released.set()
+
     def stop(self) -> None:
+        self.release()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -218,6 +228,22 @@ class ImageOrigin:
                     h.wfile.write(body[i : i + 1])
                     h.wfile.flush()
                     time.sleep(0.2)
+            elif path == "/stall":
+                body = self.files["/red.png"][0]
+                h.send_response(200)
+                h.send_header("Content-Type", "image/png")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body[:40])
+                h.wfile.flush()
+                with self._lock:
+                    self.stalled += 1
+                try:
+                    self._released.wait(float(query["s"][0]) if "s" in query else 120.0)
+                finally:
+                    with self._lock:
+                        self.stalled -= 1
+                h.wfile.write(body[40:])
             elif path == "/huge-declared":
                 h.send_response(200)
                 h.send_header("Content-Type", "image/png")

@@ -231,4 +231,4 @@ class RedisLimiter:
         await asyncio.wait_for(remove(), self.timeout_s)
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)

@@ -118,7 +118,7 @@ class RedisQueue:
             held.job.fail(ServiceUnavailable("the server is shutting down"))
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.client.aclose(close_connection_pool=True)
 
     # the JobQueue protocol (server/queue/protocol.py)
 

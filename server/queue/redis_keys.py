@@ -90,16 +90,19 @@ def connect(url: str, retries: int = 4, timeout_s: float = 10.0) -> redis.Redis:
 
 def connect_async(url: str, timeout_s: float, max_connections: int) -> redis_async.Redis:
     """The asyncio client of an API process's request path: every connect and reply within ``timeout_s``,
-    no retries (the request answers 503 instead), at most ``max_connections`` (more: an error at once)."""
-    return redis_async.Redis.from_url(
+    one retry on a fresh connection (a pooled one may have died with a Redis restart; callers bound the
+    whole call by ``timeout_s`` too), at most ``max_connections`` (a call waits for a free one)."""
+    pool = redis_async.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout_s,
         socket_connect_timeout=timeout_s,
         socket_timeout=timeout_s,
         socket_keepalive=True,
         health_check_interval=15,
-        max_connections=max_connections,
-        retry=AsyncRetry(NoBackoff(), 0),
+        retry=AsyncRetry(NoBackoff(), 1),
     )
+    return redis_async.Redis(connection_pool=pool)
 
 
 class Keys:
