@@ -22,7 +22,7 @@ from ..config import Settings
 from . import images, operator, service
 from .errors import install_error_handlers
 from .hosts import HostGuard
-from .http import BodyDeadline
+from .http import BodyGuard
 from .observe import ObserveMiddleware
 from .runtime import Runtime
 
@@ -54,7 +54,7 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     app.include_router(operator.router)
     server = settings.server
     # Added last is outermost: the request log sees every answer, the host check's too.
-    app.add_middleware(BodyDeadline, read_timeout_s=server.body_read_timeout_s,
+    app.add_middleware(BodyGuard, read_timeout_s=server.body_read_timeout_s,
                        total_timeout_s=server.body_timeout_s)
     app.add_middleware(HostGuard, allowed=server.allowed_hosts)
     app.add_middleware(ObserveMiddleware)

@@ -5,12 +5,15 @@ uvicorn serves the app with h11 (server/cli.py ``uvicorn_options``), whose setti
 ``timeout_keep_alive`` closes idle connections, ``limit_concurrency`` caps connections and requests at once
 (``server.max_connections``; past it uvicorn's own plain-text 503). What uvicorn has no setting for is here:
 
-- ``Protocol``: uvicorn's h11 protocol, answering what h11 refuses (oversized headers: 431; malformed
-  requests, ``Content-Length`` with ``Transfer-Encoding``, TLS bytes on the plain port: 400) in Together's
-  error shape, then closing; and a deadline for a request's line and headers (``server.header_timeout_s``,
-  408, then close), which uvicorn does not have, so a client that trickles headers cannot hold a connection.
-- ``BodyDeadline``: ASGI middleware bounding how long a request body may take (``server.body_read_timeout_s``
-  of silence, ``server.body_timeout_s`` in all): 408 in the error shape with ``connection: close``.
+- ``Protocol``: uvicorn's h11 protocol, answering what h11 refuses (malformed requests, TLS bytes on the
+  plain port: 400) in Together's error shape, then closing; a cap on a request head's bytes however they
+  arrive (h11's own applies only to a head still incomplete after a read: 431); and a deadline for a
+  request's line and headers (``server.header_timeout_s``, 408, then close), which uvicorn does not have, so
+  a client that trickles headers cannot hold a connection.
+- ``BodyGuard``: ASGI middleware refusing ``Content-Length`` together with ``Transfer-Encoding`` (request
+  smuggling's ingredient, RFC 9112 6.1: 400, then close) and bounding how long a request body may take
+  (``server.body_read_timeout_s`` of silence, ``server.body_timeout_s`` in all): 408 in the error shape with
+  ``connection: close``.
 
 A client that leaves while its body is read is logged as 499 (server/api/errors.py), without a traceback.
 A reverse proxy in front should enforce the same limits (header size, header and body timeouts, body size,
@@ -24,6 +27,8 @@ import json
 import logging
 from typing import Any
 
+import h11
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -80,6 +85,21 @@ class Protocol(H11Protocol):
         self.transport.write(_raw_error(status, reason, message, code))
         self.transport.close()
 
+    def data_received(self, data: bytes) -> None:
+        if self.conn.their_state is h11.IDLE:  # these bytes start (or continue) a request head
+            head = self.conn.trailing_data[0] + data
+            end = head.find(b"\r\n\r\n")
+            if (end < 0 and len(head) > self.max_header_bytes) or end > self.max_header_bytes:
+                self._refuse_oversized()
+                return
+        super().data_received(data)
+
+    def _refuse_oversized(self) -> None:
+        self._disarm_head_timer()
+        self._refuse(431, "Request Header Fields Too Large",
+                     f"the request line and headers are larger than {self.max_header_bytes} bytes",
+                     "headers_too_large")
+
     def handle_events(self) -> None:
         try:
             super().handle_events()
@@ -103,9 +123,7 @@ class Protocol(H11Protocol):
         ``Content-Length`` with ``Transfer-Encoding``, not HTTP at all)."""
         self._disarm_head_timer()
         if len(self.conn.trailing_data[0]) > self.max_header_bytes:
-            self._refuse(431, "Request Header Fields Too Large",
-                         f"the request line and headers are larger than {self.max_header_bytes} bytes",
-                         "headers_too_large")
+            self._refuse_oversized()
         else:
             self._refuse(400, "Bad Request", "malformed HTTP request (invalid request line or headers, or "
                          "both Content-Length and Transfer-Encoding)", "invalid_http_request")
@@ -133,10 +151,11 @@ def uvicorn_options(server: ServerSettings) -> dict[str, Any]:
     }
 
 
-class BodyDeadline:
-    """ASGI middleware: a request body must keep arriving (``read_timeout_s`` of silence at most) and be
-    complete within ``total_timeout_s``; else 408 with ``connection: close``. Once the body is complete,
-    ``receive`` is the server's own again (it then only reports a disconnect)."""
+class BodyGuard:
+    """ASGI middleware: no ``Content-Length`` with ``Transfer-Encoding`` (400, close); a request body must keep
+    arriving (``read_timeout_s`` of silence at most) and be complete within ``total_timeout_s``, else 408
+    with ``connection: close``. Once the body is complete, ``receive`` is the server's own again (it then
+    only reports a disconnect)."""
 
     def __init__(self, app: ASGIApp, read_timeout_s: float, total_timeout_s: float) -> None:
         self.app = app
@@ -146,6 +165,12 @@ class BodyDeadline:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        names = {name for name, _ in scope["headers"]}
+        if b"content-length" in names and b"transfer-encoding" in names:
+            refusal = DarkroomError("a request may not carry both Content-Length and Transfer-Encoding",
+                                    code="invalid_http_request", headers={"connection": "close"})
+            await JSONResponse(refusal.body(), status_code=400, headers=refusal.headers)(scope, receive, send)
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.total_timeout_s

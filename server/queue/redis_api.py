@@ -109,8 +109,8 @@ class RedisQueue:
     def close(self) -> None:
         """Called after the HTTP server has finished its in-flight responses (uvicorn's order)."""
         self._stop.set()
-        for thread in self._threads:
-            thread.join(5)
+        for thread in self._threads:  # each wakes within a second (longer only while Redis hangs)
+            thread.join(2)
         with self._lock:
             waiting = list(self._jobs.values())
             self._jobs.clear()
@@ -122,8 +122,12 @@ class RedisQueue:
 
     # the JobQueue protocol (server/queue/protocol.py)
 
+    def _failing(self) -> bool:
+        """An outage under way (past its grace, failing again within a probe cycle): fail fast."""
+        return self._outage.recent(window_s=self.settings.redis_timeout_s + 2 * PROBE_S)
+
     async def admit(self, job: Job) -> None:
-        if self._outage.recent():
+        if self._failing():
             raise self._unavailable()
         payload = wire.encode_job(job, self.reply_key)
         with self._lock:  # registered first: a fast worker's reply must find it
@@ -167,7 +171,7 @@ class RedisQueue:
 
     async def reserve_withdrawal(self, job: Job) -> bool:
         """Take a job back before any worker starts it; False when a worker already has (let it finish)."""
-        if self._outage.recent():
+        if self._failing():
             return True
         key = self.keys.state(job.id)
 
