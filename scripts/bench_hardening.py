@@ -1,7 +1,8 @@
-"""The attacks of issue 12 against a real ``darkroom serve`` (tiny model, CPU) and a ``darkroom api`` on a Redis
-that never answers; prints, per attack: requests, correct answers, 5xx, and the server's peak RSS (sampled
-from /proc while the attack runs, next to its RSS before it), then a plain request's latency while 40
-downloads stall, side by side with the same request on the idle server.
+"""The attacks of issue 12 against a real ``darkroom serve`` (tiny model, CPU) and a ``darkroom api`` on a
+Redis that never answers; prints, per attack: requests, correct answers, 5xx, and the server's peak RSS
+(sampled from /proc while the attack runs, next to its RSS before it), then a plain request's latency while
+40 downloads stall, side by side with the same request on the idle server. For the hung-Redis row the 503s
+are the correct answers.
 
     .venv/bin/python scripts/bench_hardening.py             # ~2 min on 2 cores
     .venv/bin/python scripts/bench_hardening.py --json out.json
@@ -145,7 +146,8 @@ def plain_latencies(url: str, count: int) -> list[float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--plain", type=int, default=15, help="plain requests per latency measurement")
     args = parser.parse_args()
@@ -165,7 +167,7 @@ def main() -> int:
         plain_latencies(serve.url, 3)  # warm
         idle = plain_latencies(serve.url, args.plain)
 
-        # 1. 40 LoRA downloads that stall after 40 bytes (each its own query string), a plain request meanwhile.
+        # 1. 40 LoRA downloads that stall after 40 bytes (each its own query string); plain ones meanwhile.
         def lora(i: int) -> int:
             body = {**PLAIN, "image_loras": [{"path": origin.url(f"/stall?lora={i}"), "scale": 0.5}]}
             return client.post("/v1/images/generations", json=body, headers={"authorization": f"Bearer k{i}"}
@@ -201,9 +203,9 @@ def main() -> int:
 
         # 4. Parsers of client bytes.
         big_int = b'{"prompt": "a fox", "seed": ' + b"9" * 5000 + b"}"
+        json_headers = {"content-type": "application/json"}
         rows["JSON integer of 5000 digits"] = run_attack(serve, 50, lambda i: client.post(
-            "/v1/images/generations", content=big_int, headers={"content-type": "application/json"}).status_code,
-            {400}, 8)
+            "/v1/images/generations", content=big_int, headers=json_headers).status_code, {400}, 8)
         rows["GET /v1/files ?expires=%C2%B2"] = run_attack(serve, 50, lambda i: client.get(
             f"/v1/files/{'a' * 32}.png?expires=%C2%B2&signature=00").status_code, {400}, 8)
 
@@ -212,20 +214,22 @@ def main() -> int:
         rows["64 MB header"] = run_attack(serve, 2, lambda i: raw_exchange(serve.port, header), {431})
         slow = (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 b"Content-Length: 1000\r\n\r\n{")
-        rows["slow body (1 of 1000 bytes)"] = run_attack(serve, 20, lambda i: raw_exchange(serve.port, slow), {408})
+        rows["slow body (1 of 1000 bytes)"] = run_attack(serve, 20, lambda i: raw_exchange(serve.port, slow),
+                                                         {408})
         clte = (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
                 b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
-        rows["Content-Length + Transfer-Encoding"] = run_attack(serve, 20, lambda i: raw_exchange(serve.port, clte),
-                                                                {400})
+        rows["Content-Length + Transfer-Encoding"] = run_attack(
+            serve, 20, lambda i: raw_exchange(serve.port, clte), {400})
         tls = bytes.fromhex("160301012c010001280303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
-        rows["TLS ClientHello on the plain port"] = run_attack(serve, 20, lambda i: raw_exchange(serve.port, tls),
-                                                               {400})
+        rows["TLS ClientHello on the plain port"] = run_attack(
+            serve, 20, lambda i: raw_exchange(serve.port, tls), {400})
 
         # 10. Host header: a URL answer must not name the client's Host.
         def evil_host(i: int) -> int:
             response = client.post("/v1/images/generations", json={**PLAIN, "response_format": "url"},
                                    headers={"host": "evil.example"})
-            return 200 if response.status_code == 200 and "evil" not in response.json()["data"][0]["url"] else 999
+            clean = response.status_code == 200 and "evil" not in response.json()["data"][0]["url"]
+            return 200 if clean else 999
 
         rows["Host: evil.example (URL answers)"] = run_attack(serve, 10, evil_host, {200}, 4)
         client.close()
@@ -247,8 +251,8 @@ def main() -> int:
           f"while 40 LoRA downloads stall {statistics.median(under_attack) * 1000:.0f} ms (x{ratio:.2f}); "
           f"max {max(idle) * 1000:.0f} / {max(under_attack) * 1000:.0f} ms")
     print(f"hung Redis: /health median {hung['health_ms']:.1f} ms (max {hung['health_max_ms']:.1f}) while "
-          f"POSTs wait; POST answered 503 in {hung['post_s_median']:.2f} s median, max {hung['post_s_max']:.2f} s "
-          f"(queue.redis_timeout_s 2)")
+          f"POSTs wait; POST answered 503 in {hung['post_s_median']:.2f} s median, "
+          f"max {hung['post_s_max']:.2f} s (queue.redis_timeout_s 2)")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "idle_s": idle, "under_attack_s": under_attack,
                                          "hung_redis": hung}, indent=2))

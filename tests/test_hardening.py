@@ -66,7 +66,8 @@ def test_stalled_downloads_never_delay_a_request_that_downloads_nothing(
 
     def post(i: int) -> httpx.Response:
         url = stall_origin.url(f"/stall?req={i}")
-        body = ({**PLAIN, "image_loras": [{"path": url, "scale": 0.5}]} if i % 4 else {**PLAIN, "image_url": url})
+        lora = {**PLAIN, "image_loras": [{"path": url, "scale": 0.5}]}
+        body = lora if i % 4 else {**PLAIN, "image_url": url}
         return client.post("/v1/images/generations", json=body, headers={"authorization": f"Bearer k{i}"},
                            timeout=120)
 
@@ -211,7 +212,8 @@ def test_forwarded_headers_from_a_trusted_proxy(proxied_app: InProcessServer) ->
                                      headers={**FORWARDED, "x-forwarded-port": "8443"})
     assert image_url_of(ported).startswith("https://images.example.com:8443/v1/files/")
     junk = proxied_app.client.post("/v1/images/generations", json=PLAIN,
-                                   headers={"x-forwarded-host": "evil.example/path?x=", "x-forwarded-proto": "gopher"})
+                                   headers={"x-forwarded-host": "evil.example/path?x=",
+                                            "x-forwarded-proto": "gopher"})
     assert image_url_of(junk).startswith("http://testserver/v1/files/")  # not a host name: ignored
 
 

@@ -1,5 +1,5 @@
-"""The HTTP layer's limits (issue 12 item 5), over real sockets: the in-process app (stand-in engine) served by
-uvicorn with the options ``darkroom serve`` uses (server/api/http.py ``uvicorn_options``), in a thread.
+"""The HTTP layer's limits (issue 12 item 5), over real sockets: the in-process app (stand-in engine) served
+by uvicorn with the options ``darkroom serve`` uses (server/api/http.py ``uvicorn_options``), in a thread.
 
 Oversized headers get 431, malformed requests (CL+TE, TLS bytes, absurd lengths) 400, slow heads and slow
 bodies 408 and a closed connection, all in Together's error shape; a client that leaves mid-body is logged
@@ -95,7 +95,8 @@ def exchange(served: Served, raw: bytes) -> tuple[int, dict[str, str], bytes, bo
 
 
 def test_a_plain_request_still_works(served: Served) -> None:
-    status, headers, body, _ = exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    status, headers, body, _ = exchange(served, request)
     assert status == 200 and json.loads(body) == {"status": "ok"}
 
 

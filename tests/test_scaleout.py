@@ -489,9 +489,10 @@ def test_redis_restart_with_jobs_in_flight_loses_none(cluster: Cluster) -> None:
     api = cluster.apis[0]
     seeds = [20, 21, 22]
     with ThreadPoolExecutor(len(seeds)) as pool:
-        futures = [pool.submit(api.generate, prompt=f"in flight {seed}", width=64, height=64, steps=1, seed=seed)
-                   for seed in seeds]
-        wait_for(lambda: cluster.redis.client().xlen(cluster.keys.stream) == len(seeds), 30, "the jobs to queue")
+        futures = [pool.submit(api.generate, prompt=f"in flight {seed}", width=64, height=64, steps=1,
+                               seed=seed) for seed in seeds]
+        wait_for(lambda: cluster.redis.client().xlen(cluster.keys.stream) == len(seeds), 30,
+                 "the jobs to queue")
         cluster.redis.stop()
         cluster.redis.start()  # same port, empty
         # The API pod still holds the jobs: it enqueues them again (before: each client waited for its

@@ -10,7 +10,7 @@ evil.example`` must not get links to evil.example). The base of an image URL is,
 
 ``server.allowed_hosts`` (``HostGuard``) refuses requests whose ``Host`` is not one of the names the server
 answers to ("*.example.com" matches its subdomains), as Django's ALLOWED_HOSTS and Starlette's
-TrustedHostMiddleware do; probes (``/health``, ``/ready``, ``/metrics``) are exempt, since they come by address.
+TrustedHostMiddleware do; probes (``/health``, ``/ready``, ``/metrics``) are exempt: they come by address.
 """
 
 from __future__ import annotations
@@ -76,7 +76,8 @@ def public_base(scope: Scope, server: ServerSettings) -> str:
         forwarded = _HOST.fullmatch(_header(scope, b"x-forwarded-host") or "")
         if forwarded:
             port_text = forwarded["port"] or _header(scope, b"x-forwarded-port") or ""
-            port = int(port_text) if port_text.isascii() and port_text.isdigit() and len(port_text) <= 5 else None
+            numeric = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+            port = int(port_text) if numeric else None
             return _base(scheme, forwarded["host"], port)
     bound = scope.get("server")
     if bound and bound[0]:

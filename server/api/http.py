@@ -152,8 +152,8 @@ def uvicorn_options(server: ServerSettings) -> dict[str, Any]:
 
 
 class BodyGuard:
-    """ASGI middleware: no ``Content-Length`` with ``Transfer-Encoding`` (400, close); a request body must keep
-    arriving (``read_timeout_s`` of silence at most) and be complete within ``total_timeout_s``, else 408
+    """ASGI middleware: no ``Content-Length`` with ``Transfer-Encoding`` (400, close); a request body must
+    keep arriving (``read_timeout_s`` of silence at most) and be complete within ``total_timeout_s``, else 408
     with ``connection: close``. Once the body is complete, ``receive`` is the server's own again (it then
     only reports a disconnect)."""
 

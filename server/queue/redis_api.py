@@ -9,8 +9,8 @@ outage requests fail at once). The listener and the prober run in threads of the
 connections; ``depth`` and ``status`` read what the prober saw last.
 
 Redis losing its data (restarted without persistence, flushed): each API process still holds every job it is
-waiting for. When the prober sees Redis's ``run_id`` change or the queue's marker key vanish, it checks each of
-its jobs; one whose stream entry is gone (and that no worker finished) is enqueued again, at most
+waiting for. When the prober sees Redis's ``run_id`` change or the queue's marker key vanish, it checks each
+of its jobs; one whose stream entry is gone (and that no worker finished) is enqueued again, at most
 ``queue.max_attempts`` times in all, else answered 503 with ``retry-after`` at once, instead of each client
 waiting for its deadline.
 """
@@ -78,7 +78,8 @@ class RedisQueue:
         self.keys = Keys(settings.key_prefix)
         self.marker_key = f"{settings.key_prefix}:marker"
         # The request path: asyncio, bounded by redis_timeout_s, no retries (the client retries a 503).
-        self.client = connect_async(settings.redis_url, settings.redis_timeout_s, settings.redis_max_connections)
+        self.client = connect_async(settings.redis_url, settings.redis_timeout_s,
+                                    settings.redis_max_connections)
         self._enqueue = self.client.register_script(ENQUEUE_SCRIPT)
         # The listener blocks on its own connection so it never starves anything else.
         self._listen_client = connect(settings.redis_url)
@@ -191,7 +192,8 @@ class RedisQueue:
         entry = self._unregister(job.id)
         if entry:
             try:
-                await asyncio.wait_for(self.client.xdel(self.keys.stream, entry), self.settings.redis_timeout_s)
+                await asyncio.wait_for(self.client.xdel(self.keys.stream, entry),
+                                       self.settings.redis_timeout_s)
             except _FAILURES:
                 pass  # the state key already says withdrawn; a worker skips it
         return entry is not None
