@@ -421,17 +421,22 @@ def test_decode_memory_is_checked_before_decoding() -> None:
         3000, 3000)
 
 
+# The peak RSS of this process alone (VmHWM; ru_maxrss would carry the parent's peak across exec).
 DECODE_PEAK = r"""
-import io, resource, sys
+import io, sys
 from PIL import Image
 sys.path.insert(0, sys.argv[1])
 from server.images import decode_image
+
+def peak():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
 data = sys.stdin.buffer.read()
 Image.open(io.BytesIO(data)).load()  # Pillow's decoders and tables paged in before measuring
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak()
 image = decode_image(data, "image_url", 1 << 30)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(image.mode, image.size[0], image.size[1], (after - before) * 1024)
+print(image.mode, image.size[0], image.size[1], peak() - before)
 """
 
 

@@ -47,10 +47,7 @@ class Lane:
         self._held: Counter[str] = Counter()
         self.refused = 0
 
-    @contextlib.asynccontextmanager
-    async def slot(self, key: str | None = None) -> AsyncIterator[None]:
-        """Hold one of the lane's threads (and one of ``key``'s) for the block; the busy error when none
-        frees within ``wait_s``."""
+    async def _acquire(self, key: str | None) -> None:
         if self._free is None:
             self._free = asyncio.Semaphore(self.workers)
         if key is not None and self.per_key is not None and self._held[key] >= self.per_key:
@@ -59,29 +56,56 @@ class Lane:
         if key is not None:
             self._held[key] += 1
         try:
-            try:
-                await asyncio.wait_for(self._free.acquire(), self.wait_s)
-            except asyncio.TimeoutError:
-                self.refused += 1
-                raise self._busy(f"all {self.workers} {self.name} slots are busy") from None
-            try:
-                yield
-            finally:
-                self._free.release()
+            await asyncio.wait_for(self._free.acquire(), self.wait_s)
+        except asyncio.TimeoutError:
+            self._release_key(key)
+            self.refused += 1
+            raise self._busy(f"all {self.workers} {self.name} slots are busy") from None
+        except BaseException:
+            self._release_key(key)
+            raise
+
+    def _release(self, key: str | None) -> None:
+        assert self._free is not None
+        self._free.release()
+        self._release_key(key)
+
+    def _release_key(self, key: str | None) -> None:
+        if key is not None and key in self._held:
+            self._held[key] -= 1
+            if self._held[key] <= 0:
+                del self._held[key]
+
+    @contextlib.asynccontextmanager
+    async def slot(self, key: str | None = None) -> AsyncIterator[None]:
+        """Hold one of the lane's slots (and one of ``key``'s) for the block; the busy error when none
+        frees within ``wait_s``."""
+        await self._acquire(key)
+        try:
+            yield
         finally:
-            if key is not None:
-                self._held[key] -= 1
-                if self._held[key] <= 0:
-                    del self._held[key]
+            self._release(key)
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """``fn(*args, **kwargs)`` on a lane thread, once a slot is free (see ``slot``); the API key to
-        count against is the keyword ``lane_key`` (not passed on)."""
+        count against is the keyword ``lane_key`` (not passed on). The slot is held until ``fn`` returns,
+        even if the caller stops waiting, so the lane never holds more calls than threads."""
         key = kwargs.pop("lane_key", None)
-        async with self.slot(key if isinstance(key, str) else None):
-            loop = asyncio.get_running_loop()
-            # A slot was free, so a thread is: the call starts at once.
-            return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+        key = key if isinstance(key, str) else None
+        await self._acquire(key)
+        loop = asyncio.get_running_loop()
+        try:
+            call = self._executor.submit(functools.partial(fn, *args, **kwargs))
+        except BaseException:
+            self._release(key)
+            raise
+
+        def finished(_call: object) -> None:  # on the lane's thread (or here, if it never ran)
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nothing left to release for
+                loop.call_soon_threadsafe(self._release, key)
+
+        call.add_done_callback(finished)
+        return await asyncio.wrap_future(call)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
