@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import socket
 import statistics
@@ -30,13 +29,12 @@ from typing import Any
 
 import httpx
 import yaml
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.image_origin import ImageOrigin  # noqa: E402
-from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
+from tests.image_origin import ImageOrigin, palette_bomb  # noqa: E402
+from tests.support.launch import SilentRedis, free_port, stop, wait_ready  # noqa: E402
 
 PLAIN = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 1, "response_format": "base64"}
 
@@ -113,15 +111,6 @@ def raw_exchange(port: int, data: bytes, pause_s: float = 0.0) -> int:
         return 0
 
 
-def palette_png(side: int) -> bytes:
-    image = Image.new("P", (side, side), 0)
-    image.putpalette([0, 0, 0, 10, 200, 10] + [0] * (254 * 3))
-    image.paste(1, (side // 4, side // 4, side // 2, side // 2))
-    buf = io.BytesIO()
-    image.save(buf, "PNG", transparency=0, optimize=True)
-    return buf.getvalue()
-
-
 def run_attack(process: Process, count: int, send: Callable[[int], int], correct: set[int],
                workers: int | None = None) -> dict[str, Any]:
     with PeakRss(process) as rss, ThreadPoolExecutor(workers or count) as pool:
@@ -191,7 +180,7 @@ def main() -> int:
         # 2. Palette PNGs with transparency: 6300x6300 (over fetch.max_pixels: refused from the header) and
         # 4096x4096 (decoded, under the memory budget and the decode slots).
         for side, correct in ((6300, {400}), (4096, {200, 429})):
-            data = palette_png(side)
+            data = palette_bomb(side)
             url = "data:image/png;base64," + base64.b64encode(data).decode()
 
             def decode(i: int, url: str = url) -> int:
@@ -260,24 +249,10 @@ def main() -> int:
 
 
 def hung_redis(work: Path) -> dict[str, Any]:
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    conns: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            conns.append(conn)
-            threading.Thread(target=lambda c=conn: [None for _ in iter(lambda: c.recv(65536), b"")],
-                             daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    silent = SilentRedis()
     api_dir = work / "api"
     api_dir.mkdir()
-    api = Process("api", api_dir, {"queue": {"backend": "redis", "redis_url": f"redis://127.0.0.1:{port}/0"},
+    api = Process("api", api_dir, {"queue": {"backend": "redis", "redis_url": silent.url},
                                    "storage": {"directory": str(api_dir / "images")}})
     try:
         deadline = time.monotonic() + 60
@@ -315,9 +290,7 @@ def hung_redis(work: Path) -> dict[str, Any]:
         prober.join()
     finally:
         stop(api.proc)
-        listener.close()
-        for conn in conns:
-            conn.close()
+        silent.close()
     return {"row": row, "health_ms": statistics.median(health) * 1000, "health_max_ms": max(health) * 1000,
             "post_s_median": statistics.median(durations), "post_s_max": max(durations)}
 

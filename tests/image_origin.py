@@ -67,6 +67,15 @@ def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def palette_bomb(side: int) -> bytes:
+    """A palette PNG with transparency of a few KB that decodes to ``side`` x ``side`` pixels (on its way to
+    RGB, the old decoder made several full-size RGBA copies of it)."""
+    image = Image.new("P", (side, side), 0)
+    image.putpalette([0, 0, 0, 10, 200, 10] + [0] * (254 * 3))
+    image.paste(1, (side // 4, side // 4, side // 2, side // 2))
+    return _encode(image, "PNG", transparency=0)
+
+
 def rotated_jpeg() -> bytes:
     """A 64x32 JPEG (left half red, right half blue) with EXIF orientation 6 (display rotated 90° CW)."""
     image = Image.new("RGB", (64, 32), (220, 20, 20))

@@ -24,7 +24,7 @@ from server.fetch import Fetcher, FetchBusy, FetchError
 from server.images import decode_image
 
 from .conftest import free_port
-from .image_origin import HUGE_BYTES, ImageOrigin, png_bomb
+from .image_origin import HUGE_BYTES, ImageOrigin, palette_bomb, png_bomb
 
 FIELD = "image_url"
 
@@ -372,14 +372,6 @@ def _png(image: Image.Image, **save: object) -> bytes:
     buf = io.BytesIO()
     image.save(buf, "PNG", **save)
     return buf.getvalue()
-
-
-def palette_bomb(side: int) -> bytes:
-    """A palette PNG with transparency of a few KB that decodes to ``side`` x ``side`` pixels."""
-    image = Image.new("P", (side, side), 0)
-    image.putpalette([0, 0, 0, 10, 200, 10] + [0] * (254 * 3))
-    image.paste(1, (side // 4, side // 4, side // 2, side // 2))
-    return _png(image, transparency=0)
 
 
 def test_data_urls_take_a_decode_slot(monkeypatch: pytest.MonkeyPatch) -> None:

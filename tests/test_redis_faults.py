@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,50 +26,12 @@ from server.jobs import Job
 from server.params import GenerationParams
 
 from .conftest import MODEL
-from .support.launch import REDIS_SERVER, RedisProcess, free_port
+from .support.launch import REDIS_SERVER, RedisProcess, SilentRedis
 from .test_scaleout import Proc
 
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 BODY = {"model": MODEL, "prompt": "a fox", "width": 64, "height": 64, "steps": 1}
-
-
-class SilentRedis:
-    """A TCP listener on loopback that accepts connections, reads what they send, and never answers."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._sock = socket.create_server(("127.0.0.1", self.port))
-        self._stop = threading.Event()
-        self._conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        self._sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._swallow, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _swallow(conn: socket.socket) -> None:
-        try:
-            while conn.recv(65536):
-                pass
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self._stop.set()
-        self._sock.close()
-        for conn in self._conns:
-            conn.close()
 
 
 @pytest.fixture(scope="module")
