@@ -123,7 +123,8 @@ async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manife
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
     bucket = key.bucket or key.name
     assert runtime.fetcher is not None
-    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, lanes, bucket)
+    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, manifest,
+                                 lanes, bucket)
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
     if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
         await lanes.downloads.run(runtime.lora_store.prefetch, params.loras, lane_key=bucket)

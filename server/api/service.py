@@ -28,7 +28,10 @@ def _model_card(runtime: Runtime, manifest: Any, created: int) -> dict[str, Any]
         "created": created,
         "owned_by": manifest.owned_by,
         "type": "image",
+        "description": manifest.description,
         "aliases": manifest.aliases,
+        # The pipeline family: what image_url and reference_images mean here (README: Model families).
+        "family": manifest.family,
         "capabilities": manifest.capabilities.model_dump(),
         "defaults": manifest.defaults.model_dump(),
         "limits": limits.model_dump(),
