@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import metrics
 from ..errors import DarkroomError, InvalidRequest, PayloadTooLarge, QueueFull, ServiceUnavailable
 from ..jobs import ClientGone, Job, JobResult
+from ..loras import LoraStore
 from ..params import GenerationParams
 from ..queue.submit import run_job
 from ..registry import ModelManifest
@@ -126,9 +127,18 @@ async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manife
     params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, manifest,
                                  lanes, bucket)
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
-    if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
-        await lanes.downloads.run(runtime.lora_store.prefetch, params.loras, lane_key=bucket)
+    store = runtime.lora_store
+    if params.loras and settings.loras.prefetch and store is not None:
+        if any(_downloads(store, ref.path) for ref in params.loras):
+            await lanes.downloads.run(store.prefetch, params.loras, lane_key=bucket)
+        else:  # all on this disk already: a few file checks, no download slot (nor the key's) taken
+            await run_in_threadpool(store.prefetch, params.loras)
     return params
+
+
+def _downloads(store: LoraStore, path: str) -> bool:
+    """Whether fetching the LoRA at ``path`` means a download (it is neither registered nor cached yet)."""
+    return path not in store.settings.registered and not store.file_for(path).is_file()
 
 
 def _data_items(runtime: Runtime, request: Request, result: JobResult, kind: str) -> list[dict[str, Any]]:
