@@ -28,18 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidRequest, Unsupported
 from ..fetch import Fetcher
 from ..images import fit_area, fit_cover, fit_within
 from ..params import Conditioning, ConditioningImage, GenerationParams
 from ..registry import ModelManifest
+from .lanes import Lane, Lanes
 
 REDUX_MAX_SIDE = 768
 # Flux2ImageProcessor.check_image_input: each side at least 64 px, aspect ratio at most 8.
@@ -92,10 +91,10 @@ def _prepare(image: Image.Image, field: str,
     return ConditioningImage.from_pil(prepare(image, field))
 
 
-async def _gather_in_order(calls: list[Callable[[], T]]) -> list[T]:
-    """Run ``calls`` in the thread pool concurrently; the first failure in list (field) order is raised,
-    whichever finished first."""
-    results = await asyncio.gather(*(run_in_threadpool(call) for call in calls), return_exceptions=True)
+async def _gather_in_order(calls: list[Awaitable[T]]) -> list[T]:
+    """Await ``calls`` concurrently; the first failure in list (field) order is raised, whichever finished
+    first."""
+    results = await asyncio.gather(*calls, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
@@ -117,22 +116,25 @@ def flux2_reference(image: Image.Image, field: str, max_pixels: int) -> Image.Im
 
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
-    fetcher: Fetcher, manifest: ModelManifest, *, fields: list[str] | None = None,
+    fetcher: Fetcher, manifest: ModelManifest, lanes: Lanes, key: str, *, fields: list[str] | None = None,
     match_input: Callable[[int, int], GenerationParams] | None = None,
 ) -> GenerationParams:
     """Fetch, decode and size a request's conditioning images into its params (concurrently).
 
-    ``fields`` names each URL in errors (the input image first); by default ``image_url`` and
-    ``reference_images[i]``. ``match_input(width, height)``: the params again, sized from the input image
-    (``aspect_ratio: match_input_image``), once it is decoded and before any image is prepared.
+    Downloads run in the downloads lane (counted against the API key ``key``), ``data:`` URLs in the decodes
+    lane (server/api/lanes.py): a full lane is a 429 ``fetch_busy`` within ``server.slot_wait_s``; sizing
+    the decoded images runs in the decodes lane. ``fields`` names each URL in errors (the input image
+    first); by default ``image_url`` and ``reference_images[i]``. ``match_input(width, height)``: the params
+    again, sized from the input image (``aspect_ratio: match_input_image``), once it is decoded and before
+    any image is prepared.
     """
     if params.conditioning == "text":
         return params
     urls = ([image_url] if image_url else []) + list(reference_images or [])
     names = fields or ((["image_url"] if image_url else [])
                        + [f"reference_images[{i}]" for i in range(len(reference_images or []))])
-    decoded = await _gather_in_order(
-        [functools.partial(_fetch, fetcher, url, field) for url, field in zip(urls, names, strict=True)])
+    decoded = await _gather_in_order([_lane(lanes, url).run(_fetch, fetcher, url, field, lane_key=key)
+                                      for url, field in zip(urls, names, strict=True)])
     if match_input is not None and image_url:
         params = match_input(decoded[0].width, decoded[0].height)
     w, h = params.width, params.height
@@ -151,9 +153,14 @@ async def attach_images(
     ref_prepare = reference if flux2 else cover if params.conditioning == "kontext" else bounded
     preparers = (([reference if flux2 else cover] if image_url else [])
                  + [ref_prepare] * len(reference_images or []))
-    images = await _gather_in_order([functools.partial(_prepare, image, field, prepare)
+    images = await _gather_in_order([lanes.decodes.run(_prepare, image, field, prepare, lane_key=key)
                                      for image, field, prepare in zip(decoded, names, preparers, strict=True)])
     if flux2:  # image_url is the first reference
         return dataclasses.replace(params, references=tuple(images))
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))
+
+
+def _lane(lanes: Lanes, url: str) -> Lane:
+    """A ``data:`` URL downloads nothing: it only decodes (the fetcher refuses whatever is not a URL)."""
+    return lanes.decodes if isinstance(url, str) and url[:5].lower() == "data:" else lanes.downloads
