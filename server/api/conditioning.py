@@ -153,8 +153,9 @@ async def attach_images(
     ref_prepare = reference if flux2 else cover if params.conditioning == "kontext" else bounded
     preparers = (([reference if flux2 else cover] if image_url else [])
                  + [ref_prepare] * len(reference_images or []))
-    images = await _gather_in_order([lanes.decodes.run(_prepare, image, field, prepare, lane_key=key)
-                                     for image, field, prepare in zip(decoded, names, preparers, strict=True)])
+    images = await _gather_in_order([
+        lanes.decodes.run(_prepare, image, field, prepare, lane_key=key)
+        for image, field, prepare in zip(decoded, names, preparers, strict=True)])
     if flux2:  # image_url is the first reference
         return dataclasses.replace(params, references=tuple(images))
     main = images.pop(0) if image_url else None
