@@ -4,9 +4,12 @@ Runs in the API process, before a job is queued: a bad URL or a model without th
 that costs no GPU work. Images travel in the job as plain RGB bytes (``ConditioningImage``), already
 sized for their use, so the worker does no network I/O and little image work:
 
-- the input image (img2img or Kontext editing) is scaled to cover the requested width x height and
-  centre-cropped to it, so the output has the request's size and the input's framing;
-- Kontext references are prepared the same way; the engine sets them side by side after the input image;
+- the img2img input image is scaled to cover the requested width x height and centre-cropped to it (its
+  latents are the output's), so the output has the request's size and the input's framing;
+- Kontext follows upstream and never crops (server/api/kontext.py): without a size in the request the
+  output takes the preferred Kontext resolution nearest the input's aspect ratio and the input is resized
+  to it; with a size, the input keeps its aspect ratio at the output's area; references take the input's
+  height, and the engine sets them side by side after it;
 - Redux references keep their aspect ratio, bounded to ``REDUX_MAX_SIDE`` (the SigLIP encoder resizes
   them again to its own input size).
 """
@@ -23,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from .engine.types import ConditioningImage, Conditioning, GenerationParams
 from .errors import InvalidRequest, Unsupported
 from .fetch import Fetcher
-from .registry import ModelManifest
+from .registry import ModelLimits, ModelManifest
 
 REDUX_MAX_SIDE = 768
 
@@ -86,11 +89,17 @@ def _load(fetcher: Fetcher, url: str, field: str,
 
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
-    fetcher: Fetcher,
+    fetcher: Fetcher, kontext: KontextSizing | None = None,
 ) -> GenerationParams:
-    """Fetch, decode and size a request's conditioning images into its params (concurrently)."""
+    """Fetch, decode and size a request's conditioning images into its params (concurrently).
+
+    ``kontext``: for a Kontext model, whether the request named its size, and the model (see
+    server/api/kontext.py: upstream's preferred-resolution resize, never a crop).
+    """
     if params.conditioning == "text":
         return params
+    if params.conditioning == "kontext" and kontext is not None:
+        return await _attach_kontext(params, image_url, reference_images or [], fetcher, kontext)
     w, h = params.width, params.height
 
     def cover(image: Image.Image) -> Image.Image:
@@ -115,3 +124,47 @@ async def attach_images(
     images: list[ConditioningImage] = list(results)  # type: ignore[arg-type]
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))
+
+
+@dataclasses.dataclass(frozen=True)
+class KontextSizing:
+    """What sizing a Kontext request's images needs besides the params: the model, and its size choice."""
+
+    manifest: ModelManifest
+    limits: ModelLimits
+    explicit_size: bool
+
+
+async def _attach_kontext(params: GenerationParams, image_url: str | None, references: list[str],
+                          fetcher: Fetcher, sizing: KontextSizing) -> GenerationParams:
+    """Kontext: without a size in the request, the output takes the preferred resolution nearest the input's
+    aspect ratio and the input is resized to it; with one, the input keeps its aspect ratio at the output's
+    area. References take the input's height. Nothing is cropped (server/api/kontext.py)."""
+    from .api.kontext import fit_area, fit_height, preferred_size, resize_to
+
+    fields = ([("image_url", image_url)] if image_url else []) + [
+        (f"reference_images[{i}]", url) for i, url in enumerate(references)]
+    results = await asyncio.gather(
+        *(run_in_threadpool(fetcher.fetch_image, url, field) for field, url in fields),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    pictures: list[Image.Image] = list(results)  # type: ignore[arg-type]
+    width, height = params.width, params.height
+    main: Image.Image | None = None
+    if image_url:
+        source = pictures.pop(0)
+        if sizing.explicit_size:
+            main = fit_area(source, width * height, sizing.limits.size_multiple)
+        else:
+            width, height = preferred_size(source.width, source.height, sizing.manifest, sizing.limits)
+            main = resize_to(source, width, height)
+    row_height = main.height if main is not None else height
+    refs = [fit_height(ref, row_height, sizing.limits.size_multiple) for ref in pictures]
+    return dataclasses.replace(
+        params, width=width, height=height,
+        image=ConditioningImage.from_pil(main) if main is not None else None,
+        references=tuple(ConditioningImage.from_pil(r) for r in refs),
+    )

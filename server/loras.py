@@ -78,8 +78,8 @@ def resolve_loras(specs: Sequence[Any] | None, model_id: str, supported: bool,
         return ()
     if not supported:
         raise Unsupported(f"'{FIELD}' is not supported by model {model_id}", param=FIELD)
-    if len(specs) > settings.max_count:
-        raise InvalidRequest(f"'{FIELD}' may hold at most {settings.max_count} LoRAs (got {len(specs)})",
+    if len(specs) > settings.max_per_request:
+        raise InvalidRequest(f"'{FIELD}' may hold at most {settings.max_per_request} LoRAs (got {len(specs)})",
                              param=FIELD)
     refs: list[LoraRef] = []
     for i, spec in enumerate(specs):

@@ -108,6 +108,8 @@ def _complete(folder: Path, subfolders: tuple[str, ...] | None) -> bool:
 def present(weights: Weights) -> tuple[bool, str]:
     """Whether the weights are available locally, and where (or why not)."""
     source = weights.source
+    if isinstance(source, WeightsSource) and source.in_memory:
+        return True, "random weights built in memory at start"
     if source.builtin is not None:
         return True, "built on first use"
     if source.path is not None:
@@ -179,7 +181,9 @@ def pull(name: str, settings: Settings, out: Any = sys.stdout) -> int:
     failures = 0
     for weights in manifest_weights(manifest, settings):
         label = f"{weights.role}: {weights.describe()}"
-        if weights.kind == "builtin":
+        if isinstance(weights.source, WeightsSource) and weights.source.in_memory:
+            print(f"{label}: random weights built in memory at start; nothing to pull", file=out)
+        elif weights.kind == "builtin":
             location = _build_builtin(weights, settings)
             print(f"{label} ready at {location}", file=out)
         elif weights.kind == "path":

@@ -19,15 +19,30 @@ from .errors import ModelNotFound
 log = logging.getLogger(__name__)
 
 
+# Built-in weights built in memory at load time, never written to disk: full-size FLUX.1 architectures
+# with random weights (server/engine/random_flux.py), for benchmarks on a machine without the real weights;
+# the "-small" variants keep every component's structure at tiny widths, for CPU rehearsals.
+RANDOM_BUILTINS = ("flux-schnell-random", "flux-dev-random",
+                   "flux-schnell-random-small", "flux-dev-random-small")
+Builtin = Literal["tiny-flux", "tiny-flux-edit", "tiny-redux", "flux-schnell-random", "flux-dev-random",
+                  "flux-schnell-random-small", "flux-dev-random-small"]
+
+
 class WeightsSource(BaseModel):
-    """Exactly one of: a Hub repo id, a local diffusers folder, or a built-in offline builder."""
+    """Exactly one of: a Hub repo id, a local diffusers folder, or a built-in builder (tiny models are built
+    offline once into the cache; the random full-size ones in memory, on the device, at every start)."""
 
     model_config = ConfigDict(extra="forbid")
 
     hub: str | None = None
     revision: str | None = None
     path: Path | None = None
-    builtin: Literal["tiny-flux", "tiny-flux-edit", "tiny-redux"] | None = None
+    builtin: Builtin | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        """Built on the device at load time; nothing on disk to pull or check."""
+        return self.builtin in RANDOM_BUILTINS
 
     @model_validator(mode="after")
     def _exactly_one(self) -> WeightsSource:
@@ -85,7 +100,11 @@ class CompileOptions(BaseModel):
     fullgraph: bool = True
     # torch.compile mode, e.g. "max-autotune-no-cudagraphs"; None: torch's default.
     mode: str | None = None
-    # Inductor's cache (TORCHINDUCTOR_CACHE_DIR), kept across restarts; None: <engine.cache_dir>/inductor.
+    # torch.compile backend: inductor (generated kernels: the point on a GPU); "eager" / "aot_eager" trace
+    # and guard exactly as inductor does (the same graphs and recompiles) without generating code, which is
+    # what CPU tests and rehearsals that count recompiles use.
+    backend: str = "inductor"
+    # Inductor's cache (TORCHINDUCTOR_CACHE_DIR), kept across restarts; None: engine.compile_cache_dir.
     cache_dir: Path | None = None
 
 
@@ -110,8 +129,20 @@ class EngineOptions(BaseModel):
     # One QKV matmul per attention instead of three. LoRAs target to_q/to_k/to_v: not with loras.
     fuse_qkv: bool = False
     compile: CompileOptions = Field(default_factory=CompileOptions)
-    # fp8: torchao dynamic float8 activations and weights for the transformer's linears (CUDA, SM 8.9+).
+    # fp8: torchao dynamic float8 activations and weights, one scale per row, for the transformer's linears
+    # (CUDA compute capability 8.9+); quantized block by block as it moves to the device (server/engine/
+    # placement.py), so the device never holds the bf16 transformer whole.
     quantize: Literal["none", "fp8"] = "none"
+    # Where the weights live between calls (diffusers' CPU offload, for cards smaller than the model):
+    # none: all on the device; model: each component moves to the device while it runs
+    # (enable_model_cpu_offload: FLUX.1 bf16 on ~24 GB with fp8, ~1-2 s more per call over PCIe);
+    # sequential: layer by layer (enable_sequential_cpu_offload: a few GB of device memory, many times
+    # slower).
+    offload: Literal["none", "model", "sequential"] = "none"
+    # The VAE decodes a batch one image at a time (always), and in overlapping tiles when width x height is
+    # above this many pixels (bounded memory at large sizes; tiles blend at their seams, so pixels change a
+    # little). Default: above 2 megapixels, so 1024x1024 and 1536x1024 decode whole and 2048x2048 is tiled.
+    vae_tiling_pixels: int = Field(default=2 * 1024 * 1024, ge=64 * 64)
     # T5 lengths a request may be padded to: the smallest that holds its prompts (a conservative token
     # count: characters after NFKC + 2); longer prompts use defaults.max_sequence_length.
     sequence_buckets: list[int] = Field(default_factory=list)
@@ -174,6 +205,13 @@ class ModelManifest(BaseModel):
             raise ValueError(
                 f"{self.id}: engine.fuse_qkv cannot serve LoRAs (they target the unfused to_q/to_k/to_v "
                 "projections); turn off capabilities.loras or engine.fuse_qkv"
+            )
+        engine = self.engine
+        if engine.offload == "sequential" and (engine.quantize != "none" or engine.compile.transformer != "none"
+                                               or engine.compile.vae_decoder):
+            raise ValueError(
+                f"{self.id}: engine.offload: sequential moves weights layer by layer and cannot be combined "
+                "with engine.quantize or engine.compile; use offload: model (fp8 fits FLUX.1 on ~24 GB cards)"
             )
         buckets = self.engine.sequence_buckets
         if buckets != sorted(set(buckets)) or any(b < 1 for b in buckets):

@@ -70,9 +70,10 @@ def test_scaled_down_full_build_loads_through_a_manifest(tmp_path: Path) -> None
 def test_full_size_transformer_flops_match_the_published_estimate() -> None:
     sys.path.insert(0, str(REPO / "scripts"))
     import bench_engine
-    import build_full_flux
 
-    config = {**build_full_flux.TRANSFORMER, "guidance_embeds": False}
+    from server.engine.random_flux import TRANSFORMER
+
+    config = {**TRANSFORMER, "guidance_embeds": False}
     per_step = bench_engine.transformer_flops(config, 1024, 1024, 256)
     # 4096 image + 256 text tokens, d = 3072, 57 blocks: 57 x (24 d^2 N + 4 N^2 d) = 69.4 TFLOP per step
     # (embedders and modulation add under 1%), so ~278 TFLOP for 4 schnell steps; at 512 text tokens

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
-from ..conditioning import attach_images
+from ..conditioning import KontextSizing, attach_images
 from ..jobs import ClientGone, Job, JobResult, run_job
 from ..safety import bearer_token, resolve_check
 from .. import metrics
@@ -21,7 +21,7 @@ from .auth import check_api_key
 from .keys import authorize_model, charge
 from .observe import request_id
 from .runtime import Runtime
-from .schemas import parse_request, resolve_params, response_kind
+from .schemas import explicit_size, parse_request, resolve_params, response_kind
 
 router = APIRouter()
 
@@ -71,7 +71,8 @@ async def create_image(request: Request) -> JSONResponse:
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
     # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
     # the job is queued.
-    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher)
+    kontext = KontextSizing(manifest, manifest.effective_limits(settings.limits), explicit_size(req))
+    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, kontext)
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
     if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
         await run_in_threadpool(runtime.lora_store.prefetch, params.loras)

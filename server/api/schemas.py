@@ -86,6 +86,11 @@ def _unsupported(req: ImageRequest) -> None:
             raise Unsupported(f"'{field}' is not supported by this server yet", param=field)
 
 
+def explicit_size(req: ImageRequest) -> bool:
+    """Whether the request names its output size (width, height or a WxH size), rather than the default."""
+    return req.width is not None or req.height is not None or req.size not in (None, "auto")
+
+
 def _size(req: ImageRequest, manifest: ModelManifest) -> tuple[int, int]:
     width, height = req.width, req.height
     if req.size and req.size != "auto" and width is None and height is None:

@@ -22,8 +22,9 @@ from ..config import EngineSettings, SafetySettings
 from ..errors import DarkroomError
 from ..registry import ModelManifest, Registry, WeightsSource
 from ..safety import SafetyCounters
-from . import optimize
+from . import optimize, placement
 from .loading import LOAD_LOCK
+from .random_flux import RANDOM_MODELS, build_random_flux
 from .safety import ImageChecker, load_image_checkers, screen_batch
 from .tiny import ensure_tiny_flux, ensure_tiny_flux_edit, ensure_tiny_redux
 from .timing import stage_timer
@@ -62,6 +63,8 @@ def weights_location(manifest: ModelManifest, cache_dir: Path) -> tuple[str, dic
 
 
 def source_location(source: WeightsSource, cache_dir: Path) -> tuple[str, dict[str, Any]]:
+    if source.in_memory:
+        raise ValueError(f"builtin {source.builtin} is built in memory at load time and has no location")
     if source.builtin == "tiny-flux":
         return str(ensure_tiny_flux(cache_dir)), {}
     if source.builtin == "tiny-flux-edit":
@@ -86,13 +89,19 @@ def load_pipeline(manifest: ModelManifest, settings: EngineSettings, device: str
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
-    location, kwargs = weights_location(manifest, settings.cache_dir)
     dtype = resolve_dtype(manifest, device)
     started = time.perf_counter()
     # FLUX.1 Kontext has FLUX.1's components; only the pipeline (how the input image enters) differs.
     cls = FluxKontextPipeline if manifest.family == "flux-kontext" else FluxPipeline
-    pipe = cls.from_pretrained(location, dtype=dtype, **kwargs)
-    pipe.to(device)
+    if manifest.source.in_memory:
+        # Random full-size weights, made on the device (the transformer on meta until it is placed).
+        variant, small = RANDOM_MODELS[str(manifest.source.builtin)]
+        pipe = build_random_flux(variant, device, dtype, scale_down=small, pipeline_cls=cls)
+        location = f"builtin:{manifest.source.builtin} (random weights, in memory)"
+    else:
+        location, kwargs = weights_location(manifest, settings.cache_dir)
+        pipe = cls.from_pretrained(location, dtype=dtype, **kwargs)
+    # On the CPU still (the random builtin: on the device); placement.place moves it.
     pipe.set_progress_bar_config(disable=True)
     log.info(
         "model loaded model=%s device=%s dtype=%s from=%s seconds=%.2f",
@@ -147,13 +156,15 @@ class Engine:
         for manifest in self.registry.models:
             with LOAD_LOCK:  # see loading.py: concurrent from_pretrained calls corrupt each other
                 self._pipes[manifest.id] = load_pipeline(manifest, self.settings, self.device)
-                # Attention backend, fused QKV, fp8: before the LoRA slots and the img2img pipeline.
-                optimize.prepare(manifest, self._pipes[manifest.id], self.device)
+                # Attention backend, fused QKV; then fp8, offload or the move to the device, VAE slicing:
+                # all before the LoRA slots and the img2img pipeline.
+                optimize.prepare(manifest, self._pipes[manifest.id])
+                placement.place(manifest, self._pipes[manifest.id], self.device)
                 self._load_conditioning(manifest)
             if manifest.capabilities.loras:
                 self.loras.prepare(manifest.id, self._pipes[manifest.id])
             # Last, so the compiled graphs already hold the LoRA slots (switching LoRAs: no recompile).
-            optimize.compile_modules(manifest, self._pipes[manifest.id], self.settings.cache_dir)
+            optimize.compile_modules(manifest, self._pipes[manifest.id], self.settings)
         self._checkers = load_image_checkers(
             self.registry, self.safety, self.settings.cache_dir, self.device
         )
@@ -204,7 +215,9 @@ class Engine:
         self.loras.activate(first.model, first.loras)
         pipe = self._conditioned(pipe, batch, kwargs)
 
-        with torch.inference_mode(), stage_timer(pipe, self.device) as stage_times:
+        tiling = placement.vae_tiling(pipe, first.width, first.height,
+                                      self.registry.get(first.model).engine.vae_tiling_pixels)
+        with torch.inference_mode(), tiling, stage_timer(pipe, self.device) as stage_times:
             if first.conditioning in ("redux", "img2img+redux"):
                 self._add_redux_tokens(pipe, batch, kwargs)
             images = pipe(
@@ -277,8 +290,9 @@ class Engine:
             # Kontext rescales its output to max_area unless told the requested size is the area.
             kwargs["max_area"] = first.width * first.height
         if first.conditioning == "kontext":
-            # The input image, then the references, side by side: one conditioning image per prompt,
-            # all of the output's height (prepared so by the API), never resized again here.
+            # The input image, then the references, side by side: one conditioning image per prompt, all
+            # of one height and sized without cropping by the API (server/api/kontext.py), never resized
+            # again here.
             per_job = [stitch([i.to_pil() for i in ([p.image] if p.image else []) + list(p.references)])
                        for p in batch]
             kwargs["image"] = [img for p, img in zip(batch, per_job) for _ in p.seeds]
