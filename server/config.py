@@ -215,8 +215,9 @@ class LoraSettings(BaseModel):
     # Load LoRAs into hotswap_slots fixed adapter slots with diffusers' hotswap, so a compiled transformer
     # never recompiles when the LoRA set changes. Each slot is a rank-hotswap_target_rank LoRA on every
     # layer named by hotswap_target_modules (server/engine/lora_slots.py), resident and computed on every
-    # call: on FLUX.1, 2 slots at rank 32 on the default layers hold 261 M parameters (523 MB in bf16) and add
-    # about 2% to the transformer's FLOPs (`python scripts/hotswap_cost.py`). A request takes at most
+    # call: on FLUX.1, 2 slots at rank 32 on the default layers hold 261 M parameters (0.49 GiB in bf16; the
+    # old 4 x rank 64 on all 504 Linears: 2.6 GiB) and add 2.4% to the transformer FLOPs at 1024x1024
+    # (9.7% before; `python scripts/hotswap_cost.py`). A request takes at most
     # hotswap_slots LoRAs (Together's own limit is 2); LoRAs of a higher rank, with text-encoder weights or
     # with weights on layers outside the slots are refused with a 400.
     hotswap: bool = False

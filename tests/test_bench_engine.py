@@ -83,3 +83,29 @@ def test_full_size_transformer_flops_match_the_published_estimate() -> None:
     assert blocks_only < per_step < 1.01 * blocks_only
     assert 69e12 < per_step < 70e12
     assert 295e12 < 4 * bench_engine.transformer_flops(config, 1024, 1024, 512) < 300e12
+
+
+def test_hotswap_cost_on_the_full_flux_transformer() -> None:
+    """scripts/hotswap_cost.py on FLUX.1-dev's architecture (on meta: shapes only)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import hotswap_cost
+
+    from server.config import DEFAULT_HOTSWAP_TARGETS
+
+    transformer = hotswap_cost.build_transformer("dev")
+    everything = hotswap_cost.cost(transformer, None, 64, 4, 4096, 512)
+    # The old slots: all 504 Linear layers at rank 64 x 4 slots, about 2.6 GiB in bf16.
+    assert everything["layers"] == 504 and 2.5 < everything["bytes_bf16"] / 2**30 < 2.7
+    now = hotswap_cost.cost(transformer, DEFAULT_HOTSWAP_TARGETS, 32, 2, 4096, 512)
+    # 19 double blocks x 12 layers + 38 single blocks x 5; rank 32 x (in + out) per layer and slot.
+    per_rank = 19 * (8 * 6144 + 4 * 15360) + 38 * (3 * 6144 + 15360 + 18432)
+    assert now["layers"] == 19 * 12 + 38 * 5 and now["params"] == 2 * 32 * per_rank
+    assert now["bytes_bf16"] < everything["bytes_bf16"] / 5
+    base = bench_engine_flops(transformer)
+    assert 0.02 < now["flops_per_step"] / base < 0.03 < 0.09 < everything["flops_per_step"] / base < 0.10
+
+
+def bench_engine_flops(transformer: object) -> float:
+    import bench_engine
+
+    return bench_engine.transformer_flops(dict(transformer.config), 1024, 1024, 512)  # type: ignore[attr-defined]
