@@ -108,4 +108,5 @@ def test_hotswap_cost_on_the_full_flux_transformer() -> None:
 def bench_engine_flops(transformer: object) -> float:
     import bench_engine
 
-    return bench_engine.transformer_flops(dict(transformer.config), 1024, 1024, 512)  # type: ignore[attr-defined]
+    config = dict(transformer.config)  # type: ignore[attr-defined]
+    return bench_engine.transformer_flops(config, 1024, 1024, 512)

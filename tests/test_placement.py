@@ -54,7 +54,8 @@ def test_fp8_quantizes_each_part_as_it_lands(tiny_cache: Path) -> None:
 
     from server.engine.tiny import ensure_tiny_flux
 
-    transformer = FluxTransformer2DModel.from_pretrained(ensure_tiny_flux(tiny_cache), subfolder="transformer")
+    folder = ensure_tiny_flux(tiny_cache)
+    transformer = FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer")
     parts = placement.transformer_parts(transformer)
     # The parts hold every parameter of the transformer, each once.
     assert sum(p.numel() for part in parts for p in part.parameters()) == sum(
@@ -74,11 +75,11 @@ def test_fp8_quantizes_each_part_as_it_lands(tiny_cache: Path) -> None:
 
 
 def test_fp8_needs_torchao_and_compute_capability_8_9(monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(EngineOptionError, match="CUDA device of compute capability 8.9.*this worker's device is cpu"):
+    with pytest.raises(EngineOptionError, match="compute capability 8.9.*this worker's device is cpu"):
         placement.require_fp8_device("m", "cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
-    with pytest.raises(EngineOptionError, match=r"cuda:0 is NVIDIA A100-SXM4-80GB \(8\.0\).*remove engine.quantize"):
+    with pytest.raises(EngineOptionError, match=r"cuda:0 is NVIDIA A100-SXM4-80GB \(8\.0\).*remove engine"):
         placement.require_fp8_device("m", "cuda:0")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
     placement.require_fp8_device("m", "cuda:0")  # L4 / L40S / RTX 4090: accepted
@@ -115,7 +116,8 @@ class _Stub:
 
 
 def test_offload_modes_reach_diffusers() -> None:
-    for mode, expected in (("model", "enable_model_cpu_offload"), ("sequential", "enable_sequential_cpu_offload")):
+    for mode in ("model", "sequential"):
+        expected = f"enable_{mode}_cpu_offload"
         stub = _Stub()
         placement.place(manifest({"offload": mode}), stub, "cuda:1")
         assert stub.calls == [(expected, "cuda:1"), ("vae.enable_slicing", None)]
