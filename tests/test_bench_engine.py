@@ -110,3 +110,29 @@ def bench_engine_flops(transformer: object) -> float:
 
     config = dict(transformer.config)  # type: ignore[attr-defined]
     return bench_engine.transformer_flops(config, 1024, 1024, 512)
+
+
+def test_readme_device_command_fits_the_device_tool() -> None:
+    """The README's GPU command: one line under the device tool's 2,000 characters, starting with its wheel
+    install, carrying exactly the wheels scripts/device_wheels.sh downloads, with arguments the script takes."""
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    match = re.search(r"```bash\n(python3 -m pip install [^\n]*)\n```", readme)
+    assert match, "no device command in the README"
+    command = match.group(1)
+    assert len(command) < 2000
+    assert command.startswith("python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
+                              "--upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;")
+    bench = next(part for part in command.split(";") if "scripts/bench_engine.py" in part)
+    words = shlex.split(bench.split("2>&1")[0])
+    assert words[:4] == ["python3", "scripts/bench_engine.py", "--random", "schnell"]
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_engine
+
+    parsed = bench_engine.build_parser().parse_args(words[2:])
+    assert parsed.random == "schnell" and parsed.ready_timeout <= 330 and str(parsed.json).startswith("$OUT/")
+    wheels = re.findall(r"^  (\S+==\S+)$", (REPO / "scripts" / "device_wheels.sh").read_text(), re.M)
+    listed = {f"{name}=={version}" for name, version in re.findall(r"([a-z][a-z0-9-]+) (\d+\.\d+\.\d+)",
+                                                                    readme.split("The device\ncommand")[0][-700:])}
+    assert len(wheels) == 15 and set(wheels) == listed

@@ -62,7 +62,7 @@ def compile_modules(manifest: ModelManifest, pipe: Any, settings: EngineSettings
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
-    kwargs: dict[str, Any] = {"fullgraph": spec.fullgraph, "backend": spec.backend}
+    kwargs: dict[str, Any] = {"fullgraph": spec.fullgraph, "backend": spec.backend, "dynamic": spec.dynamic}
     if spec.mode:
         kwargs["mode"] = spec.mode
     if spec.transformer == "regional":
