@@ -62,6 +62,13 @@ def compile_modules(manifest: ModelManifest, pipe: Any, settings: EngineSettings
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
+    if spec.dynamic:
+        # One symbol per dimension: with torch's default "duck" shapes, dimensions that happen to be equal
+        # at the first call share a symbol, so a sequence bucket equal to a hidden size (128 = 128) would be
+        # specialised to it and another bucket would compile again. Process-wide, read while tracing.
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
     kwargs: dict[str, Any] = {"fullgraph": spec.fullgraph, "backend": spec.backend, "dynamic": spec.dynamic}
     if spec.mode:
         kwargs["mode"] = spec.mode
@@ -78,15 +85,43 @@ def compile_modules(manifest: ModelManifest, pipe: Any, settings: EngineSettings
     )
 
 
-def warmup_plan(manifest: ModelManifest) -> list[tuple[int, int, int, int]]:
-    """(width, height, steps, max_sequence_length) of each warm-up call of a model.
+def compiles(manifest: ModelManifest) -> bool:
+    spec = manifest.engine.compile
+    return spec.transformer != "none" or spec.vae_decoder
 
-    Every configured size at every sequence bucket (and the full length), so that a compiled model
-    has seen each shape a request of those sizes can bring.
+
+def largest_batch(manifest: ModelManifest, width: int, height: int, max_batch_images: int,
+                  max_batch_pixels: int | None) -> int:
+    """The most images one pipeline call of this size can hold: what the scheduler packs under
+    ``scheduler.max_batch_images`` and ``scheduler.max_batch_pixels``, or one request's ``n`` (a job is
+    never split, so a lone job up to the model's ``max_n`` runs whole even past the pixel cap)."""
+    packed = max_batch_images
+    if max_batch_pixels is not None:
+        packed = min(packed, max(1, max_batch_pixels // (width * height)))
+    return max(1, packed, manifest.limits.max_n)
+
+
+def warmup_plan(manifest: ModelManifest, max_batch_images: int = 1,
+                max_batch_pixels: int | None = None) -> list[tuple[int, int, int, int, int]]:
+    """(width, height, steps, max_sequence_length, batch images) of each warm-up call of a model.
+
+    Every configured size at every sequence bucket (and the full length). A compiled model also runs the
+    batch sizes the scheduler can form at each size, so that after ``/ready`` no request compiles: with
+    ``compile.dynamic`` (symbolic shapes, the default) batch 1 (torch specialises sizes of 1), 2 (the
+    symbolic graph) and the largest (its memory peak, and no new graph); with static shapes every batch
+    size from 1 to the largest. An eager model warms batch 1 only (there is nothing to compile).
     """
     options = manifest.engine.warmup
     sizes = options.sizes or [(64, 64)]
     lengths = list(dict.fromkeys([*manifest.engine.sequence_buckets, manifest.defaults.max_sequence_length]))
     if not manifest.engine.sequence_buckets:
         lengths = [manifest.defaults.max_sequence_length]
-    return [(w, h, options.steps, length) for (w, h) in sizes for length in lengths]
+    plan = []
+    for w, h in sizes:
+        largest = largest_batch(manifest, w, h, max_batch_images, max_batch_pixels) if compiles(manifest) else 1
+        if manifest.engine.compile.dynamic is False:
+            batches = list(range(1, largest + 1))
+        else:
+            batches = sorted({1, min(2, largest), largest})
+        plan += [(w, h, options.steps, length, batch) for length in lengths for batch in batches]
+    return plan
