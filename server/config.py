@@ -265,6 +265,10 @@ class EngineSettings(BaseModel):
     # a restart loads kernels instead of compiling; None: <cache_dir>/inductor. Put it on a writable volume
     # when cache_dir is a read-only weights volume. A model's compile.cache_dir overrides it.
     compile_cache_dir: Path | None = None
+    # After warm-up, torch.compiler.set_stance("fail_on_recompile"): a request whose shape the warm-up did
+    # not compile fails with a 400 naming the cause, instead of compiling (stalling its batch for seconds
+    # to minutes). Off: such a request compiles, and /ready and /metrics count it as a recompile.
+    fail_on_recompile: bool = False
 
     _expand_cache = field_validator("cache_dir")(_expand)
 

@@ -55,7 +55,7 @@ def test_defaults_change_nothing() -> None:
     assert m.engine.attention_backend is None and not m.engine.fuse_qkv
     assert m.engine.compile.transformer == "none" and not m.engine.compile.vae_decoder
     assert m.engine.quantize == "none" and m.engine.sequence_buckets == []
-    assert optimize.warmup_plan(m) == [(64, 64, 1, 64)]
+    assert optimize.warmup_plan(m, 8) == [(64, 64, 1, 64, 1)]  # eager: batch 1 only
     assert m.sequence_length("x" * 500) == 64
 
 
@@ -174,7 +174,8 @@ def test_switching_hotswapped_loras_does_not_recompile(tiny_cache: Path, tmp_pat
         registered[name] = path
     store = LoraStore(LoraSettings(cache_dir=tmp_path / "loras", registered=registered, hotswap=True,
                                    hotswap_target_rank=8, max_count=1), FetchSettings(), tiny_cache)
-    m = manifest({"compile": {"transformer": "regional", "cache_dir": str(tmp_path / "inductor")}})
+    # dynamo's eager backend: the same graphs and recompiles as inductor, without generating code.
+    m = manifest({"compile": {"transformer": "regional", "backend": "eager"}})
     engine = Engine(Registry([m]), EngineSettings(cache_dir=tiny_cache), "cpu", loras=store)
     engine.load()
     # The first calls compile (and may recompile once as dynamo learns which values vary).

@@ -19,10 +19,11 @@ from PIL import Image
 
 from ..conditioning import stitch
 from ..config import EngineSettings, SafetySettings
-from ..errors import DarkroomError
+from ..errors import DarkroomError, InvalidRequest
 from ..registry import ModelManifest, Registry, WeightsSource
 from ..safety import SafetyCounters
 from . import optimize, placement
+from .compile_stats import RECOMPILE_REFUSED, CompileCounter
 from .loading import LOAD_LOCK
 from .random_flux import RANDOM_MODELS, build_random_flux
 from .safety import ImageChecker, load_image_checkers, screen_batch
@@ -145,6 +146,8 @@ class Engine:
         self.safety_counters = SafetyCounters()
         self.calls = 0
         self.last_timings: dict[str, float] = {}
+        # Graphs torch.compile built, and those built after warm-up (exported on /ready and /metrics).
+        self.compile_counter = CompileCounter()
         # image_loras: the store (shared with the API in `darkroom serve`) and this device's adapters.
         if loras is None:
             from ..config import FetchSettings, LoraSettings
@@ -169,22 +172,26 @@ class Engine:
             self.registry, self.safety, self.settings.cache_dir, self.device
         )
 
-    def warmup(self) -> None:
+    def warmup(self, max_batch_images: int = 1, max_batch_pixels: int | None = None) -> None:
         """Calls per model before the worker is ready, so the first user request does not pay for lazy
         init or compilation: each of the manifest's engine.warmup sizes at each sequence bucket (by
-        default one 64x64 call), then one small call per conditioning path."""
+        default one 64x64 call), for a compiled model at the batch sizes the scheduler can form
+        (``max_batch_images`` / ``max_batch_pixels``: scheduler settings; optimize.warmup_plan), then one
+        small call per conditioning path. Then the compile counter starts counting recompiles."""
+        images: list[list[Image.Image]] = []
         for manifest in self.registry.models:
-            for width, height, steps, length in optimize.warmup_plan(manifest):
+            for width, height, steps, length, batch in optimize.warmup_plan(manifest, max_batch_images,
+                                                                             max_batch_pixels):
                 started = time.perf_counter()
                 params = GenerationParams(
                     model=manifest.id, prompt="warm-up", width=width, height=height, steps=steps,
-                    guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
+                    guidance_scale=manifest.defaults.guidance_scale, seeds=tuple(range(batch)),
                     max_sequence_length=length,
                 )
                 images = self.generate([params])
                 log.info(
-                    "warm-up model=%s size=%dx%d steps=%d max_sequence_length=%d seconds=%.2f",
-                    manifest.id, width, height, steps, length, time.perf_counter() - started,
+                    "warm-up model=%s size=%dx%d steps=%d max_sequence_length=%d batch=%d seconds=%.2f",
+                    manifest.id, width, height, steps, length, batch, time.perf_counter() - started,
                 )
             params = GenerationParams(
                 model=manifest.id, prompt="warm-up", width=64, height=64, steps=1,
@@ -195,6 +202,8 @@ class Engine:
             checker = self._checkers.get(manifest.id)
             if checker is not None:
                 checker.check(images[0])
+        self.compile_counter.mark_ready(self.settings.fail_on_recompile,
+                                        any(optimize.compiles(m) for m in self.registry.models))
 
     def generate(self, batch: Sequence[GenerationParams]) -> list[list[Image.Image]]:
         """Run compatible requests as one pipeline call; returns each request's images in order."""
@@ -220,16 +229,26 @@ class Engine:
         with torch.inference_mode(), tiling, stage_timer(pipe, self.device) as stage_times:
             if first.conditioning in ("redux", "img2img+redux"):
                 self._add_redux_tokens(pipe, batch, kwargs)
-            images = pipe(
-                height=first.height,
-                width=first.width,
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                max_sequence_length=first.max_sequence_length,
-                output_type="pil",
-                **kwargs,
-            ).images
+            try:
+                images = pipe(
+                    height=first.height,
+                    width=first.width,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
+                    max_sequence_length=first.max_sequence_length,
+                    output_type="pil",
+                    **kwargs,
+                ).images
+            except RuntimeError as exc:
+                if RECOMPILE_REFUSED not in str(exc):
+                    raise
+                raise InvalidRequest(
+                    f"{first.model} is compiled for the shapes its warm-up ran, and this request's "
+                    f"({first.width}x{first.height}, {len(generators)} images per call, text length "
+                    f"{first.max_sequence_length}) would compile anew, which this server refuses "
+                    "(engine.fail_on_recompile); use a size of the model's engine.warmup.sizes",
+                    param="width") from None
         self.calls += 1
         # text_encode / denoise / vae_decode seconds of this call, for the worker's log line and metrics.
         self.last_timings = stage_times.as_dict()
