@@ -57,8 +57,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_serving import cpu_name, percentile  # noqa: E402
-from server.launch import free_port, stop, wait_ready  # noqa: E402
 from server.registry import ModelManifest  # noqa: E402
+from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
 MODEL_ID = "bench/flux"

@@ -46,7 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_engine import PeakMemory, timed  # noqa: E402
-from server.launch import free_port, stop, wait_ready  # noqa: E402
+from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 from server.registry import ModelManifest  # noqa: E402
 
 MODEL_ID = "bench/flux-random"

@@ -28,7 +28,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server.config import FetchSettings  # noqa: E402
-from server.fetch import Fetcher, decode_image  # noqa: E402
+from server.fetch import Fetcher  # noqa: E402
+from server.images import decode_image  # noqa: E402
 
 
 def make_image(size: int, fmt: str) -> bytes:

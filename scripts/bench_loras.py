@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))
 
 from server.config import EngineSettings, FetchSettings, LoraSettings, SafetySettings  # noqa: E402
 from server.engine.pipelines import Engine  # noqa: E402
-from server.engine.tiny import lora_file_bytes, tiny_flux_lora  # noqa: E402
-from server.engine.types import GenerationParams, LoraRef  # noqa: E402
 from server.loras import LoraStore  # noqa: E402
+from server.params import GenerationParams, LoraRef  # noqa: E402
 from server.registry import Registry, load_manifests  # noqa: E402
+from tests.support.tiny_loras import lora_file_bytes, tiny_flux_lora  # noqa: E402
 
 
 def serve(files: dict[str, bytes]) -> tuple[ThreadingHTTPServer, str]:

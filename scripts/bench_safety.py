@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import torch  # noqa: E402
 
+from server.api.safety import PromptGuard  # noqa: E402
 from server.config import EngineSettings, ImageCheckerSpec, SafetySettings, TextClassifierSpec  # noqa: E402
 from server.engine.pipelines import Engine  # noqa: E402
 from server.engine.safety import TextClassifier, load_image_checker  # noqa: E402
-from server.engine.types import GenerationParams  # noqa: E402
+from server.params import GenerationParams  # noqa: E402
 from server.registry import Registry  # noqa: E402
-from server.safety import PromptGuard  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CHECKERS = {
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         params = GenerationParams(model="darkroom/tiny-flux", prompt="a lighthouse", width=size, height=size,
                                   steps=1, guidance_scale=3.5, seeds=tuple(range(most)),
                                   max_sequence_length=64)
-        images = engine.generate([params])[0]
+        images = engine.generate([params]).images[0]
         for name, spec in CHECKERS.items():
             checker = load_image_checker(spec, cache, "cpu")
             assert checker is not None

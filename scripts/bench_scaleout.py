@@ -39,8 +39,9 @@ from bench_serving import (  # noqa: E402
     percentile,
     resolve_common_args,
 )
+
 from server.config import Settings  # noqa: E402
-from server.launch import free_port, stop, wait_ready  # noqa: E402
+from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 
 CONCURRENCY = 16
 

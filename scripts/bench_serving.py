@@ -42,9 +42,9 @@ sys.path.insert(0, str(REPO))
 from server.api.schemas import parse_request, resolve_params  # noqa: E402
 from server.config import Settings, load_settings  # noqa: E402
 from server.engine.pipelines import Engine  # noqa: E402
+from server.images import encode_image  # noqa: E402
 from server.registry import Registry  # noqa: E402
-from server.launch import free_port, stop, wait_ready  # noqa: E402
-from server.storage import encode_image  # noqa: E402
+from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 
 LEVELS = (1, 4, 16)
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"
@@ -88,7 +88,7 @@ def bench_direct(args: argparse.Namespace, settings: Settings, count: int) -> li
         # Resolved exactly as the server resolves the HTTP body, so both paths run the same call.
         params = resolve_params(parse_request(body(args, i)), manifest, settings.limits)
         started = time.perf_counter()
-        images = engine.generate([params])[0]
+        images = engine.generate([params]).images[0]
         data = [encode_image(image, params.output_format) for image in images]
         elapsed = time.perf_counter() - started
         if not all(data):

@@ -1,4 +1,9 @@
-"""The ``darkroom`` command."""
+"""The ``darkroom`` command: the one place that puts a process together.
+
+``serve`` runs the API with one worker per device (server/api/, server/worker/wiring.py); ``api`` runs the API
+alone on the Redis queue and never imports torch; ``worker`` runs Redis workers (server/worker/process.py);
+``pull`` and ``models`` manage weights (server/models_cli.py). Each side is imported only by its command.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import sys
 
 import uvicorn
 
-from .config import load_settings
+from .config import Settings, load_settings
 
 
 def _logging(level: str, fmt: str = "text") -> None:
@@ -23,26 +28,29 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.server.port
     settings.server.host, settings.server.port = host, port
     _logging(settings.server.log_level, settings.server.log_format)
-    runtime = None
     if args.command == "api":
-        from .api.runtime import Runtime
-
         if settings.queue.backend != "redis":
             logging.getLogger(__name__).error(
                 "darkroom api needs queue.backend: redis (its jobs run in `darkroom worker` processes)")
             return 2
-        runtime = Runtime.build(settings, with_workers=False)
+        workers = None  # an API pod: torch and diffusers are never imported
     elif not _weights_ready(settings):
         return 2
-    from .api.app import create_app  # after the checks: it imports torch and diffusers
+    else:
+        from .worker.wiring import serve_workers  # the engine side: torch and diffusers
 
+        workers = serve_workers
+    from .api.app import create_app
+    from .api.runtime import Runtime
+
+    app = create_app(settings, Runtime.build(settings, workers))
     # On SIGTERM uvicorn stops accepting, finishes the in-flight responses, then shuts the app down.
-    uvicorn.run(create_app(settings, runtime), host=host, port=port, log_config=None, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
     return 0
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .worker_process import run_worker
+    from .worker.process import run_worker
 
     settings = load_settings(args.config)
     if args.health_port is not None:
@@ -53,13 +61,13 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(settings)
 
 
-def _weights_ready(settings: object) -> bool:
+def _weights_ready(settings: Settings) -> bool:
     """Refuse to start a model whose weights are not on disk (`darkroom pull MODEL` fetches them)."""
     from .models_cli import missing_weights
 
-    if settings.engine.allow_downloads:  # type: ignore[attr-defined]
+    if settings.engine.allow_downloads:
         return True
-    problems = missing_weights(settings)  # type: ignore[arg-type]
+    problems = missing_weights(settings)
     for problem in problems:
         logging.getLogger("server.cli").error("not starting: %s", problem)
     return not problems

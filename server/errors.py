@@ -46,6 +46,13 @@ class InvalidRequest(DarkroomError):
     pass
 
 
+class FetchError(InvalidRequest):
+    """A URL a request names that cannot be used: refused, unreachable, too big, or not an image
+    (raised by the guarded fetcher, server/fetch.py, and the image decoder, server/images.py)."""
+
+    code = "invalid_image_url"
+
+
 class Unsupported(DarkroomError):
     """A valid field this server or this model does not serve."""
 

@@ -4,109 +4,57 @@ A URL from a client must not become a way into the operator's network (SSRF), no
 the server. So, for every fetch:
 
 - the scheme must be on the allow-list (``https``, ``http``, ``data`` by default);
-- the host is resolved once and *every* address it resolves to is checked against loopback, private,
-  link-local, multicast, reserved and unspecified ranges, IPv4 and IPv6 (IPv4-mapped, 6to4, NAT64 and
-  Teredo addresses are checked by the IPv4 address they carry); the connection then goes to a checked
-  address, never through a second lookup (the URL's host is replaced by the address; ``Host`` and, for
-  https, the TLS server name and certificate check keep the real name);
+- the host is resolved once and *every* address it resolves to must be public (server/addresses.py); the
+  connection then goes to a checked address, never through a second lookup (the URL's host is replaced
+  by the address; ``Host`` and, for https, the TLS server name and certificate check keep the real name);
 - redirects are followed by hand, each hop checked the same way, at most ``max_redirects``;
 - the body is streamed and cut at ``max_bytes``; the whole fetch has one deadline (``timeout_s``);
   compressed transfer encodings are refused (no decompression bombs on the wire); at most
   ``max_concurrent`` fetches run at once;
 - images are recognised from their bytes (never from headers), their pixel count is checked from the
   header before any pixel is decoded, EXIF orientation is applied and the result is plain RGB
-  (CMYK, palette, alpha and animated images included: the first frame).
+  (server/images.py ``decode_image``).
 
 Operators may exempt hosts (``allow_hosts``) and networks (``allow_cidrs``). Decoded images are kept
-in a small LRU keyed by URL, so n images, a batch, or a retry do not fetch again. Every failure is an
-``InvalidRequest`` (400) naming the request field.
+in a small LRU keyed by URL, so n images, a batch, or a retry do not fetch again, and concurrent requests
+for one URL share one download. Every failure is an ``InvalidRequest`` (400) naming the request field.
+
+Both processes use it: the API for request images, the LoRA store (server/loras.py) for LoRA files.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
-import ipaddress
 import logging
-import socket
 import ssl
-import struct
 import sys
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Union
 
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from . import metrics
+from .addresses import AddressGuard, IPAddress
 from .config import FetchSettings
-from .errors import DarkroomError, InvalidRequest
+from .errors import DarkroomError, FetchError
+from .images import decode_image
+from .single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-
-# Formats a client may send; decoders for anything else (TIFF, PSD, EPS, ...) are never reached.
-IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # JPEG covers MPO (phone photos)
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_URL_CHARS = 8192
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))
 _USER_AGENT = "Darkroom-fetch/1"
-
-
-class FetchError(InvalidRequest):
-    """A URL that cannot be used: refused, unreachable, too big, or not an image."""
-
-    code = "invalid_image_url"
 
 
 class FetchBusy(DarkroomError):
     status = 429
     type = "rate_limit_error"
     code = "fetch_busy"
-
-
-def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
-    """The IPv4 address an IPv6 address stands for (mapped, 6to4, NAT64, Teredo client), if any."""
-    if ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    if ip.sixtofour is not None:
-        return ip.sixtofour
-    if any(ip in net for net in _NAT64):
-        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-    if ip.teredo is not None:
-        return ip.teredo[1]
-    return None
-
-
-def blocked_reason(ip: IPAddress) -> str | None:
-    """Why an address must not be fetched from (``None``: a public address)."""
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:  # the socket talks IPv4 to the mapped address
-            return blocked_reason(ip.ipv4_mapped)
-        inner = _embedded_ipv4(ip)
-        if inner is not None:
-            reason = blocked_reason(inner)
-            if reason:
-                return reason
-    for attr, name in (
-        ("is_loopback", "loopback"),
-        ("is_unspecified", "unspecified"),
-        ("is_link_local", "link-local"),
-        ("is_multicast", "multicast"),
-        ("is_private", "private"),
-        ("is_reserved", "reserved"),
-    ):
-        if getattr(ip, attr):
-            return name
-    if not ip.is_global:  # shared address space (100.64/10), documentation ranges, ...
-        return "non-public"
-    return None
 
 
 class _ImageCache:
@@ -152,58 +100,6 @@ class _ImageCache:
         return len(self._items)
 
 
-def decode_image(data: bytes, field: str, max_pixels: int) -> Image.Image:
-    """Bytes → an RGB image, refusing non-images, unknown formats, bombs and corrupt files."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except Image.DecompressionBombError:
-        raise FetchError(f"'{field}' is too large an image; at most {max_pixels} pixels are accepted",
-                         param=field, code="invalid_image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        raise FetchError(
-            f"'{field}' is not an image in a supported format ({', '.join(IMAGE_FORMATS)})",
-            param=field, code="invalid_image",
-        ) from None
-    width, height = image.size
-    # From the header alone: nothing has been decoded yet.
-    if width < 1 or height < 1 or width * height > max_pixels:
-        image.close()
-        raise FetchError(
-            f"'{field}' is {width}x{height} pixels; at most {max_pixels} pixels are accepted",
-            param=field, code="invalid_image",
-        )
-    try:
-        if getattr(image, "is_animated", False):
-            image.seek(0)  # animated GIF/WebP/PNG: the first frame
-        image.load()
-        image = ImageOps.exif_transpose(image) or image
-        return _to_rgb(image)
-    except Image.DecompressionBombError:
-        raise FetchError(f"'{field}' is too large an image; at most {max_pixels} pixels are accepted",
-                         param=field, code="invalid_image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, ZeroDivisionError):
-        raise FetchError(
-            f"'{field}' could not be decoded: the image is truncated or corrupt",
-            param=field, code="invalid_image",
-        ) from None
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Any mode → RGB; transparency is composited over white."""
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    if image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or (
-        image.mode in ("RGB", "L") and "transparency" in image.info
-    ):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping.
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB") if image.mode != "RGB" else image
-
-
 def _b64decode(data: bytes) -> bytes:
     """Strict base64 (no stray characters); fast on 3.11+, where binascii has a strict mode."""
     if sys.version_info >= (3, 11):
@@ -237,14 +133,10 @@ class Fetcher:
 
     def __init__(self, settings: FetchSettings) -> None:
         self.settings = settings
-        self._allow_hosts = {h.lower().rstrip(".") for h in settings.allow_hosts}
-        self._allow_nets = [ipaddress.ip_network(c, strict=False) for c in settings.allow_cidrs]
+        self._addresses = AddressGuard(settings)
         self._slots = threading.BoundedSemaphore(max(1, settings.max_concurrent))
-        self._dns = ThreadPoolExecutor(max_workers=max(1, settings.max_concurrent),
-                                       thread_name_prefix="fetch-dns")
         self._cache = _ImageCache(settings.cache_entries, settings.cache_bytes, settings.cache_ttl_s)
-        self._inflight: dict[str, Future[Image.Image]] = {}
-        self._lock = threading.Lock()
+        self._flights: SingleFlight[str, Image.Image] = SingleFlight()
         # No connection reuse: a pooled connection to one address must never serve another host name.
         self._client = httpx.Client(
             verify=ssl.create_default_context(),
@@ -259,7 +151,7 @@ class Fetcher:
 
     def close(self) -> None:
         self._client.close()
-        self._dns.shutdown(wait=False, cancel_futures=True)
+        self._addresses.close()
 
     # -- images ---------------------------------------------------------------------------------
 
@@ -269,34 +161,23 @@ class Fetcher:
         if scheme == "data":
             data = parse_data_url(url, field, self.settings.max_bytes)
             return decode_image(data, field, self.settings.max_pixels)
-        with self._lock:
-            # Checked under the lock: a finished download is cached before it leaves ``_inflight``.
-            cached = self._cache.get(url)
-            if cached is not None:
-                return cached
-            waiting = self._inflight.get(url)
-            if waiting is None:
-                mine: Future[Image.Image] = Future()
-                self._inflight[url] = mine
-        if waiting is not None:  # the same URL is being fetched for another request: share it
-            try:
-                return waiting.result(timeout=self.settings.timeout_s + 5)
-            except FetchError as exc:
-                message = exc.message.replace(f"'{exc.param}'", f"'{field}'", 1)
-                raise FetchError(message, param=field, code=exc.code) from None
-            except FutureTimeout:
-                raise FetchError(f"'{field}' timed out", param=field) from None
-        try:
+
+        def download() -> Image.Image:
             image = decode_image(self.fetch_bytes(url, field), field, self.settings.max_pixels)
-            self._cache.put(url, image)
-            mine.set_result(image)
+            self._cache.put(url, image)  # before it leaves the in-flight table: no second download
             return image
-        except BaseException as exc:
-            mine.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._inflight.pop(url, None)
+
+        try:
+            # The same URL being fetched for another request at this moment: share that download.
+            return self._flights.run(url, download, self.settings.timeout_s + 5,
+                                     cached=lambda: self._cache.get(url))
+        except FetchError as exc:
+            if exc.param == field:
+                raise
+            message = exc.message.replace(f"'{exc.param}'", f"'{field}'", 1)  # another request's field
+            raise FetchError(message, param=field, code=exc.code) from None
+        except FutureTimeout:
+            raise FetchError(f"'{field}' timed out", param=field) from None
 
     # -- bytes ----------------------------------------------------------------------------------
 
@@ -350,7 +231,7 @@ class Fetcher:
             if not host:
                 raise FetchError(f"'{field}' has no host", param=field)
             port = target.port or (443 if scheme == "https" else 80)
-            addresses = self._checked_addresses(host, port, field, deadline)
+            addresses = self._addresses.checked_addresses(host, port, field, deadline)
             response = self._open(target, host, addresses, field, deadline)
             try:
                 if response.status_code in REDIRECTS:
@@ -373,52 +254,6 @@ class Fetcher:
                 response.close()
         raise FetchError(f"'{field}' redirected more than {self.settings.max_redirects} times",
                          param=field, code="fetch_failed")
-
-    def _checked_addresses(self, host: str, port: int, field: str, deadline: float) -> list[IPAddress]:
-        name = host.lower().rstrip(".")
-        try:
-            literal: IPAddress | None = ipaddress.ip_address(name.strip("[]").split("%")[0])
-        except ValueError:
-            literal = None
-        if literal is not None:
-            addresses = [literal]
-        else:
-            addresses = self._resolve(name, port, field, deadline)
-        if name in self._allow_hosts:
-            return addresses
-        for ip in addresses:
-            if any(ip in net for net in self._allow_nets):
-                continue
-            reason = blocked_reason(ip)
-            if reason:
-                shown = str(ip) if literal is not None else f"host '{host}'"
-                what = "is" if literal is not None else "resolves to"
-                raise FetchError(
-                    f"'{field}' is refused: {shown} {what} a {reason} address; "
-                    "only public addresses may be fetched",
-                    param=field, code="url_not_allowed",
-                )
-        return addresses
-
-    def _resolve(self, name: str, port: int, field: str, deadline: float) -> list[IPAddress]:
-        pending = self._dns.submit(socket.getaddrinfo, name, port, 0, socket.SOCK_STREAM)
-        try:
-            infos = pending.result(timeout=max(0.0, deadline - time.monotonic()))
-        except FutureTimeout:
-            raise FetchError(f"'{field}' timed out resolving host '{name}'", param=field,
-                             code="fetch_failed") from None
-        except (OSError, UnicodeError):
-            raise FetchError(f"'{field}' could not be fetched: host '{name}' does not resolve",
-                             param=field, code="fetch_failed") from None
-        addresses: list[IPAddress] = []
-        for _family, _type, _proto, _canon, sockaddr in infos:
-            ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])
-            if ip not in addresses:
-                addresses.append(ip)
-        if not addresses:
-            raise FetchError(f"'{field}' could not be fetched: host '{name}' does not resolve",
-                             param=field, code="fetch_failed")
-        return addresses
 
     def _open(self, target: httpx.URL, host: str, addresses: list[IPAddress], field: str,
               deadline: float) -> httpx.Response:

@@ -1,23 +1,21 @@
 """A job is one validated request on its way through the queue to a worker, and back.
 
-The result travels in a ``concurrent.futures.Future`` so a worker thread (or, later, a process reading a
-Redis stream) can complete it, and the asyncio handler holding the client connection can await it.
+Both processes import it. The result travels in a ``concurrent.futures.Future`` so a worker thread (or, on
+Redis, the API's replies listener) can complete it, and the asyncio handler holding the client connection can
+await it (server/queue/submit.py). A job's state decides, under its lock, whether it runs or is withdrawn.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from .engine.types import GenerationParams
-from .errors import DarkroomError, DeadlineExceeded
+from .params import GenerationParams
 
 
 class JobState(enum.Enum):
@@ -101,54 +99,3 @@ class Job:
             # The waiter may have been cancelled (server shutting down); nobody reads the outcome then.
             if not self.future.done():
                 complete()
-
-
-class JobQueue(Protocol):
-    """What the API needs from a queue backend."""
-
-    def put(self, job: Job) -> None: ...
-
-    def remove(self, job: Job) -> bool: ...
-
-    def depth(self) -> int: ...
-
-
-async def run_job(
-    queue: JobQueue,
-    job: Job,
-    is_disconnected: Callable[[], Awaitable[bool]],
-    poll_s: float = 0.25,
-) -> JobResult:
-    """Enqueue a job and wait for it, withdrawing it if its deadline passes or the client leaves first.
-
-    Raises ``QueueFull`` (admission), ``DeadlineExceeded``, ``ClientGone`` or the job's own error.
-    """
-    queue.put(job)
-    waiter = asyncio.wrap_future(job.future)
-    try:
-        while True:
-            done, _ = await asyncio.wait({waiter}, timeout=poll_s)
-            if done:
-                return waiter.result()
-            if job.state is not JobState.QUEUED:
-                continue  # running: it finishes whatever the client does
-            if job.expired():
-                _withdraw(queue, job, DeadlineExceeded(
-                    "the job did not start before its deadline; the server is overloaded"
-                ))
-            elif await is_disconnected():
-                _withdraw(queue, job, ClientGone(job.id))
-    finally:
-        if not waiter.done():
-            _withdraw(queue, job, ClientGone(job.id))
-
-
-def _withdraw(queue: JobQueue, job: Job, error: DarkroomError | ClientGone) -> None:
-    # A queue whose workers live in other processes (Redis) must first take the job back from them; one a
-    # worker has started meanwhile is left to finish, as a running local job is.
-    reserve = getattr(queue, "reserve_withdrawal", None)
-    if reserve is not None and not reserve(job):
-        job.try_start()
-        return
-    if job.withdraw(error):
-        queue.remove(job)

@@ -1,9 +1,9 @@
-"""``image_loras``: what a request may name, and the disk cache LoRA files are fetched into.
+"""``image_loras`` files: where a LoRA path points, and the disk cache LoRA files are fetched into.
 
-No torch here: the API validates a request's LoRAs cheaply (count, scales, the form of each path) and,
-with ``loras.prefetch``, downloads and checks them before the job is queued; the worker's engine uses
-the same store to fetch what it does not have on its disk yet (a worker on another host fetches every
-LoRA itself from its path), then loads it (server/engine/loras.py).
+Both processes use the store, and nothing here needs torch: with ``loras.prefetch`` the API downloads and
+checks a request's LoRAs before the job is queued (after validating their form cheaply, server/api/loras.py);
+the worker's engine uses the same store to fetch what it does not have on its disk yet (a worker on another
+host fetches every LoRA itself from its path), then loads it (server/engine/adapters.py).
 
 A path is one of:
 
@@ -26,24 +26,23 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
 import os
 import tempfile
 import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 from . import metrics
-from .config import FetchSettings, LoraSettings
-from .engine.types import LoraRef
-from .errors import DarkroomError, InvalidRequest, Unsupported
+from .config import FetchSettings, LoraSettings, Settings
+from .errors import DarkroomError, InvalidRequest
 from .fetch import Fetcher, FetchError
+from .params import LoraRef
+from .single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -64,45 +63,9 @@ class LoraError(InvalidRequest):
         super().__init__(message, param=FIELD, code=code)
 
 
-def _shown(path: str) -> str:
+def shown_path(path: str) -> str:
+    """A LoRA path as messages and logs show it (cut at 200 characters)."""
     return path if len(path) <= 200 else path[:197] + "..."
-
-
-# -- what a request may name ------------------------------------------------------------------------
-
-
-def resolve_loras(specs: Sequence[Any] | None, model_id: str, supported: bool,
-                  settings: LoraSettings) -> tuple[LoraRef, ...]:
-    """``image_loras`` → plain ``LoraRef``s; what is wrong is refused without any I/O (400 naming the field)."""
-    if not specs:
-        return ()
-    if not supported:
-        raise Unsupported(f"'{FIELD}' is not supported by model {model_id}", param=FIELD)
-    if len(specs) > settings.max_per_request:
-        raise InvalidRequest(f"'{FIELD}' may hold at most {settings.max_per_request} LoRAs (got {len(specs)})",
-                             param=FIELD)
-    refs: list[LoraRef] = []
-    for i, spec in enumerate(specs):
-        path, scale = str(spec.path).strip(), float(spec.scale)
-        where = f"{FIELD}[{i}]"
-        if not path:
-            raise InvalidRequest(f"'{where}.path' must not be empty", param=FIELD)
-        if not math.isfinite(scale) or not settings.min_scale <= scale <= settings.max_scale:
-            raise InvalidRequest(
-                f"'{where}.scale' for LoRA '{_shown(path)}' must be between {settings.min_scale:g} and "
-                f"{settings.max_scale:g} (got {scale:g})", param=FIELD)
-        if path not in settings.registered:
-            scheme = path.partition(":")[0].lower()
-            if "://" not in path or scheme not in ("http", "https"):
-                names = ", ".join(sorted(settings.registered)) or "none"
-                raise InvalidRequest(
-                    f"'{where}.path' '{_shown(path)}' is neither an http(s) URL nor a LoRA registered on "
-                    f"this server (registered: {names})", param=FIELD)
-        if any(r.path == path for r in refs):
-            raise InvalidRequest(f"LoRA '{_shown(path)}' appears twice in '{FIELD}'; give it once with "
-                                 "the sum of the scales", param=FIELD)
-        refs.append(LoraRef(path=path, scale=scale))
-    return tuple(refs)
 
 
 # -- where a path points ----------------------------------------------------------------------------
@@ -178,7 +141,7 @@ def safetensors_keys(data: bytes | Path, label: str) -> list[str]:
         size = len(data)
         length = int.from_bytes(data[:8], "little") if size >= 8 else -1
         raw = data[8 : 8 + length] if 2 <= length <= min(_MAX_HEADER_BYTES, size - 8) else b""
-    not_st = LoraError(f"LoRA '{_shown(label)}' is not a safetensors file", code="invalid_lora_file")
+    not_st = LoraError(f"LoRA '{shown_path(label)}' is not a safetensors file", code="invalid_lora_file")
     if not raw:
         raise not_st
     try:
@@ -198,7 +161,7 @@ def safetensors_keys(data: bytes | Path, label: str) -> list[str]:
         keys.append(key)
         end = max(end, int(info["data_offsets"][1]))
     if not keys or end != size - 8 - length:
-        raise LoraError(f"LoRA '{_shown(label)}' is not a complete safetensors file with tensors",
+        raise LoraError(f"LoRA '{shown_path(label)}' is not a complete safetensors file with tensors",
                         code="invalid_lora_file")
     return keys
 
@@ -207,7 +170,7 @@ def check_lora_keys(keys: Sequence[str], label: str) -> None:
     """Every format diffusers converts (kohya, xlabs, diffusers/peft, ...) names its weights with "lora"."""
     if not any("lora" in k.lower() for k in keys):
         sample = ", ".join(sorted(keys)[:3])
-        raise LoraError(f"LoRA '{_shown(label)}' holds no LoRA weights (tensors like {sample})",
+        raise LoraError(f"LoRA '{shown_path(label)}' holds no LoRA weights (tensors like {sample})",
                         code="invalid_lora_file")
 
 
@@ -227,13 +190,13 @@ class LoraStore:
             "cache_entries": 0,
         }))
         self._lock = threading.Lock()
-        self._inflight: dict[str, Future[Path]] = {}
+        self._flights: SingleFlight[str, Path] = SingleFlight(self._lock)
         self._pins: Counter[str] = Counter()
         self.downloads = 0
         self.hits = 0
 
     @classmethod
-    def from_settings(cls, settings: Any) -> LoraStore:
+    def from_settings(cls, settings: Settings) -> LoraStore:
         """The store a process builds from its ``Settings`` (loras, fetch allow-lists, engine.cache_dir)."""
         return cls(settings.loras, settings.fetch, settings.engine.cache_dir)
 
@@ -286,28 +249,18 @@ class LoraStore:
 
     def _ensure(self, source: Source) -> Path:
         key, file = self.key(source.path), self.file_for(source.path)
-        with self._lock:
-            if file.is_file():
-                self.hits += 1
-                metrics.LORA_CACHE_HITS.labels(cache="disk").inc()
-                _touch(file)
-                return file
-            waiting = self._inflight.get(key)
-            if waiting is None:
-                mine: Future[Path] = Future()
-                self._inflight[key] = mine
-        if waiting is not None:  # another request is fetching the same LoRA: share its outcome
-            return waiting.result(timeout=self.settings.download_timeout_s + 60)
-        try:
-            result = self._fetch_locked(source, file)
-            mine.set_result(result)
-            return result
-        except BaseException as exc:
-            mine.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._inflight.pop(key, None)
+
+        def cached() -> Path | None:
+            if not file.is_file():
+                return None
+            self.hits += 1
+            metrics.LORA_CACHE_HITS.labels(cache="disk").inc()
+            _touch(file)
+            return file
+
+        # Another request fetching the same LoRA at this moment: share its outcome.
+        return self._flights.run(key, lambda: self._fetch_locked(source, file),
+                                 self.settings.download_timeout_s + 60, cached=cached)
 
     def _fetch_locked(self, source: Source, file: Path) -> Path:
         """Download under a per-file lock, so processes sharing the cache folder fetch it once too."""
@@ -333,7 +286,7 @@ class LoraStore:
                 with self._lock:
                     self.downloads += 1
                 metrics.LORA_CACHE_MISSES.labels(cache="disk").inc()
-                log.info("lora downloaded path=%s bytes=%d file=%s", _shown(source.path), len(data),
+                log.info("lora downloaded path=%s bytes=%d file=%s", shown_path(source.path), len(data),
                          file.name)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
@@ -350,7 +303,7 @@ class LoraStore:
             raise LoraError(_naming(exc.message, source.path), code=exc.code) from None
         except DarkroomError:
             raise
-        log.debug("lora fetched path=%s seconds=%.2f", _shown(source.path), time.monotonic() - started)
+        log.debug("lora fetched path=%s seconds=%.2f", shown_path(source.path), time.monotonic() - started)
         return data
 
     def _pick_from_repo(self, source: Source) -> str:
@@ -367,16 +320,16 @@ class LoraStore:
                             f"repo {repo})",
                             code=exc.code) from None
         except (ValueError, TypeError, KeyError, AttributeError):
-            raise LoraError(f"LoRA '{_shown(source.path)}': the Hub's file list for {repo} is unreadable",
+            raise LoraError(f"LoRA '{shown_path(source.path)}': the Hub's file list for {repo} is unreadable",
                             code="fetch_failed") from None
         picked = pick_lora_file(files, source.subfolder)
         if picked is None:
-            raise LoraError(f"LoRA '{_shown(source.path)}': Hugging Face repo {repo} has no .safetensors "
+            raise LoraError(f"LoRA '{shown_path(source.path)}': Hugging Face repo {repo} has no .safetensors "
                             "file" + (f" in {source.subfolder}" if source.subfolder else " at its top level"),
                             code="invalid_lora_file")
         if isinstance(picked, list):
             shown = ", ".join(picked[:8])
-            raise LoraError(f"LoRA '{_shown(source.path)}': Hugging Face repo {repo} holds several "
+            raise LoraError(f"LoRA '{shown_path(source.path)}': Hugging Face repo {repo} holds several "
                             f".safetensors files ({shown}); name one with a "
                             f"{hub}/{repo}/resolve/{source.revision}/FILE URL")
         return f"{hub}/{repo}/resolve/{rev}/{quote(picked)}"
@@ -421,7 +374,7 @@ class LoraStore:
 
 def _naming(message: str, path: str) -> str:
     """A fetcher message ("'image_loras' could not be fetched: ...") about the LoRA at ``path``."""
-    return f"LoRA '{_shown(path)}'{message.removeprefix(repr(FIELD))}"
+    return f"LoRA '{shown_path(path)}'{message.removeprefix(repr(FIELD))}"
 
 
 def _touch(file: Path) -> None:

@@ -6,6 +6,9 @@ and images generated. In `darkroom serve` both live in one process; a `darkroom 
 its own ``/metrics`` on its health port.
 
 Other modules increment the counters below directly, e.g. ``metrics.LORA_CACHE_HITS.labels(cache="disk")``.
+Both processes import this module; besides the Prometheus families it holds ``SafetyCounters`` (plain counts
+of the safety stages, kept by the API's prompt stage and by each engine's image stage) and the protocols of
+what observers read from a worker and from the API's runtime.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import os
 import resource
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections import Counter as Counts
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -73,7 +77,7 @@ JOBS = Counter(
 
 # -- LoRAs and fetching ----------------------------------------------------------------------------
 # cache="disk": the LoRA file cache (server/loras.py); cache="adapter": adapters resident on a device
-# (server/engine/loras.py).
+# (server/engine/adapters.py).
 LORA_CACHE_HITS = Counter(
     "darkroom_lora_cache_hits", "LoRA cache hits.", ["cache"], registry=REGISTRY)
 LORA_CACHE_MISSES = Counter(
@@ -104,6 +108,64 @@ def observe_job(model: str, outcome: str, queue_s: float | None = None, encode_s
         IMAGES.labels(model=model).inc(images)
 
 
+# -- plain counts, and what observers read --------------------------------------------------------
+
+
+class SafetyCounters:
+    """Thread-safe counters; names are plain strings such as ``prompts_flagged``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: Counts[str] = Counts()
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+
+class WorkerStatus(Protocol):
+    """What readiness, ``/metrics`` and a worker process's probes read of a worker (server/worker/loop.py)."""
+
+    name: str
+    ready: threading.Event
+    load_error: str | None
+
+    @property
+    def failed(self) -> bool: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def calls(self) -> int:
+        """Pipeline calls run so far (warm-up calls included)."""
+
+    @property
+    def safety_counters(self) -> SafetyCounters: ...
+
+
+class _Depth(Protocol):
+    def depth(self) -> int: ...
+
+
+class RuntimeStatus(Protocol):
+    """What ``/metrics`` reads of the API's runtime (server/api/runtime.py)."""
+
+    @property
+    def workers(self) -> Sequence[WorkerStatus]: ...
+
+    @property
+    def queue(self) -> _Depth: ...
+
+    def readiness(self) -> tuple[bool, dict[str, str]]: ...
+
+    def safety_report(self) -> dict[str, Any]: ...
+
+
 # -- read when scraped -----------------------------------------------------------------------------
 
 
@@ -119,7 +181,7 @@ def device_memory(devices: list[str]) -> Iterator[tuple[str, str, float]]:
     """(device, kind, bytes): allocated/reserved/total for CUDA devices, the process RSS for the CPU."""
     for device in devices:
         if device.startswith("cuda"):
-            import torch
+            import torch  # only in a process with CUDA workers (never an API pod: it has no devices)
 
             if not torch.cuda.is_available():
                 continue
@@ -134,12 +196,12 @@ def device_memory(devices: list[str]) -> Iterator[tuple[str, str, float]]:
 class RuntimeCollector(Collector):
     """Gauges read from a live runtime (or a worker process's workers) at scrape time."""
 
-    def __init__(self, runtime: Any = None, workers: list[Any] | None = None) -> None:
+    def __init__(self, runtime: RuntimeStatus | None = None, workers: Sequence[WorkerStatus] = ()) -> None:
         self.runtime = runtime
         self.workers = workers
 
-    def _workers(self) -> list[Any]:
-        return list(self.runtime.workers if self.runtime is not None else self.workers or [])
+    def _workers(self) -> list[WorkerStatus]:
+        return list(self.runtime.workers if self.runtime is not None else self.workers)
 
     def collect(self) -> Iterator[Any]:
         workers = self._workers()
@@ -164,8 +226,7 @@ class RuntimeCollector(Collector):
             safety = CounterMetricFamily("darkroom_safety_events", "Safety checker events.", labels=["event"])
             totals: dict[str, int] = {}
             for worker in workers:
-                counters = getattr(worker.engine, "safety_counters", None)
-                for event, count in (counters.snapshot() if counters else {}).items():
+                for event, count in worker.safety_counters.snapshot().items():
                     totals[event] = totals.get(event, 0) + count
             for event, count in sorted(totals.items()):
                 safety.add_metric([event], float(count))
@@ -178,7 +239,7 @@ class RuntimeCollector(Collector):
         memory = GaugeMetricFamily("darkroom_device_memory_bytes", "Memory of each worker device: CUDA "
                                    "allocated/reserved/total, or the process RSS for the CPU.",
                                    labels=["device", "kind"])
-        devices = list(dict.fromkeys(str(getattr(w.engine, "device", "")) for w in workers))
+        devices = list(dict.fromkeys(worker.device for worker in workers))
         for device, kind, value in device_memory([d for d in devices if d]):
             memory.add_metric([device, kind], value)
         yield memory

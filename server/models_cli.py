@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import CheckerSource, Settings
-from .registry import ModelManifest, WeightsSource, load_manifests
+from .config import Settings, WeightsSource
+from .registry import ModelManifest, ModelSource, load_manifests
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class Weights:
     """One set of weights a model needs."""
 
     role: str  # model, redux prior, image checker, prompt classifier
-    source: WeightsSource | CheckerSource
+    source: WeightsSource
     # Folders of a repo that are used (None: the whole repo).
     subfolders: tuple[str, ...] | None = None
 
@@ -77,7 +77,7 @@ def find_manifest(name: str, settings: Settings) -> ModelManifest:
 # -- presence ----------------------------------------------------------------------------------------
 
 
-def _hub_snapshot(source: WeightsSource | CheckerSource) -> Path | None:
+def _hub_snapshot(source: WeightsSource) -> Path | None:
     """The cached snapshot folder of a Hub source, or None (no network is used)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -108,7 +108,7 @@ def _complete(folder: Path, subfolders: tuple[str, ...] | None) -> bool:
 def present(weights: Weights) -> tuple[bool, str]:
     """Whether the weights are available locally, and where (or why not)."""
     source = weights.source
-    if isinstance(source, WeightsSource) and source.in_memory:
+    if isinstance(source, ModelSource) and source.in_memory:
         return True, "random weights built in memory at start"
     if source.builtin is not None:
         return True, "built on first use"
@@ -181,7 +181,7 @@ def pull(name: str, settings: Settings, out: Any = sys.stdout) -> int:
     failures = 0
     for weights in manifest_weights(manifest, settings):
         label = f"{weights.role}: {weights.describe()}"
-        if isinstance(weights.source, WeightsSource) and weights.source.in_memory:
+        if isinstance(weights.source, ModelSource) and weights.source.in_memory:
             print(f"{label}: random weights built in memory at start; nothing to pull", file=out)
         elif weights.kind == "builtin":
             location = _build_builtin(weights, settings)
@@ -209,14 +209,9 @@ def pull(name: str, settings: Settings, out: Any = sys.stdout) -> int:
 
 
 def _build_builtin(weights: Weights, settings: Settings) -> Path:
-    cache = settings.engine.cache_dir
-    if isinstance(weights.source, CheckerSource):
-        from .engine.tiny_safety import ensure_tiny_checker
+    from .engine.weights import ensure_builtin  # the builders need torch and diffusers
 
-        return ensure_tiny_checker(str(weights.source.builtin), cache)
-    from .engine.pipelines import source_location
-
-    return Path(source_location(weights.source, cache)[0])
+    return ensure_builtin(str(weights.source.builtin), settings.engine.cache_dir)
 
 
 # -- listing -----------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .config import ImageCheckerSpec, LimitSettings
+from .config import ImageCheckerSpec, LimitSettings, LoraSettings, WeightsSource
 from .errors import ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -24,32 +24,19 @@ log = logging.getLogger(__name__)
 # the "-small" variants keep every component's structure at tiny widths, for CPU rehearsals.
 RANDOM_BUILTINS = ("flux-schnell-random", "flux-dev-random",
                    "flux-schnell-random-small", "flux-dev-random-small")
-Builtin = Literal["tiny-flux", "tiny-flux-edit", "tiny-redux", "flux-schnell-random", "flux-dev-random",
-                  "flux-schnell-random-small", "flux-dev-random-small"]
 
 
-class WeightsSource(BaseModel):
-    """Exactly one of: a Hub repo id, a local diffusers folder, or a built-in builder (tiny models are built
-    offline once into the cache; the random full-size ones in memory, on the device, at every start)."""
+class ModelSource(WeightsSource):
+    """A model's weights: exactly one of a Hub repo id, a local diffusers folder, or a builtin (the tiny
+    models are built offline once into the cache; the random full-size ones in memory, at every start)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    hub: str | None = None
-    revision: str | None = None
-    path: Path | None = None
-    builtin: Builtin | None = None
+    builtin: Literal["tiny-flux", "tiny-flux-edit", "tiny-redux", "flux-schnell-random", "flux-dev-random",
+                     "flux-schnell-random-small", "flux-dev-random-small"] | None = None
 
     @property
     def in_memory(self) -> bool:
         """Built on the device at load time; nothing on disk to pull or check."""
         return self.builtin in RANDOM_BUILTINS
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> WeightsSource:
-        given = [x for x in (self.hub, self.path, self.builtin) if x is not None]
-        if len(given) != 1:
-            raise ValueError("source needs exactly one of hub, path, builtin")
-        return self
 
 
 class Capabilities(BaseModel):
@@ -167,17 +154,13 @@ def t5_token_bound(text: str) -> int:
     return len(unicodedata.normalize("NFKC", text)) + 2
 
 
-class ModelLimits(BaseModel):
+class ModelLimits(LimitSettings):
+    """The server-wide ceilings (``LimitSettings``) as this model sets them, plus limits only a model has."""
+
     model_config = ConfigDict(extra="forbid")
 
-    max_steps: int = 50
-    max_n: int = 4
     min_size: int = 64
-    max_width: int = 2048
-    max_height: int = 2048
-    max_pixels: int = 2048 * 2048
     size_multiple: int = 16
-    max_prompt_chars: int = 4000
     max_reference_images: int = 4
 
 
@@ -189,9 +172,9 @@ class ModelManifest(BaseModel):
     description: str = ""
     # flux: FLUX.1 text-to-image (image_url → img2img); flux-kontext: FLUX.1 Kontext (image_url → editing).
     family: Literal["flux", "flux-kontext"] = "flux"
-    source: WeightsSource
+    source: ModelSource
     # FLUX.1 Redux prior (SigLIP + ReduxImageEncoder) that turns reference_images into prompt tokens.
-    redux_prior: WeightsSource | None = None
+    redux_prior: ModelSource | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     owned_by: str = "darkroom"
     capabilities: Capabilities = Field(default_factory=Capabilities)
@@ -230,6 +213,13 @@ class ModelManifest(BaseModel):
             )
         return self
 
+    def uses_lora_slots(self, loras: LoraSettings) -> bool:
+        """Whether this model's LoRAs go into fixed hotswap slots: with ``loras.hotswap``, and always when
+        its transformer is compiled (a named adapter per LoRA set would recompile the transformer on every
+        new set, and after dynamo's recompile limit leave it running eagerly). Then a request takes at
+        most ``loras.hotswap_slots`` LoRAs (server/engine/adapters.py, server/engine/lora_slots.py)."""
+        return self.capabilities.loras and (loras.hotswap or self.engine.compile.transformer != "none")
+
     def sequence_length(self, *texts: str | None) -> int:
         """The T5 length of a call with these prompts: the smallest bucket that holds them, else the
         full defaults.max_sequence_length (so a bucket never truncates more than no bucket would)."""
@@ -241,15 +231,9 @@ class ModelManifest(BaseModel):
 
     def effective_limits(self, server: LimitSettings) -> ModelLimits:
         """The tighter of the manifest's and the operator's limits."""
+        ceilings = LimitSettings.model_fields
         return self.limits.model_copy(
-            update={
-                "max_steps": min(self.limits.max_steps, server.max_steps),
-                "max_n": min(self.limits.max_n, server.max_n),
-                "max_width": min(self.limits.max_width, server.max_width),
-                "max_height": min(self.limits.max_height, server.max_height),
-                "max_pixels": min(self.limits.max_pixels, server.max_pixels),
-                "max_prompt_chars": min(self.limits.max_prompt_chars, server.max_prompt_chars),
-            }
+            update={name: min(getattr(self.limits, name), getattr(server, name)) for name in ceilings}
         )
 
 

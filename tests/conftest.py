@@ -1,7 +1,12 @@
-"""Shared fixtures: a real ``darkroom serve`` process on a free loopback port, and ways to call it.
+"""Shared fixtures: the app in-process (``make_app``, ``app``), a real ``darkroom serve`` process on a free
+loopback port (``make_server``, ``server``) where a real process matters, and ways to call either.
 
-Every server runs the embedded tiny FLUX model, built once per test session into a shared cache.
-Tests pass small sizes and few steps so the whole suite stays fast on two CPU cores.
+Both kinds answer the same calls: ``.url``, ``.client`` (an httpx.Client with ``.url`` as its base),
+``.http_client`` (what to hand the together 3.x / openai clients: None for a process), ``.generate(**body)``
+and ``.log()``. In-process apps are the default tier (no process start, no socket); see
+tests/support/inprocess.py. Every server runs the embedded tiny FLUX model (or, in-process, the stand-in
+engine), built once per test session into a shared cache. Tests pass small sizes and few steps so the whole
+suite stays fast on two CPU cores.
 """
 
 from __future__ import annotations
@@ -12,9 +17,9 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import numpy as np
@@ -22,7 +27,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from server.launch import free_port, stop, wait_ready
+from .support.inprocess import Engine, InProcessServer, in_process_settings
+from .support.launch import free_port, stop, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
 TOGETHER1_PYTHON = REPO / ".venv-together1" / "bin" / "python"
@@ -54,6 +60,8 @@ class Server:
         self.log_file = workdir / "server.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+        self.http_client: httpx.Client | None = None  # the SDKs open their own connections to a process
 
     def start(self, timeout_s: float = 90.0) -> Server:
         with self.log_file.open("wb") as log:
@@ -72,6 +80,7 @@ class Server:
     def stop(self) -> None:
         if self.proc:
             stop(self.proc)
+        self.client.close()
 
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
@@ -112,18 +121,51 @@ def server(make_server: Any) -> Server:
     return make_server({"server": {"default_response_format": "base64"}})
 
 
-def together3(server: Server, key: str = "x") -> Any:
+@pytest.fixture(scope="module")
+def make_app(tmp_path_factory: pytest.TempPathFactory,
+             tiny_cache: Path) -> Iterator[Callable[..., InProcessServer]]:
+    """Start apps in-process from a config dict (sections merged over the test defaults), with the real tiny
+    engine in a worker thread (``engine="tiny"``) or the stand-in engine (``engine="stand-in"``); each is
+    stopped when its test module ends."""
+    started: list[InProcessServer] = []
+
+    def _make(config: dict[str, Any] | None = None, engine: Engine = "tiny") -> InProcessServer:
+        settings = in_process_settings(tmp_path_factory.mktemp("app"), tiny_cache, config)
+        started.append(InProcessServer(settings, engine).start())
+        return started[-1]
+
+    yield _make
+    for app in started:
+        app.stop()
+
+
+@pytest.fixture(scope="module")
+def app(make_app: Callable[..., InProcessServer]) -> InProcessServer:
+    """The plain default app in-process (tiny engine, base64 answers), shared by a module's tests."""
+    return make_app({"server": {"default_response_format": "base64"}})
+
+
+class Reachable(Protocol):
+    """What the SDK helpers need of a server, in-process or a process."""
+
+    url: str
+    http_client: httpx.Client | None
+
+
+def together3(server: Reachable, key: str = "x") -> Any:
     """The together 3.x client on a server, without retries (a test wants the first answer)."""
     from together import Together
 
-    return Together(base_url=server.url, api_key=key, max_retries=0, timeout=120)
+    return Together(base_url=server.url, api_key=key, max_retries=0, timeout=120,
+                    http_client=server.http_client)
 
 
-def openai_client(server: Server, key: str = "x") -> Any:
+def openai_client(server: Reachable, key: str = "x") -> Any:
     """The openai client on a server (base URL ending in /v1, as its users configure it)."""
     from openai import OpenAI
 
-    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120)
+    return OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=120,
+                  http_client=server.http_client)
 
 
 T1_SCRIPT = r"""

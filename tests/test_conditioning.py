@@ -199,10 +199,10 @@ def test_batched_conditioning_matches_lone_calls(tiny_cache: Path) -> None:
     """In one pipeline call each request keeps its own images; an image is what it would be alone."""
     from PIL import Image
 
-    from server.conditioning import fit_cover
     from server.config import EngineSettings
     from server.engine.pipelines import Engine
-    from server.engine.types import ConditioningImage, GenerationParams
+    from server.images import fit_cover
+    from server.params import ConditioningImage, GenerationParams
     from server.registry import Registry
 
     from .image_origin import checker, gradient
@@ -229,9 +229,9 @@ def test_batched_conditioning_matches_lone_calls(tiny_cache: Path) -> None:
     ]
     for batch in batches:
         assert len({p.batch_key() for p in batch}) == 1
-        together = engine.generate(batch)
+        together = engine.generate(batch).images
         for p, images in zip(batch, together):
-            alone = engine.generate([p])[0]
+            alone = engine.generate([p]).images[0]
             assert len(images) == p.n
             for a, b in zip(images, alone):
                 assert mean_abs_diff(a, b) < 0.5, p.conditioning
@@ -346,9 +346,9 @@ def test_kontext_sizes_follow_upstream_and_never_crop() -> None:
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS as upstream
 
     from server.api.kontext import PREFERRED_KONTEXT_RESOLUTIONS, preferred_size
-    from server.conditioning import KontextSizing, attach_images
+    from server.api.conditioning import KontextSizing, attach_images
     from server.config import LimitSettings
-    from server.engine.types import GenerationParams
+    from server.params import GenerationParams
     from server.registry import Registry
 
     from .image_origin import checker, gradient

@@ -3,8 +3,11 @@
 Raw HTTP pins the exact status, the error envelope ``{"error": {"message", "type", "param", "code"}}``
 and the field it names; the SDK tests pin the exception class each client raises for that status
 (together 3.x, openai, and together 1.x run in its own virtualenv) and that the client surfaces the
-server's message. Two servers: a plain one, and a strict one (API keys, small prompt and body
-limits, a queue of one job for 429s).
+server's message. Two configurations: a plain one, and a strict one (API keys, small prompt and body
+limits, a queue of one job for 429s). Both run in-process with the stand-in engine
+(tests/support/inprocess.py); the strict one runs as a real ``darkroom serve`` process too, for together 1.x
+(which lives in its own virtualenv, so it can only call a real server) and for the full queue (heavy jobs of
+the tiny engine).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import pytest
 import together
 
 from .conftest import MODEL, Server, images_of, openai_client, run_together1, together3
+from .support.inprocess import InProcessServer
 
 GEN = "/v1/images/generations"
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 1}
@@ -33,26 +37,32 @@ HEAVY: dict[str, Any] = {"width": 384, "height": 384, "steps": 4}  # keeps the s
 # --------------------------------------------------------------------------------------------- servers
 
 
+STRICT: dict[str, Any] = {
+    "server": {"default_response_format": "base64", "api_keys": [KEY], "max_body_bytes": STRICT_BODY_BYTES},
+    "limits": {"max_prompt_chars": STRICT_PROMPT_CHARS},
+    "queue": {"max_jobs": 1, "retry_after_s": 1},
+    "scheduler": {"max_batch_images": 1, "batch_window_ms": 0},
+}
+
+
 @pytest.fixture(scope="module")
-def plain(make_server: Any) -> Iterator[Server]:
+def plain(make_app: Any) -> InProcessServer:
     """Default limits, no keys (any key works), base64 answers."""
-    server = make_server({"server": {"default_response_format": "base64"}})
-    yield server
-    server.stop()
+    return make_app({"server": {"default_response_format": "base64"}}, engine="stand-in")
 
 
 @pytest.fixture(scope="module")
-def strict(make_server: Any) -> Iterator[Server]:
+def strict(make_app: Any) -> InProcessServer:
     """API keys, small prompt and body limits, and a queue where one job may wait (no batching, so a
     heavy job holds the worker while the next one waits): 429s come easily. Tests here are sequential,
     so the tiny queue only matters to the 429 test."""
-    server = make_server({
-        "server": {"default_response_format": "base64", "api_keys": [KEY],
-                   "max_body_bytes": STRICT_BODY_BYTES},
-        "limits": {"max_prompt_chars": STRICT_PROMPT_CHARS},
-        "queue": {"max_jobs": 1, "retry_after_s": 1},
-        "scheduler": {"max_batch_images": 1, "batch_window_ms": 0},
-    })
+    return make_app(STRICT, engine="stand-in")
+
+
+@pytest.fixture(scope="module")
+def strict_process(make_server: Any) -> Iterator[Server]:
+    """The strict configuration in a real process with the tiny engine (together 1.x, the full queue)."""
+    server = make_server(STRICT)
     yield server
     server.stop()
 
@@ -60,14 +70,14 @@ def strict(make_server: Any) -> Iterator[Server]:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def post(server: Server, body: Any = None, *, path: str = GEN, key: str | None = None,
+def post(server: Server | InProcessServer, body: Any = None, *, path: str = GEN, key: str | None = None,
          content: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
     hdrs = dict(headers or {})
     if key is not None:
         hdrs["authorization"] = f"Bearer {key}"
     if content is not None:
-        return httpx.post(server.url + path, content=content, headers=hdrs, timeout=120)
-    return httpx.post(server.url + path, json=body, headers=hdrs, timeout=120)
+        return server.client.post(path, content=content, headers=hdrs, timeout=120)
+    return server.client.post(path, json=body, headers=hdrs, timeout=120)
 
 
 def gen_body(**fields: Any) -> dict[str, Any]:
@@ -167,7 +177,7 @@ SIZE_CASES = ["big", "64x", "x64", "64x64x64", "0x64", "-64x64", "64*64", ""]
 
 @pytest.mark.parametrize(("fields", "param"), [(c[1], c[2]) for c in VALIDATION_CASES],
                          ids=[c[0] for c in VALIDATION_CASES])
-def test_validation_error_names_the_field(plain: Server, fields: dict[str, Any], param: str) -> None:
+def test_validation_error_names_the_field(plain: InProcessServer, fields: dict[str, Any], param: str) -> None:
     body = {k: v for k, v in gen_body(**fields).items() if v is not MISSING}
     err = assert_invalid(post(plain, body), param)
     if fields == {"prompt": MISSING}:
@@ -175,19 +185,19 @@ def test_validation_error_names_the_field(plain: Server, fields: dict[str, Any],
 
 
 @pytest.mark.parametrize("size", SIZE_CASES)
-def test_bad_size_string(plain: Server, size: str) -> None:
+def test_bad_size_string(plain: InProcessServer, size: str) -> None:
     body = {"model": MODEL, "prompt": "a fox", "steps": 1, "size": size}
     assert_invalid(post(plain, body), "size")
 
 
-def test_limit_messages_state_the_limit(plain: Server) -> None:
+def test_limit_messages_state_the_limit(plain: InProcessServer) -> None:
     assert "at most 50" in assert_invalid(post(plain, gen_body(steps=51)), "steps")["message"]
     assert "at most 4" in assert_invalid(post(plain, gen_body(n=5)), "n")["message"]
     assert "multiple of 16" in assert_invalid(post(plain, gen_body(width=100)), "width")["message"]
     assert "4000" in assert_invalid(post(plain, gen_body(prompt="y" * 4001)), "prompt")["message"]
 
 
-def test_size_string_cannot_exceed_limits(plain: Server) -> None:
+def test_size_string_cannot_exceed_limits(plain: InProcessServer) -> None:
     assert_invalid(post(plain, {"model": MODEL, "prompt": "a", "steps": 1, "size": "2048x64"}), "width")
     assert_invalid(post(plain, {"model": MODEL, "prompt": "a", "steps": 1, "size": "64x72"}), "height")
 
@@ -208,9 +218,10 @@ def test_size_string_cannot_exceed_limits(plain: Server) -> None:
     (b"", {}),
 ], ids=["array", "array of object", "string", "null", "number", "not json", "truncated json",
         "form encoded", "invalid utf-8", "nested too deep", "empty body", "empty body no content-type"])
-def test_body_that_is_not_a_json_object(plain: Server, content: bytes, headers: dict[str, str]) -> None:
+def test_body_that_is_not_a_json_object(plain: InProcessServer, content: bytes,
+                                        headers: dict[str, str]) -> None:
     hdrs = dict(headers)
-    resp = httpx.post(plain.url + GEN, content=content, headers=hdrs, timeout=60)
+    resp = plain.client.post(GEN, content=content, headers=hdrs, timeout=60)
     err = assert_invalid(resp, None)
     assert "body" in err["message"]
 
@@ -226,7 +237,7 @@ UNSUPPORTED_CASES: list[tuple[str, Any]] = [
 
 @pytest.mark.parametrize(("field", "value"), UNSUPPORTED_CASES,
                          ids=[f"{c[0]}-{i}" for i, c in enumerate(UNSUPPORTED_CASES)])
-def test_unsupported_field_is_refused_by_name(plain: Server, field: str, value: Any) -> None:
+def test_unsupported_field_is_refused_by_name(plain: InProcessServer, field: str, value: Any) -> None:
     err = assert_invalid(post(plain, gen_body(**{field: value})), field, code="unsupported_parameter")
     assert "not supported" in err["message"]
 
@@ -238,14 +249,15 @@ def test_unsupported_field_is_refused_by_name(plain: Server, field: str, value: 
     {"image_url": None, "reference_images": None, "image_loras": None, "disable_safety_checker": None},
     {"some_future_field": {"nested": [1, 2]}},
 ], ids=["safety checker false", "no reference images", "no loras", "all null", "unknown field ignored"])
-def test_neutral_values_of_pending_fields_are_accepted(plain: Server, fields: dict[str, Any]) -> None:
+def test_neutral_values_of_pending_fields_are_accepted(plain: InProcessServer,
+                                                       fields: dict[str, Any]) -> None:
     assert_image_ok(post(plain, gen_body(seed=7, **fields)))
 
 
 # ------------------------------------------------------------------------------- models and routes
 
 
-def test_unknown_model_is_404_model_not_found(plain: Server) -> None:
+def test_unknown_model_is_404_model_not_found(plain: InProcessServer) -> None:
     err = assert_error(post(plain, gen_body(model="acme/no-such-model")), 404,
                        param="model", code="model_not_found")
     assert "acme/no-such-model" in err["message"]
@@ -259,29 +271,29 @@ def test_unknown_model_is_404_model_not_found(plain: Server) -> None:
     ("POST", "/v2/images/generations"),
     ("GET", "/v1/files/"),
 ])
-def test_unknown_route_is_404_in_error_shape(plain: Server, method: str, path: str) -> None:
-    resp = httpx.request(method, plain.url + path, json={} if method == "POST" else None, timeout=30)
+def test_unknown_route_is_404_in_error_shape(plain: InProcessServer, method: str, path: str) -> None:
+    resp = plain.client.request(method, path, json={} if method == "POST" else None, timeout=30)
     err = assert_error(resp, 404, param=None, code="not_found")
     assert path in err["message"]
 
 
 @pytest.mark.parametrize("path", [GEN, "/images/generations", "/v1/v1/images/generations"])
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
-def test_wrong_method_is_405_in_error_shape(plain: Server, method: str, path: str) -> None:
-    resp = httpx.request(method, plain.url + path, timeout=30)
+def test_wrong_method_is_405_in_error_shape(plain: InProcessServer, method: str, path: str) -> None:
+    resp = plain.client.request(method, path, timeout=30)
     err = assert_error(resp, 405, param=None, code="method_not_allowed")
     assert method in err["message"]
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/images/generations",
                                   "/v1/v1/images/generations"])
-def test_every_generation_path_works(plain: Server, path: str) -> None:
+def test_every_generation_path_works(plain: InProcessServer, path: str) -> None:
     assert_image_ok(post(plain, gen_body(seed=3), path=path))
 
 
-def test_stored_file_without_signature_is_400_and_bad_signature_is_refused(plain: Server) -> None:
-    assert_error(httpx.get(plain.url + "/v1/files/abc.jpeg", timeout=30), 400, code="invalid_request")
-    resp = httpx.get(plain.url + "/v1/files/abc.jpeg?expires=99999999999&signature=00", timeout=30)
+def test_stored_file_without_signature_is_400_and_bad_signature_is_refused(plain: InProcessServer) -> None:
+    assert_error(plain.client.get("/v1/files/abc.jpeg", timeout=30), 400, code="invalid_request")
+    resp = plain.client.get("/v1/files/abc.jpeg?expires=99999999999&signature=00", timeout=30)
     assert resp.status_code in (403, 404)
     assert_error(resp, resp.status_code)
 
@@ -289,14 +301,14 @@ def test_stored_file_without_signature_is_400_and_bad_signature_is_refused(plain
 # ------------------------------------------------------------------------------- body too big: 413
 
 
-def test_body_over_default_limit_is_413(plain: Server) -> None:
+def test_body_over_default_limit_is_413(plain: InProcessServer) -> None:
     body = json.dumps(gen_body(prompt="z" * 1_100_000)).encode()
     err = assert_error(post(plain, content=body, headers={"content-type": "application/json"}), 413,
                        param=None, code="payload_too_large")
     assert "1000000" in err["message"]
 
 
-def test_chunked_body_over_limit_is_413(plain: Server) -> None:
+def test_chunked_body_over_limit_is_413(plain: InProcessServer) -> None:
     """No content-length: the server counts while it reads."""
     def chunks() -> Iterator[bytes]:
         yield b'{"prompt": "'
@@ -309,7 +321,7 @@ def test_chunked_body_over_limit_is_413(plain: Server) -> None:
     assert_error(resp, 413, code="payload_too_large")
 
 
-def test_configured_body_limit(strict: Server) -> None:
+def test_configured_body_limit(strict: InProcessServer) -> None:
     big = json.dumps(gen_body(negative_prompt="q" * STRICT_BODY_BYTES)).encode()
     assert len(big) > STRICT_BODY_BYTES
     err = assert_error(post(strict, content=big, key=KEY, headers={"content-type": "application/json"}),
@@ -319,12 +331,12 @@ def test_configured_body_limit(strict: Server) -> None:
     assert_image_ok(post(strict, gen_body(prompt="p" * STRICT_PROMPT_CHARS), key=KEY))
 
 
-def test_configured_prompt_limit(strict: Server) -> None:
+def test_configured_prompt_limit(strict: InProcessServer) -> None:
     err = assert_invalid(post(strict, gen_body(prompt="p" * (STRICT_PROMPT_CHARS + 1)), key=KEY), "prompt")
     assert str(STRICT_PROMPT_CHARS) in err["message"]
     assert_invalid(post(strict, gen_body(negative_prompt="n" * (STRICT_PROMPT_CHARS + 1)), key=KEY),
                    "negative_prompt")
-    models = httpx.get(strict.url + "/v1/models", headers={"authorization": f"Bearer {KEY}"}, timeout=30)
+    models = strict.client.get("/v1/models", headers={"authorization": f"Bearer {KEY}"}, timeout=30)
     assert models.status_code == 200
     [card] = models.json()["data"]
     assert card["limits"]["max_prompt_chars"] == STRICT_PROMPT_CHARS
@@ -343,47 +355,47 @@ def test_configured_prompt_limit(strict: Server) -> None:
     {"x-api-key": KEY},
 ], ids=["no header", "wrong key", "key prefix", "empty bearer", "basic scheme", "no scheme",
         "other header"])
-def test_missing_or_wrong_key_is_401(strict: Server, headers: dict[str, str]) -> None:
-    resp = httpx.post(strict.url + GEN, json=gen_body(), headers=headers, timeout=30)
+def test_missing_or_wrong_key_is_401(strict: InProcessServer, headers: dict[str, str]) -> None:
+    resp = strict.client.post(GEN, json=gen_body(), headers=headers, timeout=30)
     assert_error(resp, 401, param=None, code="invalid_api_key", type_="authentication_error")
 
 
-def test_key_is_checked_before_the_body(strict: Server) -> None:
-    resp = httpx.post(strict.url + GEN, content=b"not json", headers={"authorization": "Bearer nope"},
+def test_key_is_checked_before_the_body(strict: InProcessServer) -> None:
+    resp = strict.client.post(GEN, content=b"not json", headers={"authorization": "Bearer nope"},
                       timeout=30)
     assert_error(resp, 401, code="invalid_api_key")
-    resp = httpx.post(strict.url + GEN, json=gen_body(model="acme/secret-model"), timeout=30)
+    resp = strict.client.post(GEN, json=gen_body(model="acme/secret-model"), timeout=30)
     assert_error(resp, 401, code="invalid_api_key")
 
 
-def test_right_key_is_200(strict: Server) -> None:
+def test_right_key_is_200(strict: InProcessServer) -> None:
     assert_image_ok(post(strict, gen_body(seed=1), key=KEY))
     assert_image_ok(post(strict, gen_body(seed=1), key=KEY, path="/images/generations"))
     # The scheme is case-insensitive.
     assert_image_ok(post(strict, gen_body(seed=1), headers={"authorization": f"bearer {KEY}"}))
 
 
-def test_health_and_ready_need_no_key(strict: Server) -> None:
-    assert httpx.get(strict.url + "/health", timeout=30).status_code == 200
-    ready = httpx.get(strict.url + "/ready", timeout=30)
+def test_health_and_ready_need_no_key(strict: InProcessServer) -> None:
+    assert strict.client.get("/health", timeout=30).status_code == 200
+    ready = strict.client.get("/ready", timeout=30)
     assert ready.status_code == 200 and ready.json()["ready"] is True
 
 
 @pytest.mark.parametrize("path", ["/v1/models", "/models"])
-def test_models_need_the_key(strict: Server, path: str) -> None:
-    assert_error(httpx.get(strict.url + path, timeout=30), 401, code="invalid_api_key")
-    assert_error(httpx.get(strict.url + path, headers={"authorization": "Bearer wrong"}, timeout=30),
+def test_models_need_the_key(strict: InProcessServer, path: str) -> None:
+    assert_error(strict.client.get(path, timeout=30), 401, code="invalid_api_key")
+    assert_error(strict.client.get(path, headers={"authorization": "Bearer wrong"}, timeout=30),
                  401, code="invalid_api_key")
-    resp = httpx.get(strict.url + path, headers={"authorization": f"Bearer {KEY}"}, timeout=30)
+    resp = strict.client.get(path, headers={"authorization": f"Bearer {KEY}"}, timeout=30)
     assert resp.status_code == 200
     assert [m["id"] for m in resp.json()["data"]] == [MODEL]
 
 
 @pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer anything-at-all"},
                                      {"authorization": f"Bearer {KEY}"}])
-def test_without_configured_keys_any_key_works(plain: Server, headers: dict[str, str]) -> None:
-    assert_image_ok(httpx.post(plain.url + GEN, json=gen_body(seed=2), headers=headers, timeout=120))
-    assert httpx.get(plain.url + "/v1/models", headers=headers, timeout=30).status_code == 200
+def test_without_configured_keys_any_key_works(plain: InProcessServer, headers: dict[str, str]) -> None:
+    assert_image_ok(plain.client.post(GEN, json=gen_body(seed=2), headers=headers, timeout=120))
+    assert plain.client.get("/v1/models", headers=headers, timeout=30).status_code == 200
 
 
 # ------------------------------------------------------------------------- SDK exception classes
@@ -446,7 +458,8 @@ def check_sdk_error(exc: BaseException, status: int, message: str, param: str | 
 
 @pytest.mark.parametrize(("fields", "t3_kwargs", "status", "param", "code"),
                          [(c[1], c[2], c[4], c[5], c[6]) for c in SDK_CASES], ids=SDK_IDS)
-def test_together3_exception_classes(plain: Server, fields: dict[str, Any], t3_kwargs: dict[str, Any],
+def test_together3_exception_classes(plain: InProcessServer, fields: dict[str, Any],
+                                     t3_kwargs: dict[str, Any],
                                      status: int, param: str | None, code: str) -> None:
     message = server_message(plain, fields)
     kwargs = {"model": MODEL, "prompt": "a red fox", **t3_kwargs}
@@ -457,7 +470,7 @@ def test_together3_exception_classes(plain: Server, fields: dict[str, Any], t3_k
 
 @pytest.mark.parametrize(("fields", "oa_kwargs", "status", "param", "code"),
                          [(c[1], c[3], c[4], c[5], c[6]) for c in SDK_CASES], ids=SDK_IDS)
-def test_openai_exception_classes(plain: Server, fields: dict[str, Any], oa_kwargs: dict[str, Any],
+def test_openai_exception_classes(plain: InProcessServer, fields: dict[str, Any], oa_kwargs: dict[str, Any],
                                   status: int, param: str | None, code: str) -> None:
     message = server_message(plain, fields)
     kwargs = {"model": MODEL, "prompt": "a red fox", "response_format": "b64_json", **oa_kwargs}
@@ -468,16 +481,16 @@ def test_openai_exception_classes(plain: Server, fields: dict[str, Any], oa_kwar
 
 
 @pytest.fixture(scope="module")
-def together1_results(plain: Server) -> dict[str, dict[str, Any]]:
+def together1_results(strict_process: Server) -> dict[str, dict[str, Any]]:
     """Every SDK case through together 1.x in one subprocess (its import is slow)."""
     calls = [t1_call(**c[1]) for c in SDK_CASES] + [t1_call(seed=5)]
-    results = run_together1(plain, calls)
+    results = run_together1(strict_process, calls, key=KEY)
     return {name: attempts[0] for name, attempts in zip([*SDK_IDS, "ok"], results, strict=True)}
 
 
 @pytest.mark.parametrize(("case_id", "fields", "status"), [(c[0], c[1], c[4]) for c in SDK_CASES],
                          ids=SDK_IDS)
-def test_together1_exception_classes(plain: Server, together1_results: dict[str, dict[str, Any]],
+def test_together1_exception_classes(plain: InProcessServer, together1_results: dict[str, dict[str, Any]],
                                      case_id: str, fields: dict[str, Any], status: int) -> None:
     result = together1_results[case_id]
     assert result["ok"] is False, result
@@ -491,34 +504,34 @@ def test_together1_succeeds_against_the_same_server(together1_results: dict[str,
     assert together1_results["ok"] == {"ok": True, "images": 1}
 
 
-def test_sdks_authentication_errors(strict: Server) -> None:
-    message = server_message(strict, {}, key="wrong-key")
+def test_sdks_authentication_errors(strict_process: Server) -> None:
+    message = server_message(strict_process, {}, key="wrong-key")
     kwargs = {"model": MODEL, "prompt": "a red fox", "steps": 1, "width": 64, "height": 64}
 
     with pytest.raises(together.AuthenticationError) as t3:
-        together3(strict, "wrong-key").images.generate(**kwargs)
+        together3(strict_process, "wrong-key").images.generate(**kwargs)
     check_sdk_error(t3.value, 401, message, None, "invalid_api_key")
 
     with pytest.raises(openai.AuthenticationError) as oa:
-        openai_client(strict, "wrong-key").images.generate(
+        openai_client(strict_process, "wrong-key").images.generate(
             model=MODEL, prompt="a red fox", size="64x64", response_format="b64_json",
             extra_body={"steps": 1})
     check_sdk_error(oa.value, 401, message, None, "invalid_api_key")
     with pytest.raises(openai.AuthenticationError):
-        openai_client(strict, "wrong-key").models.list()
+        openai_client(strict_process, "wrong-key").models.list()
 
-    [[wrong], [right]] = run_together1(strict, [t1_call(), t1_call(__api_key=KEY)], key="wrong-key")
+    [[wrong], [right]] = run_together1(strict_process, [t1_call(), t1_call(__api_key=KEY)], key="wrong-key")
     assert wrong["ok"] is False and wrong["cls"] == "AuthenticationError", wrong
     assert wrong["module"] == "together.error" and message in wrong["message"]
     assert right == {"ok": True, "images": 1}
 
     # The right key through the 3.x and openai clients.
-    image = together3(strict, KEY).images.generate(**kwargs, response_format="base64")
+    image = together3(strict_process, KEY).images.generate(**kwargs, response_format="base64")
     assert len(image.data) == 1
-    assert len(openai_client(strict, KEY).models.list().data) == 1
+    assert len(openai_client(strict_process, KEY).models.list().data) == 1
 
 
-def test_sdks_any_key_without_configured_keys(plain: Server) -> None:
+def test_sdks_any_key_without_configured_keys(plain: InProcessServer) -> None:
     kwargs = {"model": MODEL, "prompt": "a red fox", "steps": 1, "width": 64, "height": 64}
     assert len(together3(plain, "whatever").images.generate(**kwargs, response_format="base64").data) == 1
     resp = openai_client(plain, "whatever").images.generate(
@@ -588,22 +601,22 @@ def until_rate_limited(feeder: Feeder, call: Callable[[], Any], exc_type: type[B
     raise AssertionError(f"no {exc_type.__name__} in {attempts} tries against a full queue")
 
 
-def test_full_queue_is_429_for_raw_http_and_every_sdk(strict: Server) -> None:
+def test_full_queue_is_429_for_raw_http_and_every_sdk(strict_process: Server) -> None:
     small = {"model": MODEL, "prompt": "late", "steps": 1, "width": 64, "height": 64}
-    with Feeder(strict) as feeder:
+    with Feeder(strict_process) as feeder:
         feeder.wait_until_full()
         raw = until_rate_limited(
-            feeder, lambda: post(strict, small, key=KEY).raise_for_status(), httpx.HTTPStatusError)
+            feeder, lambda: post(strict_process, small, key=KEY).raise_for_status(), httpx.HTTPStatusError)
         t3 = until_rate_limited(
-            feeder, lambda: together3(strict, KEY).images.generate(**small, response_format="base64"),
+            feeder, lambda: together3(strict_process, KEY).images.generate(**small, response_format="base64"),
             together.RateLimitError)
         oa = until_rate_limited(
-            feeder, lambda: openai_client(strict, KEY).images.generate(
+            feeder, lambda: openai_client(strict_process, KEY).images.generate(
                 model=MODEL, prompt="late", size="64x64", response_format="b64_json",
                 extra_body={"steps": 1}),
             openai.RateLimitError)
         feeder.wait_until_full()
-        [t1_attempts] = run_together1(strict, [t1_call(prompt="late")], key=KEY, attempts=8,
+        [t1_attempts] = run_together1(strict_process, [t1_call(prompt="late")], key=KEY, attempts=8,
                                       until="RateLimitError")
 
     assert not feeder.errors, feeder.errors
@@ -632,21 +645,21 @@ def test_full_queue_is_429_for_raw_http_and_every_sdk(strict: Server) -> None:
     assert last["module"] == "together.error" and message in last["message"]
 
     # Healthy afterwards: a normal request is served and the queue is empty again.
-    assert_image_ok(post(strict, {**small, "prompt": "after the rush", "seed": 9}, key=KEY))
-    ready = httpx.get(strict.url + "/ready", timeout=30)
+    assert_image_ok(post(strict_process, {**small, "prompt": "after the rush", "seed": 9}, key=KEY))
+    ready = httpx.get(strict_process.url + "/ready", timeout=30)
     assert ready.status_code == 200 and ready.json() == {**ready.json(), "ready": True, "queue_depth": 0}
-    assert strict.proc is not None and strict.proc.poll() is None
+    assert strict_process.proc is not None and strict_process.proc.poll() is None
 
 
 # ------------------------------------------------------------------------------ after the abuse
 
 
-def test_plain_server_still_serves_after_all_bad_input(plain: Server) -> None:
+def test_plain_server_still_serves_after_all_bad_input(plain: InProcessServer) -> None:
     resp = post(plain, gen_body(prompt="still standing", seed=11, steps=2, width=96, height=64,
                                 output_format="png"))
     [image] = images_of(resp)
     assert image.format == "PNG" and image.size == (96, 64)
     assert resp.json()["data"][0]["seed"] == 11
-    assert plain.proc is not None and plain.proc.poll() is None
+    assert all(worker.alive and not worker.failed for worker in plain.runtime.workers)
     log = plain.log()
     assert "unhandled error" not in log and "Traceback" not in log, log[-3000:]

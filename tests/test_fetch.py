@@ -17,8 +17,10 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
+from server.addresses import blocked_reason
 from server.config import FetchSettings
-from server.fetch import FetchError, Fetcher, blocked_reason, decode_image
+from server.fetch import Fetcher, FetchError
+from server.images import decode_image
 
 from .conftest import free_port
 from .image_origin import HUGE_BYTES, ImageOrigin, png_bomb

@@ -165,7 +165,7 @@ def test_worker_reads_pulled_weights_and_shares_compiled_kernels(tmp_path: Path,
 
 def test_keda_scales_workers_on_the_queue_lag(tmp_path: Path) -> None:
     """The ScaledObject's fields as KEDA's redis-streams scaler documents them, pointing at what exists."""
-    from server.queue_redis import GROUP, Keys
+    from server.queue.redis_keys import GROUP, Keys
 
     objects = by_kind_name()
     config = tmp_path / "config.yaml"
@@ -186,7 +186,7 @@ def test_keda_scales_workers_on_the_queue_lag(tmp_path: Path) -> None:
     assert trigger["type"] == "redis-streams"
     meta = trigger["metadata"]
     assert all(isinstance(v, str) for v in meta.values())  # KEDA's metadata is a map of strings
-    # The stream and group the workers read (server/queue_redis.py), at the Redis Service's address.
+    # The stream and group the workers read (server/queue/redis_keys.py), at the Redis Service's address.
     assert meta["stream"] == Keys(settings.queue.key_prefix).stream and meta["consumerGroup"] == GROUP
     host, port = meta["address"].split(":")
     service = objects[("Service", host)]

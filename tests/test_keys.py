@@ -235,7 +235,7 @@ def test_keys_are_never_logged(keyed: Server) -> None:
 def test_limits_hold_across_two_api_processes(make_server: Any, tmp_path: Path) -> None:
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    from .test_scaleout import RedisProcess
+    from .support.launch import RedisProcess
 
     redis_proc = RedisProcess(tmp_path).start()
     try:
@@ -286,7 +286,7 @@ def test_sliding_window_all_or_nothing(backend: str, tmp_path: Path) -> None:
     if backend == "redis":
         if shutil.which("redis-server") is None:
             pytest.skip("redis-server is not installed")
-        from .test_scaleout import RedisProcess
+        from .support.launch import RedisProcess
 
         redis_proc = RedisProcess(tmp_path).start()
         limiter: Any = RedisLimiter(redis_proc.url, "dr-unit", window_s=0.8)

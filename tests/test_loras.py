@@ -21,8 +21,15 @@ import pytest
 import torch
 from together import Together
 
+from server.api.loras import resolve_loras
 from server.config import EngineSettings, FetchSettings, LimitSettings, LoraSettings, SafetySettings
-from server.engine.tiny import (
+from server.errors import InvalidRequest, Unsupported
+from server.loras import LoraError, LoraStore, parse_source, pick_lora_file
+from server.params import GenerationParams, LoraRef
+
+from .conftest import MODEL, Server, decode_image, images_of, mean_abs_diff
+from .image_origin import ImageOrigin
+from .support.tiny_loras import (
     TINY_FLUX_LORA_LAYERS,
     lora_file_bytes,
     sd_unet_lora,
@@ -30,12 +37,6 @@ from server.engine.tiny import (
     tiny_flux_lora,
     tiny_flux_lora_kohya,
 )
-from server.engine.types import GenerationParams, LoraRef
-from server.errors import InvalidRequest, Unsupported
-from server.loras import LoraError, LoraStore, parse_source, pick_lora_file, resolve_loras
-
-from .conftest import MODEL, Server, decode_image, images_of, mean_abs_diff
-from .image_origin import ImageOrigin
 
 FILE_CAP = 1_000_000
 B_LAYERS = tuple(n for n in TINY_FLUX_LORA_LAYERS if ".ff" in n or n.startswith("single_"))
@@ -502,7 +503,7 @@ def test_hotswap_slots_give_the_same_images_as_named_adapters(
             params = GenerationParams(model=MODEL, prompt="a red barn", width=64, height=64, steps=2,
                                       guidance_scale=3.5, seeds=(3,), max_sequence_length=64,
                                       loras=tuple(LoraRef(p, s) for p, s in loras))
-            out.append(engine.generate([params])[0][0])
+            out.append(engine.generate([params]).images[0][0])
         return out, engine
 
     named, _ = images(False)
@@ -519,7 +520,7 @@ def test_hotswap_slots_give_the_same_images_as_named_adapters(
                                           loras=(LoraRef(too_big, 1.0),))])
     again = engine.generate([GenerationParams(model=MODEL, prompt="a red barn", width=64, height=64, steps=2,
                                               guidance_scale=3.5, seeds=(3,), max_sequence_length=64,
-                                              loras=((LoraRef(b, 0.8),)))])[0][0]
+                                              loras=((LoraRef(b, 0.8),)))]).images[0][0]
     assert mean_abs_diff(again, named[2]) <= SAME
     # The alphas count: the alpha LoRA at 0.5 is not the same LoRA without its alphas at 0.5.
     assert mean_abs_diff(named[6], named[0]) > VISIBLE
@@ -533,7 +534,7 @@ def test_hotswap_slots_cover_the_layers_loras_train(tmp_path: Path, tiny_cache: 
 
     from server.engine.lora_slots import DEFAULT_TARGETS
     from server.engine.pipelines import Engine
-    from server.engine.tiny import lora_file_bytes, tiny_flux_lora
+    from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
     from server.registry import Registry, load_manifests
 
     from .conftest import REPO
@@ -547,7 +548,7 @@ def test_hotswap_slots_cover_the_layers_loras_train(tmp_path: Path, tiny_cache: 
         files[name].write_bytes(lora_file_bytes(state))
     settings = LoraSettings(cache_dir=tmp_path / "loras", registered=files, hotswap=True,
                             hotswap_target_rank=8)
-    assert (settings.hotswap_slots, settings.max_per_request) == (2, 2)
+    assert (settings.hotswap_slots, settings.max_per_request()) == (2, 2)
     assert LoraSettings().hotswap_target_rank == 32
     store = LoraStore(settings, FetchSettings(), tmp_path)
     manifest = load_manifests(REPO / "models")[MODEL]
@@ -567,7 +568,7 @@ def test_hotswap_slots_cover_the_layers_loras_train(tmp_path: Path, tiny_cache: 
         params = GenerationParams(model=MODEL, prompt="a red barn", width=64, height=64, steps=1,
                                   guidance_scale=3.5, seeds=(3,), max_sequence_length=32,
                                   loras=tuple(LoraRef(n) for n in names))
-        return engine.generate([params])[0][0]
+        return engine.generate([params]).images[0][0]
 
     before = run("a", "b")
     with pytest.raises(LoraError, match=r"outside this server's LoRA slots \(e.g. transformer_blocks.0.norm1"

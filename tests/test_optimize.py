@@ -17,7 +17,7 @@ import yaml
 from server.config import EngineSettings
 from server.engine import optimize
 from server.engine.pipelines import Engine
-from server.engine.types import GenerationParams
+from server.params import GenerationParams
 from server.registry import ModelManifest, Registry
 
 from .conftest import MODEL, REPO, images_of, mean_abs_diff
@@ -62,8 +62,8 @@ def test_defaults_change_nothing() -> None:
 def test_compiled_transformer_and_vae_match_eager(plain: Engine, tiny_cache: Path, tmp_path: Path) -> None:
     compiled = engine_for(manifest({"compile": {"transformer": "regional", "vae_decoder": True,
                                                 "cache_dir": str(tmp_path / "inductor")}}), tiny_cache)
-    eager_images = plain.generate([params()])[0]
-    compiled_images = compiled.generate([params()])[0]
+    eager_images = plain.generate([params()]).images[0]
+    compiled_images = compiled.generate([params()]).images[0]
     for a, b in zip(eager_images, compiled_images):
         assert mean_abs_diff(a, b) < 1.0
     # The blocks really run compiled, and inductor wrote its cache where the manifest said.
@@ -78,7 +78,7 @@ def test_fused_qkv_matches_unfused(plain: Engine, tiny_cache: Path) -> None:
     )
     attn = fused._pipes[MODEL].transformer.transformer_blocks[0].attn
     assert attn.fused_projections and hasattr(attn, "to_qkv")
-    for a, b in zip(plain.generate([params()])[0], fused.generate([params()])[0]):
+    for a, b in zip(plain.generate([params()]).images[0], fused.generate([params()]).images[0]):
         assert mean_abs_diff(a, b) < 1.0
 
 
@@ -89,7 +89,7 @@ def test_fused_qkv_refuses_loras() -> None:
 
 def test_attention_backend_native_matches_default(plain: Engine, tiny_cache: Path) -> None:
     native = engine_for(manifest({"attention_backend": "native"}), tiny_cache)
-    for a, b in zip(plain.generate([params()])[0], native.generate([params()])[0]):
+    for a, b in zip(plain.generate([params()]).images[0], native.generate([params()]).images[0]):
         assert mean_abs_diff(a, b) < 1.0
     with pytest.raises(optimize.EngineOptionError, match="attention_backend 'no-such-backend'"):
         engine_for(manifest({"attention_backend": "no-such-backend"}), tiny_cache)
@@ -118,10 +118,10 @@ def test_sequence_bucket_changes_images_measurably(plain: Engine) -> None:
     # about 0.8, 64 -> 32 about 2.4, 64 -> 16 about 5.5, against about 8.4 for another seed. A request's
     # bucket depends on its own prompts only, so its image never depends on what it is batched with.
     short = dict(prompt="a fox")
-    full = plain.generate([params(**short, max_sequence_length=64)])[0]
-    bucket = plain.generate([params(**short, max_sequence_length=32)])[0]
-    again = plain.generate([params(**short, max_sequence_length=32)])[0]
-    other_seed = plain.generate([params(**short, seeds=(99, 98))])[0]
+    full = plain.generate([params(**short, max_sequence_length=64)]).images[0]
+    bucket = plain.generate([params(**short, max_sequence_length=32)]).images[0]
+    again = plain.generate([params(**short, max_sequence_length=32)]).images[0]
+    other_seed = plain.generate([params(**short, seeds=(99, 98))]).images[0]
     for f, b, a, o in zip(full, bucket, again, other_seed):
         assert mean_abs_diff(b, a) == 0
         assert 0 < mean_abs_diff(f, b) < 0.5 * mean_abs_diff(f, o)
@@ -163,9 +163,10 @@ def test_switching_hotswapped_loras_does_not_recompile(tiny_cache: Path, tmp_pat
     import torch._dynamo.utils as dynamo_utils
 
     from server.config import FetchSettings, LoraSettings
-    from server.engine.tiny import lora_file_bytes, tiny_flux_lora
-    from server.engine.types import LoraRef
     from server.loras import LoraStore
+    from server.params import LoraRef
+
+    from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
     registered = {}
     for seed, name in enumerate(("a", "b", "c"), start=1):
@@ -185,7 +186,8 @@ def test_switching_hotswapped_loras_does_not_recompile(tiny_cache: Path, tmp_pat
     assert graphs > 0  # the blocks were compiled
     images = {}
     for name in ("a", "b", "c", None, "a"):
-        images[name] = engine.generate([params(seeds=(1,), loras=(LoraRef(name),) if name else ())])[0][0]
+        generation = engine.generate([params(seeds=(1,), loras=(LoraRef(name),) if name else ())])
+        images[name] = generation.images[0][0]
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "switching LoRAs recompiled"
     assert engine.loras.swaps >= 4
     assert mean_abs_diff(images["a"], images[None]) > 1.0 and mean_abs_diff(images["b"], images["c"]) > 1.0

@@ -21,7 +21,7 @@ from server.config import EngineSettings
 from server.engine import placement
 from server.engine.optimize import EngineOptionError
 from server.engine.pipelines import Engine
-from server.engine.types import GenerationParams
+from server.params import GenerationParams
 from server.registry import ModelManifest, Registry
 
 from .conftest import MODEL, REPO, mean_abs_diff
@@ -137,7 +137,7 @@ def test_model_offload_serves_the_same_images(tiny_cache: Path) -> None:
     pipe = offloaded._pipes[MODEL]
     assert pipe._all_hooks  # diffusers' offload hooks are in place
     assert pipe.vae.use_slicing and plain._pipes[MODEL].vae.use_slicing
-    a, b = plain.generate([params(seeds=(1, 2))])[0], offloaded.generate([params(seeds=(1, 2))])[0]
+    a, b = plain.generate([params(seeds=(1, 2))]).images[0], offloaded.generate([params(seeds=(1, 2))]).images[0]
     assert [mean_abs_diff(x, y) for x, y in zip(a, b)] == [0.0, 0.0]
 
 
@@ -156,10 +156,10 @@ def test_vae_tiles_above_the_threshold_and_compiles_nothing_for_it(tiny_cache: P
     engine = engine_for(manifest({"vae_tiling_pixels": 64 * 64,
                                   "compile": {"vae_decoder": True, "backend": "eager"}}), tiny_cache)
     vae = engine._pipes[MODEL].vae
-    (small,) = engine.generate([params()])[0]  # at the threshold: decoded whole (and compiled)
+    (small,) = engine.generate([params()]).images[0]  # at the threshold: decoded whole (and compiled)
     assert tiled == [] and small.size == (64, 64)
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
-    (large,) = engine.generate([params(width=96, height=96)])[0]  # above it: tiles (the tiny VAE's are 64 px)
+    (large,) = engine.generate([params(width=96, height=96)]).images[0]  # above it: tiles (the tiny VAE's are 64 px)
     assert tiled == [(1, 4, 12, 12)] and large.size == (96, 96)
     # The tiles ran eagerly: no graph was compiled for their shapes.
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
@@ -178,7 +178,7 @@ def test_random_builtin_loads_through_a_manifest(tiny_cache: Path) -> None:
         64, 128, 1, 1)
     assert not config.guidance_embeds and pipe.vae.config.latent_channels == 16
     assert not any(p.is_meta for p in pipe.transformer.parameters())
-    (image,) = engine.generate([params(model="bench/random", steps=1)])[0]
+    (image,) = engine.generate([params(model="bench/random", steps=1)]).images[0]
     assert image.size == (64, 64)
     # Nothing was written: the cache holds no folder for it.
     assert not any("random" in p.name for p in tiny_cache.iterdir())

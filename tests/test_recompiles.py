@@ -18,13 +18,13 @@ from server.config import EngineSettings, FetchSettings, LoraSettings, SafetySet
 from server.engine import optimize
 from server.engine.compile_stats import graphs_compiled
 from server.engine.pipelines import Engine
-from server.engine.tiny import lora_file_bytes, tiny_flux_lora
-from server.engine.types import GenerationParams, LoraRef
 from server.errors import InvalidRequest
 from server.loras import LoraStore
+from server.params import GenerationParams, LoraRef
 from server.registry import ModelManifest, Registry
 
 from .conftest import MODEL, REPO
+from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
 TINY = yaml.safe_load((REPO / "models" / "tiny-flux.yaml").read_text())
 SIZES = [(64, 64), (96, 80)]

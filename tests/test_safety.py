@@ -17,11 +17,12 @@ import pytest
 import together
 import yaml
 
+from server.api.keys import bearer_token
+from server.api.safety import PromptGuard, resolve_check
 from server.config import ImageCheckerSpec, SafetySettings, Settings, TextClassifierSpec, load_settings
 from server.engine.safety import TextClassifier, load_image_checker
 from server.errors import Forbidden
 from server.registry import Registry, load_manifests
-from server.safety import PromptGuard, bearer_token, resolve_check
 
 from .conftest import (
     MODEL,
@@ -502,9 +503,9 @@ def test_screen_batch_one_call_per_batch_and_per_job_outcomes() -> None:
     from PIL import Image
 
     from server.engine.safety import screen_batch
-    from server.engine.types import GenerationParams
     from server.errors import InternalError, SafetyFlagged
-    from server.safety import SafetyCounters
+    from server.metrics import SafetyCounters
+    from server.params import GenerationParams
 
     def job(n: int, check: bool = True) -> GenerationParams:
         return GenerationParams(model=MODEL, prompt="p", width=8, height=8, steps=1, guidance_scale=1.0,

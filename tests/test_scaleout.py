@@ -12,7 +12,6 @@ import dataclasses
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,20 +23,18 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 import yaml
 from PIL import Image
 
-from server import remote
-from server.engine.types import ConditioningImage, GenerationParams, LoraRef
 from server.errors import QueueFull
 from server.jobs import GeneratedImage, Job, JobResult
-from server.launch import stop
-from server.queue_redis import GROUP, Keys
+from server.params import ConditioningImage, GenerationParams, LoraRef
+from server.queue import wire
+from server.queue.redis_keys import GROUP, Keys
 
 from .conftest import MODEL, REPO, decode_image, free_port
+from .support.launch import REDIS_SERVER, RedisProcess, stop
 
-REDIS_SERVER = shutil.which("redis-server")
 pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
 
 PREFIX = "dr-test"
@@ -83,7 +80,7 @@ def test_job_round_trip_carries_every_field() -> None:
     job = Job.create(params, timeout_s=30)
     job.request_id = "req-123"
     before = time.time()
-    envelope = remote.decode_job(remote.encode_job(job, "reply-list"))
+    envelope = wire.decode_job(wire.encode_job(job, "reply-list"))
     assert envelope.request_id == "req-123"
     assert envelope.params == params
     assert envelope.params.batch_key() == params.batch_key()
@@ -95,12 +92,12 @@ def test_job_round_trip_carries_every_field() -> None:
     result = JobResult(images=[GeneratedImage(b"\xff\xd8jpeg", 7, "jpeg")], batch_id="b", batch_jobs=2,
                        batch_images=3, queue_s=0.25, inference_s=1.5, encode_s=0.01,
                        stages={"denoise": 1.25, "image_encode": 0.01})
-    job_id, decoded = remote.decode_reply(remote.encode_reply("img-1", result=result))
+    job_id, decoded = wire.decode_reply(wire.encode_reply("img-1", result=result))
     assert (job_id, decoded) == ("img-1", result)
 
     error = QueueFull("full", headers={"retry-after": "3"})
-    _, failed = remote.decode_reply(remote.encode_reply("img-2", error=error))
-    assert isinstance(failed, remote.RemoteError)
+    _, failed = wire.decode_reply(wire.encode_reply("img-2", error=error))
+    assert isinstance(failed, wire.RemoteError)
     assert (failed.status, failed.type, failed.code) == (429, "rate_limit_error", "queue_full")
     assert failed.headers == {"retry-after": "3"}
     assert failed.body() == error.body()
@@ -108,45 +105,12 @@ def test_job_round_trip_carries_every_field() -> None:
 
 def test_payload_cannot_name_arbitrary_types() -> None:
     with pytest.raises(ValueError, match="unknown type"):
-        remote.decode_value({"__dc__": "Popen", "fields": {}})
+        wire.decode_value({"__dc__": "Popen", "fields": {}})
     with pytest.raises(TypeError):
-        remote.encode_value(object())
+        wire.encode_value(object())
 
 
 # -- real processes -----------------------------------------------------------------------------------
-
-
-class RedisProcess:
-    def __init__(self, workdir: Path) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> RedisProcess:
-        assert REDIS_SERVER is not None
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = self.client()
-        wait_for(lambda: self._pings(client), 10, "redis-server to answer")
-        return self
-
-    @staticmethod
-    def _pings(client: redis.Redis) -> bool:
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=5)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
 
 
 class Proc:
@@ -485,7 +449,7 @@ def test_stale_job_is_never_run_and_admission_is_shared(cluster: Cluster) -> Non
                                   guidance_scale=3.5, seeds=(9,))
         stale = Job(params=params, deadline=time.monotonic() + 0.5)
         reply_to = f"{PREFIX}:replies:test"
-        client.xadd(cluster.keys.stream, {"job": remote.encode_job(stale, reply_to)})
+        client.xadd(cluster.keys.stream, {"job": wire.encode_job(stale, reply_to)})
 
         refused = api.generate(prompt="refused", width=64, height=64, steps=1)
         assert refused.status_code == 429, refused.text
@@ -504,8 +468,8 @@ def test_stale_job_is_never_run_and_admission_is_shared(cluster: Cluster) -> Non
     cluster.workers = [worker]
     popped = client.blpop([reply_to], timeout=30)
     assert popped is not None, worker.log()
-    job_id, outcome = remote.decode_reply(popped[1])
-    assert job_id == stale.id and isinstance(outcome, remote.RemoteError)
+    job_id, outcome = wire.decode_reply(popped[1])
+    assert job_id == stale.id and isinstance(outcome, wire.RemoteError)
     assert (outcome.status, outcome.code) == (504, "deadline_exceeded")
     # A fresh job runs; neither stale one ever did.
     valid_images(cluster.apis[0].generate(prompt="fresh", width=64, height=64, steps=1, seed=6), 64, [6])

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from server.api.storage import LocalStorage
 from server.config import StorageSettings
 from server.errors import Forbidden, NotFound
-from server.storage import LocalStorage, encode_image
+from server.images import encode_image
 
 from .conftest import MODEL, Server
 

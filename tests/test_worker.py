@@ -7,60 +7,23 @@ their deadline fail with DeadlineExceeded and withdrawn jobs are skipped, both w
 from __future__ import annotations
 
 import io
-import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 from PIL import Image
 
 from server.config import SchedulerSettings
-from server.engine.types import GenerationParams
 from server.errors import DeadlineExceeded, InternalError, InvalidRequest, ServiceUnavailable
 from server.jobs import Job, JobResult, JobState
-from server.queue import MemoryQueue
-from server.worker import Worker, fail_waiting
+from server.params import GenerationParams
+from server.queue.memory import MemoryQueue
+from server.queue.submit import fail_waiting
+from server.worker.loop import Worker
+
+from .support.standin import StandInEngine
 
 WAIT_S = 30.0
-
-
-class StandInEngine:
-    """Quacks like server.engine.pipelines.Engine; fails the calls it is told to fail."""
-
-    device = "cpu"
-    last_timings: dict[str, float] = {}  # no stage timer: the worker reports only safety and encoding
-
-    def __init__(self, fail_calls: Sequence[int] = (), error: Exception | None = None,
-                 load_error: Exception | None = None) -> None:
-        self.fail_calls = set(fail_calls)
-        self.error = error or RuntimeError("CUDA error: an illegal memory access was encountered")
-        self.load_error = load_error
-        self.calls: list[list[GenerationParams]] = []
-        self.loaded = self.warmed = False
-        self._lock = threading.Lock()
-
-    def load(self) -> None:
-        if self.load_error is not None:
-            raise self.load_error
-        self.loaded = True
-
-    def warmup(self) -> None:
-        self.warmed = True
-
-    def generate(self, batch: Sequence[GenerationParams]) -> list[list[Image.Image]]:
-        with self._lock:
-            self.calls.append(list(batch))
-            call = len(self.calls)
-        if call in self.fail_calls:
-            raise self.error
-        return [
-            [Image.new("RGB", (p.width, p.height), (seed % 256, 40, 200)) for seed in p.seeds]
-            for p in batch
-        ]
-
-    def screen(self, batch: Sequence[GenerationParams], outputs: Sequence[Sequence[Image.Image]]) -> list[None]:
-        """No image checker: nothing is refused."""
-        return [None] * len(batch)
 
 
 def params(seed: int = 1, n: int = 1, size: int = 64, fmt: str = "png") -> GenerationParams:
@@ -74,7 +37,7 @@ def job(p: GenerationParams | None = None, timeout_s: float = 60.0) -> Job:
 
 def make_worker(engine: StandInEngine, queue: MemoryQueue) -> Worker:
     scheduler = SchedulerSettings(batch_window_ms=20, max_batch_images=8)
-    return Worker(engine, queue, scheduler)  # type: ignore[arg-type]
+    return Worker(engine, queue, scheduler)
 
 
 @pytest.fixture

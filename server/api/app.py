@@ -1,4 +1,10 @@
-"""The FastAPI application, assembled from settings."""
+"""The FastAPI application, assembled from settings and a runtime.
+
+``create_app(settings, runtime)`` is all a process or a test needs: ``darkroom serve`` / ``darkroom api``
+(server/cli.py) hand it to uvicorn, and the in-process test tier drives it through Starlette's TestClient or
+httpx's ASGI transport (tests/conftest.py ``make_app``). The runtime starts with the app's lifespan and stops
+with it.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +17,8 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from ..config import Settings
 from .. import metrics
+from ..config import Settings
 from . import images, operator, service
 from .errors import install_error_handlers
 from .observe import ObserveMiddleware
@@ -21,20 +27,22 @@ from .runtime import Runtime
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
+    """The app serving ``runtime`` (``Runtime.build(settings, ...)``); the runtime starts when the app's
+    lifespan does (uvicorn's start-up, or entering a TestClient) and stops when it ends."""
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        rt = runtime or Runtime.build(settings)
-        app.state.runtime = rt
+        app.state.runtime = runtime
         app.state.started_unix = int(time.time())
-        metrics.attach(metrics.RuntimeCollector(rt))
-        rt.start()
-        sweeper = asyncio.create_task(_sweep_storage(rt))
+        metrics.attach(metrics.RuntimeCollector(runtime))
+        runtime.start()
+        sweeper = asyncio.create_task(_sweep_storage(runtime))
         try:
             yield
         finally:
             sweeper.cancel()
-            await run_in_threadpool(rt.stop)
+            await run_in_threadpool(runtime.stop)
 
     app = FastAPI(title="Darkroom", lifespan=lifespan, docs_url=None, redoc_url=None)
     install_error_handlers(app)

@@ -12,15 +12,16 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
-from ..conditioning import KontextSizing, attach_images
-from ..jobs import ClientGone, Job, JobResult, run_job
-from ..safety import bearer_token, resolve_check
 from .. import metrics
+from ..errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
+from ..jobs import ClientGone, Job, JobResult
+from ..queue.submit import run_job
 from .auth import check_api_key
-from .keys import authorize_model, charge
+from .conditioning import KontextSizing, attach_images
+from .keys import authorize_model, bearer_token, charge
 from .observe import request_id
 from .runtime import Runtime
+from .safety import resolve_check
 from .schemas import explicit_size, parse_request, resolve_params, response_kind
 
 router = APIRouter()

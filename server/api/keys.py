@@ -113,7 +113,8 @@ class KeyStore:
     def _policies(self, entries: list[ApiKeySpec], where: str) -> dict[str, ApiKey]:
         policies: dict[str, ApiKey] = {}
         for spec in entries:
-            key_digest = spec.sha256 or digest(spec.key.get_secret_value())  # type: ignore[union-attr]
+            # ApiKeySpec holds exactly one of key and sha256.
+            key_digest = spec.sha256 or digest(spec.key.get_secret_value() if spec.key is not None else "")
             models = None
             if spec.models is not None:
                 resolved = set()
@@ -194,15 +195,16 @@ def open_limiter(settings: Settings) -> Limiter:
 # -- request handling ------------------------------------------------------------------------------
 
 
-def bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+def bearer_token(authorization: str | None) -> str | None:
+    """The key in an ``Authorization: Bearer <key>`` header value (any case of the scheme); None without."""
+    scheme, _, token = (authorization or "").partition(" ")
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def authenticate(request: Request) -> ApiKey:
     """The FastAPI dependency: the caller's key policy (401 for a missing or unknown key)."""
     store: KeyStore = request.app.state.runtime.keys
-    token = bearer(request)
+    token = bearer_token(request.headers.get("authorization"))
     if store.open:
         key = store.anonymous(token)
     else:

@@ -17,8 +17,7 @@ the input image's height (the engine sets them side by side after it), again wit
 
 from __future__ import annotations
 
-from PIL import Image
-
+from ..images import round_to_multiple
 from ..registry import ModelLimits, ModelManifest
 
 # diffusers/pipelines/flux/pipeline_flux_kontext.py (diffusers 0.42), as (width, height): copied, because
@@ -29,10 +28,6 @@ PREFERRED_KONTEXT_RESOLUTIONS: tuple[tuple[int, int], ...] = (
     (1568, 672),
 )
 UPSTREAM_AREA = 1024 * 1024
-
-
-def _multiple(value: float, multiple: int) -> int:
-    return max(multiple, int(round(value / multiple)) * multiple)
 
 
 def preferred_size(width: int, height: int, manifest: ModelManifest, limits: ModelLimits) -> tuple[int, int]:
@@ -47,7 +42,7 @@ def preferred_size(width: int, height: int, manifest: ModelManifest, limits: Mod
     aspect = width / height
     candidates = []
     for w, h in PREFERRED_KONTEXT_RESOLUTIONS:
-        sw, sh = _multiple(w * scale, step), _multiple(h * scale, step)
+        sw, sh = round_to_multiple(w * scale, step), round_to_multiple(h * scale, step)
         if (limits.min_size <= sw <= limits.max_width and limits.min_size <= sh <= limits.max_height
                 and sw * sh <= limits.max_pixels):
             candidates.append((abs(aspect - w / h), sw, sh))
@@ -55,22 +50,3 @@ def preferred_size(width: int, height: int, manifest: ModelManifest, limits: Mod
         return manifest.defaults.width, manifest.defaults.height
     _, best_w, best_h = min(candidates)
     return best_w, best_h
-
-
-def resize_to(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Exactly ``width`` x ``height`` with no crop (upstream's resize: a preferred size's aspect is within a
-    few percent of the input's)."""
-    if image.size == (width, height):
-        return image
-    return image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
-
-
-def fit_area(image: Image.Image, area: int, multiple: int = 16) -> Image.Image:
-    """Scaled, aspect ratio kept (to the nearest ``multiple``), to about ``area`` pixels; never cropped."""
-    scale = (area / (image.width * image.height)) ** 0.5
-    return resize_to(image, _multiple(image.width * scale, multiple), _multiple(image.height * scale, multiple))
-
-
-def fit_height(image: Image.Image, height: int, multiple: int = 16) -> Image.Image:
-    """Scaled to ``height``, width by the aspect ratio (to the nearest ``multiple``); never cropped."""
-    return resize_to(image, _multiple(image.width * height / image.height, multiple), height)

@@ -172,7 +172,7 @@ class RedisLimiter:
 
     def __init__(self, url: str, prefix: str, window_s: float = WINDOW_S, client: Any = None) -> None:
         if client is None:
-            from ..queue_redis import connect
+            from ..queue.redis_keys import connect
 
             client = connect(url)
         self.client = client

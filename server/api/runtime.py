@@ -1,41 +1,69 @@
-"""What one ``darkroom serve`` process runs: the registry, the queue, storage and a worker per device."""
+"""What one API process runs: the registry, the queue, storage, the guards, and (``darkroom serve``) its own
+workers, one per device.
+
+The API never builds a worker itself: ``darkroom serve`` passes ``Runtime.build`` a factory
+(server/worker/wiring.py ``serve_workers``) and an API pod (``darkroom api``) passes none, so this package
+imports neither the worker nor the engine (nor torch). Workers are known only through ``WorkerHandle``.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from ..config import Settings
-from ..engine.pipelines import Engine, resolve_devices
 from ..fetch import Fetcher
 from ..loras import LoraStore
-from ..queue import MemoryQueue
+from ..metrics import WorkerStatus
+from ..queue.memory import MemoryQueue
+from ..queue.protocol import BatchSource, JobQueue
+from ..queue.submit import fail_waiting
 from ..registry import Registry
-from ..safety import PromptGuard
-from ..storage import LocalStorage
-from ..storage_s3 import S3Storage, open_storage
-from ..worker import Worker, fail_waiting
+from .keys import KeyStore, open_limiter
+from .ratelimit import Limiter
+from .safety import PromptGuard
+from .storage import LocalStorage
+from .storage_s3 import S3Storage, open_storage
 
 log = logging.getLogger(__name__)
+
+
+class WorkerHandle(WorkerStatus, Protocol):
+    """What the runtime needs from a worker of its own process (server/worker/loop.py ``Worker``)."""
+
+    source: BatchSource
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Finish the batch in hand, then stop taking jobs."""
+
+    def join(self, timeout_s: float | None = None) -> None:
+        """Wait for the worker's thread: it returns early only when loading failed, or on stop."""
+
+
+# (settings, registry, the API's queue, the process's LoRA store) -> this process's workers.
+WorkerFactory = Callable[[Settings, Registry, JobQueue, LoraStore], Sequence[WorkerHandle]]
 
 
 @dataclass
 class Runtime:
     settings: Settings
     registry: Registry
-    queue: MemoryQueue | Any  # or a RedisQueue (server/queue_redis.py)
+    queue: JobQueue
     storage: LocalStorage | S3Storage
-    workers: list[Worker] = field(default_factory=list)
+    workers: list[WorkerHandle] = field(default_factory=list)
     prompt_guard: PromptGuard | None = None
     # The one guarded fetcher for URLs in requests (image_url, reference_images).
     fetcher: Fetcher | None = None
     # image_loras: the disk cache of LoRA files, shared by the API (prefetch) and this process's engines.
     lora_store: LoraStore | None = None
     # API keys and their rate limiter (server/api/keys.py, server/api/ratelimit.py).
-    keys: Any = None
-    limiter: Any = None
+    keys: KeyStore | None = None
+    limiter: Limiter | None = None
     _watchdog: threading.Thread | None = None
 
     def __post_init__(self) -> None:
@@ -45,40 +73,37 @@ class Runtime:
             self.lora_store = LoraStore.from_settings(self.settings)
         if self.prompt_guard is None:
             self.prompt_guard = PromptGuard(self.settings.safety, self.settings.engine.cache_dir)
-        from .keys import KeyStore, open_limiter
-
         if self.keys is None:
             self.keys = KeyStore(self.settings, self.registry)
         if self.limiter is None:
             self.limiter = open_limiter(self.settings)
 
     @classmethod
-    def build(cls, settings: Settings, with_workers: bool = True) -> Runtime:
-        """``with_workers=False``: an API pod (`darkroom api`), whose jobs run in worker pods."""
-        registry = Registry.from_settings(settings.models_dir, settings.models)
-        if settings.queue.backend == "redis":
-            from ..queue_redis import RedisQueue
-            from ..worker_process import redis_workers
+    def build(cls, settings: Settings, workers: WorkerFactory | None = None) -> Runtime:
+        """The runtime of an API process from its settings.
 
-            runtime = cls(settings, registry, RedisQueue(settings.queue), open_storage(settings.storage))
-            if with_workers:  # `darkroom serve` on Redis: this process's GPUs join the shared queue
-                runtime.workers += redis_workers(settings, registry)
-            return runtime
-        queue = MemoryQueue(settings.queue.max_jobs, settings.queue.retry_after_s)
+        ``workers`` builds this process's own workers (``darkroom serve``); None: an API pod
+        (``darkroom api``), whose jobs run in worker pods.
+        """
+        registry = Registry.from_settings(settings.models_dir, settings.models)
+        queue: JobQueue
+        if settings.queue.backend == "redis":
+            # The redis package is an extra (darkroom[scale]): imported only when the queue is on Redis.
+            from ..queue.redis_api import RedisQueue
+
+            queue = RedisQueue(settings.queue)
+        else:
+            queue = MemoryQueue(settings.queue.max_jobs, settings.queue.retry_after_s)
         runtime = cls(settings, registry, queue, open_storage(settings.storage))
-        for device in resolve_devices(settings.engine.devices):
-            engine = Engine(registry, settings.engine, device, settings.safety, loras=runtime.lora_store)
-            runtime.workers.append(
-                Worker(engine, queue, settings.scheduler, settings.engine.cpu_threads)
-            )
+        if workers is not None:
+            assert runtime.lora_store is not None
+            runtime.workers += workers(settings, registry, queue, runtime.lora_store)
         return runtime
 
     def start(self) -> None:
-        if self.keys.open:
+        if self.keys is not None and self.keys.open:
             log.warning("no API keys configured: any bearer key is accepted")
-        start_queue = getattr(self.queue, "start", None)
-        if start_queue is not None:
-            start_queue()
+        self.queue.start()
         for worker in self.workers:
             worker.start()
         self.guard.start_loading()
@@ -96,8 +121,8 @@ class Runtime:
         self.queue.close()
         for worker in self.workers:
             worker.stop()
-            if worker.queue is not self.queue:  # a worker's own Redis source: return unstarted jobs
-                worker.queue.close()
+            if worker.source is not self.queue:  # a worker's own Redis source: return unstarted jobs
+                worker.source.close()
         if self.fetcher is not None:
             self.fetcher.close()
         if self.lora_store is not None:
@@ -118,14 +143,13 @@ class Runtime:
         """Plain counters of the safety stages, summed over the API and every worker."""
         counts = self.guard.counters.snapshot()
         for worker in self.workers:
-            engine_counters = getattr(worker.engine, "safety_counters", None)
-            for name, value in (engine_counters.snapshot() if engine_counters else {}).items():
+            for name, value in worker.safety_counters.snapshot().items():
                 counts[name] = counts.get(name, 0) + value
         return {"enabled": self.settings.safety.enabled, "prompt_stage": self.guard.state(),
                 "counters": counts}
 
     def pipeline_calls(self) -> int:
-        return sum(w.engine.calls for w in self.workers if isinstance(getattr(w.engine, "calls", None), int))
+        return sum(w.calls for w in self.workers)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         states = {
@@ -133,8 +157,8 @@ class Runtime:
             for w in self.workers
         }
         ready = all(w.ready.is_set() for w in self.workers) and self.guard.loaded.is_set()
-        queue_status = getattr(self.queue, "status", None)
+        queue_status = self.queue.status()
         if queue_status is not None:  # Redis: not ready while it is unreachable
-            queue_ok, states["queue"] = queue_status()
+            queue_ok, states["queue"] = queue_status
             ready = ready and queue_ok
         return ready, states

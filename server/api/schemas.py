@@ -12,12 +12,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from ..conditioning import conditioning_kind
 from ..config import LimitSettings, LoraSettings
-from ..engine.types import GenerationParams
 from ..errors import InvalidRequest, Unsupported
-from ..loras import resolve_loras
+from ..params import GenerationParams
 from ..registry import ModelManifest
+from .conditioning import conditioning_kind
+from .loras import resolve_loras
 
 MAX_SEED = 2**63 - 1
 
@@ -147,7 +147,9 @@ def resolve_params(
     # image_url / reference_images against the model's capabilities; the images are fetched later.
     conditioning, strength = conditioning_kind(req.image_url, req.reference_images, manifest)
     # image_loras: count, scales and the form of each path (the files are fetched later).
-    lora_refs = resolve_loras(req.image_loras, manifest.id, caps.loras, loras or LoraSettings())
+    lora_settings = loras or LoraSettings()
+    lora_refs = resolve_loras(req.image_loras, manifest.id, caps.loras, lora_settings,
+                              hotswap=manifest.uses_lora_slots(lora_settings))
 
     base_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     if base_seed + req.n - 1 > MAX_SEED:

@@ -8,10 +8,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse
 
 from ..errors import InvalidRequest
-from ..storage import MEDIA_TYPES
 from .auth import check_api_key
 from .keys import visible_models
 from .runtime import Runtime
+from .storage import MEDIA_TYPES
 
 router = APIRouter()
 

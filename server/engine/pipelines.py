@@ -17,26 +17,23 @@ from typing import Any
 import torch
 from PIL import Image
 
-from ..conditioning import stitch
 from ..config import EngineSettings, SafetySettings
 from ..errors import DarkroomError, InvalidRequest
-from ..registry import ModelManifest, Registry, WeightsSource
-from ..safety import SafetyCounters
+from ..images import stitch
+from ..loras import LoraStore
+from ..metrics import SafetyCounters
+from ..params import ConditioningImage, GenerationParams
+from ..registry import ModelManifest, Registry
 from . import optimize, placement
+from .adapters import LoraManager
 from .compile_stats import RECOMPILE_REFUSED, CompileCounter
 from .loading import LOAD_LOCK
 from .random_flux import RANDOM_MODELS, build_random_flux
 from .safety import ImageChecker, load_image_checkers, screen_batch
-from .tiny import ensure_tiny_flux, ensure_tiny_flux_edit, ensure_tiny_redux
-from .timing import stage_timer
-from .types import GenerationParams
-from ..loras import LoraStore
-from .loras import LoraManager
+from .timing import Generation, stage_timer
+from .weights import resolve_dtype, source_location
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def resolve_devices(requested: Sequence[str]) -> list[str]:
     """Expand ``auto`` into every CUDA device, or the CPU when there is none."""
@@ -52,33 +49,9 @@ def resolve_devices(requested: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(devices))
 
 
-def resolve_dtype(manifest: ModelManifest, device: str) -> torch.dtype:
-    if manifest.dtype != "auto":
-        return _DTYPES[manifest.dtype]
-    return torch.bfloat16 if device.startswith("cuda") else torch.float32
-
-
 def weights_location(manifest: ModelManifest, cache_dir: Path) -> tuple[str, dict[str, Any]]:
-    """Where ``from_pretrained`` reads the weights, and the keyword arguments that go with it."""
+    """Where ``from_pretrained`` reads a model's weights, and the keyword arguments that go with it."""
     return source_location(manifest.source, cache_dir)
-
-
-def source_location(source: WeightsSource, cache_dir: Path) -> tuple[str, dict[str, Any]]:
-    if source.in_memory:
-        raise ValueError(f"builtin {source.builtin} is built in memory at load time and has no location")
-    if source.builtin == "tiny-flux":
-        return str(ensure_tiny_flux(cache_dir)), {}
-    if source.builtin == "tiny-flux-edit":
-        return str(ensure_tiny_flux_edit(cache_dir)), {}
-    if source.builtin == "tiny-redux":
-        return str(ensure_tiny_redux(cache_dir)), {}
-    if source.path is not None:
-        # An absolute path: diffusers takes a relative one for a Hub id.
-        return str(source.path.expanduser().resolve()), {}
-    kwargs: dict[str, Any] = {}
-    if source.revision:
-        kwargs["revision"] = source.revision
-    return str(source.hub), kwargs
 
 
 def load_pipeline(manifest: ModelManifest, settings: EngineSettings, device: str) -> Any:
@@ -90,7 +63,7 @@ def load_pipeline(manifest: ModelManifest, settings: EngineSettings, device: str
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
-    dtype = resolve_dtype(manifest, device)
+    dtype = resolve_dtype(manifest.dtype, device)
     started = time.perf_counter()
     # FLUX.1 Kontext has FLUX.1's components; only the pipeline (how the input image enters) differs.
     cls = FluxKontextPipeline if manifest.family == "flux-kontext" else FluxPipeline
@@ -102,7 +75,7 @@ def load_pipeline(manifest: ModelManifest, settings: EngineSettings, device: str
     else:
         location, kwargs = weights_location(manifest, settings.cache_dir)
         pipe = cls.from_pretrained(location, dtype=dtype, **kwargs)
-    # On the CPU still (the random builtin: on the device); placement.place moves it.
+    # On the CPU still (a random builtin: on the device); placement.place puts it where it runs.
     pipe.set_progress_bar_config(disable=True)
     log.info(
         "model loaded model=%s device=%s dtype=%s from=%s seconds=%.2f",
@@ -118,7 +91,7 @@ def load_redux_prior(manifest: ModelManifest, settings: EngineSettings, device: 
 
     assert manifest.redux_prior is not None
     location, kwargs = source_location(manifest.redux_prior, settings.cache_dir)
-    dtype = resolve_dtype(manifest, device)
+    dtype = resolve_dtype(manifest.dtype, device)
     # Only the image side: the prompt is encoded by the model's own pipeline.
     prior = FluxPriorReduxPipeline.from_pretrained(
         location, dtype=dtype, text_encoder=None, tokenizer=None, text_encoder_2=None,
@@ -144,16 +117,14 @@ class Engine:
         self._redux: dict[str, Any] = {}
         self._checkers: dict[str, ImageChecker | None] = {}
         self.safety_counters = SafetyCounters()
-        self.calls = 0
-        self.last_timings: dict[str, float] = {}
-        # Graphs torch.compile built, and those built after warm-up (exported on /ready and /metrics).
-        self.compile_counter = CompileCounter()
         # image_loras: the store (shared with the API in `darkroom serve`) and this device's adapters.
         if loras is None:
             from ..config import FetchSettings, LoraSettings
 
             loras = LoraStore(LoraSettings(), FetchSettings(), settings.cache_dir)
         self.loras = LoraManager(loras)
+        # Graphs torch.compile built, and those built after warm-up (exported on /ready and /metrics).
+        self.compile_counter = CompileCounter()
 
     def load(self) -> None:
         for manifest in self.registry.models:
@@ -165,19 +136,23 @@ class Engine:
                 placement.place(manifest, self._pipes[manifest.id], self.device)
                 self._load_conditioning(manifest)
             if manifest.capabilities.loras:
-                self.loras.prepare(manifest.id, self._pipes[manifest.id])
+                # A compiled transformer always gets hotswap slots (registry.ModelManifest.uses_lora_slots).
+                self.loras.prepare(manifest.id, self._pipes[manifest.id],
+                                   hotswap=manifest.uses_lora_slots(self.loras.settings))
             # Last, so the compiled graphs already hold the LoRA slots (switching LoRAs: no recompile).
             optimize.compile_modules(manifest, self._pipes[manifest.id], self.settings)
         self._checkers = load_image_checkers(
             self.registry, self.safety, self.settings.cache_dir, self.device
         )
 
-    def warmup(self, max_batch_images: int = 1, max_batch_pixels: int | None = None) -> None:
+    def warmup(self, max_batch_images: int = 1, max_batch_pixels: int | None = None) -> int:
         """Calls per model before the worker is ready, so the first user request does not pay for lazy
         init or compilation: each of the manifest's engine.warmup sizes at each sequence bucket (by
         default one 64x64 call), for a compiled model at the batch sizes the scheduler can form
-        (``max_batch_images`` / ``max_batch_pixels``: scheduler settings; optimize.warmup_plan), then one
-        small call per conditioning path. Then the compile counter starts counting recompiles."""
+        (``max_batch_images`` / ``max_batch_pixels``: the scheduler's settings; optimize.warmup_plan),
+        then one small call per conditioning path. Then the compile counter starts counting recompiles
+        (and with engine.fail_on_recompile refuses them). Returns how many pipeline calls it ran."""
+        calls = 0
         images: list[list[Image.Image]] = []
         for manifest in self.registry.models:
             for width, height, steps, length, batch in optimize.warmup_plan(manifest, max_batch_images,
@@ -188,7 +163,8 @@ class Engine:
                     guidance_scale=manifest.defaults.guidance_scale, seeds=tuple(range(batch)),
                     max_sequence_length=length,
                 )
-                images = self.generate([params])
+                images = self.generate([params]).images
+                calls += 1
                 log.info(
                     "warm-up model=%s size=%dx%d steps=%d max_sequence_length=%d batch=%d seconds=%.2f",
                     manifest.id, width, height, steps, length, batch, time.perf_counter() - started,
@@ -198,15 +174,17 @@ class Engine:
                 guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
                 max_sequence_length=manifest.defaults.max_sequence_length,
             )
-            self._warm_conditioning(params)
+            calls += self._warm_conditioning(params)
             checker = self._checkers.get(manifest.id)
             if checker is not None:
                 checker.check(images[0])
         self.compile_counter.mark_ready(self.settings.fail_on_recompile,
                                         any(optimize.compiles(m) for m in self.registry.models))
+        return calls
 
-    def generate(self, batch: Sequence[GenerationParams]) -> list[list[Image.Image]]:
-        """Run compatible requests as one pipeline call; returns each request's images in order."""
+    def generate(self, batch: Sequence[GenerationParams]) -> Generation:
+        """Run compatible requests as one pipeline call: each request's images in order, and the call's
+        text_encode / denoise / vae_decode seconds (server/engine/timing.py)."""
         first = batch[0]
         keys = {p.batch_key() for p in batch}
         if len(keys) != 1:
@@ -249,16 +227,12 @@ class Engine:
                     f"{first.max_sequence_length}) would compile anew, which this server refuses "
                     "(engine.fail_on_recompile); use a size of the model's engine.warmup.sizes",
                     param="width") from None
-        self.calls += 1
-        # text_encode / denoise / vae_decode seconds of this call, for the worker's log line and metrics.
-        self.last_timings = stage_times.as_dict()
-
         out: list[list[Image.Image]] = []
         start = 0
         for params in batch:
             out.append(images[start : start + params.n])
             start += params.n
-        return out
+        return Generation(out, stage_times.as_dict())
 
     # -- image conditioning (image_url, reference_images) --------------------------------------------
 
@@ -274,11 +248,9 @@ class Engine:
         if manifest.redux_prior is not None:
             self._redux[manifest.id] = load_redux_prior(manifest, self.settings, self.device)
 
-    def _warm_conditioning(self, text: GenerationParams) -> None:
-        """One call per conditioning path a model has, with a plain grey image."""
+    def _warm_conditioning(self, text: GenerationParams) -> int:
+        """One call per conditioning path a model has, with a plain grey image; returns how many."""
         from PIL import Image as PILImage
-
-        from .types import ConditioningImage
 
         grey = ConditioningImage.from_pil(PILImage.new("RGB", (text.width, text.height), (128, 128, 128)))
         manifest = self.registry.get(text.model)
@@ -292,12 +264,17 @@ class Engine:
             variants.append({"conditioning": "redux", "references": (grey,)})
         for changes in variants:
             self.generate([dataclasses.replace(text, **changes)])
+        return len(variants)
 
     def _conditioned(self, pipe: Any, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> Any:
         """The pipeline for the batch's conditioning, with its per-image input images in ``kwargs``."""
         first = batch[0]
         if first.conditioning in ("img2img", "img2img+redux"):
-            kwargs["image"] = [img for p in batch for img in [p.image.to_pil()] * p.n]  # type: ignore[union-attr]
+            inputs: list[Image.Image] = []
+            for p in batch:
+                assert p.image is not None  # img2img is in the batch key: every request has its input image
+                inputs += [p.image.to_pil()] * p.n
+            kwargs["image"] = inputs
             # diffusers runs the last int(steps x strength) steps; skip at least one, or the input image
             # would be fully re-noised (e.g. strength 0.8 at 4 steps) and silently ignored.
             strength = first.strength or 1.0

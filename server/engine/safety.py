@@ -28,16 +28,13 @@ from PIL import Image
 
 from ..config import CheckerSource, ImageCheckerSpec, SafetySettings, TextClassifierSpec
 from ..errors import DarkroomError, InternalError, SafetyFlagged
+from ..metrics import SafetyCounters
+from ..params import GenerationParams
 from ..registry import Registry
-from ..safety import SafetyCounters
 from .loading import LOAD_LOCK
-from .tiny_safety import ensure_tiny_checker
-from .types import GenerationParams
+from .weights import resolve_dtype, source_location
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @dataclass(frozen=True)
 class Verdict:
@@ -54,23 +51,8 @@ class ImageChecker(Protocol):
     def check(self, images: Sequence[Image.Image]) -> list[Verdict]: ...
 
 
-def source_location(source: CheckerSource, cache_dir: Path) -> tuple[str, dict[str, Any]]:
-    """Where ``from_pretrained`` reads a safety model, and the keyword arguments that go with it."""
-    if source.builtin is not None:
-        return str(ensure_tiny_checker(source.builtin, cache_dir)), {}
-    if source.path is not None:
-        return str(source.path.expanduser().resolve()), {}  # a relative path would be taken as a Hub id
-    return str(source.hub), ({"revision": source.revision} if source.revision else {})
-
-
 def _describe(source: CheckerSource) -> str:
     return source.hub or (str(source.path) if source.path else f"builtin:{source.builtin}")
-
-
-def _dtype(name: str, device: str) -> torch.dtype:
-    if name != "auto":
-        return _DTYPES[name]
-    return torch.float16 if device.startswith("cuda") else torch.float32
 
 
 def _label_index(config: Any, label: str, where: str) -> int:
@@ -95,7 +77,8 @@ def _quiet_loading() -> None:
 
 def _checker_identity(spec: ImageCheckerSpec, device: str) -> tuple[str, str, torch.dtype]:
     assert spec.source is not None
-    return f"{spec.format}:{_describe(spec.source)}", device, _dtype(spec.dtype, device)
+    dtype = resolve_dtype(spec.dtype, device, cuda_auto=torch.float16)
+    return f"{spec.format}:{_describe(spec.source)}", device, dtype
 
 
 def _load_with_processor(

@@ -4,16 +4,29 @@ For the length of the call, ``pipe.encode_prompt`` and ``pipe.vae.decode`` are s
 on the instances (the classes are untouched, and the wrappers are removed afterwards). Denoising is the
 time between the end of the last prompt encoding and the start of the VAE decode: the latent preparation
 and the transformer steps. On CUDA the device is synchronized at each boundary so kernels are counted in
-the stage that queued them.
+the stage that queued them. ``Engine.generate`` returns them with its images (``Generation``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What one pipeline call returns: each request's images, in batch order, and the call's seconds per
+    stage (``text_encode``, ``denoise``, ``vae_decode``; empty when nothing was timed)."""
+
+    images: list[list[Image.Image]]
+    stages: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class StageTimes:

@@ -43,7 +43,7 @@ TINY_FLUX_EDIT_NAME = "tiny-flux-edit-v1"
 TINY_REDUX_NAME = "tiny-flux-redux-v1"
 """Folder name used by :func:`ensure_tiny_redux` (a FLUX.1 Redux prior matching the tiny FLUX)."""
 
-_TEXT_DIM = 32  # CLIP pooled size == T5 d_model == transformer joint/pooled dims
+TEXT_DIM = 32  # CLIP pooled size == T5 d_model == transformer joint/pooled dims
 _CLIP_MAX_LEN = 77  # the pipeline pads CLIP prompts to tokenizer.model_max_length
 _T5_MAX_LEN = 512  # FluxPipeline pads T5 prompts to max_sequence_length (default 512)
 
@@ -96,9 +96,9 @@ def _components(seed: int) -> dict[str, object]:
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tok),
-            hidden_size=_TEXT_DIM,
+            hidden_size=TEXT_DIM,
             intermediate_size=64,
-            projection_dim=_TEXT_DIM,
+            projection_dim=TEXT_DIM,
             num_hidden_layers=1,
             num_attention_heads=2,
             max_position_embeddings=_CLIP_MAX_LEN,
@@ -110,7 +110,7 @@ def _components(seed: int) -> dict[str, object]:
     t5 = T5EncoderModel(
         T5Config(
             vocab_size=len(t5_tok),
-            d_model=_TEXT_DIM,
+            d_model=TEXT_DIM,
             d_kv=16,
             d_ff=64,
             num_layers=1,
@@ -128,8 +128,8 @@ def _components(seed: int) -> dict[str, object]:
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
-        joint_attention_dim=_TEXT_DIM,
-        pooled_projection_dim=_TEXT_DIM,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=TEXT_DIM,
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),
     )
@@ -277,7 +277,7 @@ def _redux_components(seed: int) -> dict[str, object]:
             patch_size=8,
         )
     )
-    embedder = ReduxImageEncoder(redux_dim=_SIGLIP_DIM, txt_in_features=_TEXT_DIM)
+    embedder = ReduxImageEncoder(redux_dim=_SIGLIP_DIM, txt_in_features=TEXT_DIM)
     _reinit_(encoder, gen, gain=1.0)
     # Loud projections, so the reference tokens visibly steer the tiny transformer.
     _reinit_(embedder, gen, gain=3.0)
@@ -332,85 +332,3 @@ def ensure_tiny_redux(cache_dir: Path) -> Path:
 def ensure_tiny_flux_edit(cache_dir: Path) -> Path:
     """Return ``cache_dir / TINY_FLUX_EDIT_NAME``, building it once even with concurrent callers."""
     return ensure_built(cache_dir, TINY_FLUX_EDIT_NAME, build_tiny_flux_edit)
-
-
-# -- tiny LoRAs for the tiny FLUX (tests and benchmarks of image_loras) ------------------------------
-# Layer name -> (in_features, out_features) of the tiny FLUX transformer's Linear layers that LoRAs
-# usually target (attention and feed-forward of the double and single blocks).
-TINY_FLUX_LORA_LAYERS: dict[str, tuple[int, int]] = {
-    **{f"transformer_blocks.0.attn.{n}": (32, 32) for n in (
-        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")},
-    "transformer_blocks.0.ff.net.0.proj": (32, 128),
-    "transformer_blocks.0.ff.net.2": (128, 32),
-    "transformer_blocks.0.ff_context.net.0.proj": (32, 128),
-    "transformer_blocks.0.ff_context.net.2": (128, 32),
-    **{f"single_transformer_blocks.0.attn.{n}": (32, 32) for n in ("to_q", "to_k", "to_v")},
-    "single_transformer_blocks.0.proj_mlp": (32, 128),
-    "single_transformer_blocks.0.proj_out": (160, 32),
-}
-
-
-def tiny_flux_lora(seed: int, rank: int = 4, gain: float = 1.0,
-                   layers: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
-    """A random LoRA for the tiny FLUX in diffusers/peft format (``transformer.<layer>.lora_A/B.weight``).
-
-    B is random too (trained LoRAs start it at zero), scaled by ``gain``: at 1.0 the images change
-    visibly (tens of grey levels on average), so tests can tell LoRAs, scales and no-LoRA apart.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for name in layers or tuple(TINY_FLUX_LORA_LAYERS):
-        fan_in, fan_out = TINY_FLUX_LORA_LAYERS[name]
-        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
-        state[f"transformer.{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * gain
-    return state
-
-
-def tiny_flux_lora_kohya(seed: int, rank: int = 4, gain: float = 2.0,
-                         alpha: float = 2.0) -> dict[str, torch.Tensor]:
-    """A random LoRA for the tiny FLUX in kohya (sd-scripts) format, with the original FLUX layer names
-    (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.alpha``, ...) that diffusers converts."""
-    gen = torch.Generator().manual_seed(seed)
-    layers = {  # BFL name -> (in, out); qkv and linear1 are fused in the original layout
-        "double_blocks_0_img_attn_qkv": (32, 96),
-        "double_blocks_0_img_attn_proj": (32, 32),
-        "double_blocks_0_img_mlp_0": (32, 128),
-        "double_blocks_0_txt_attn_proj": (32, 32),
-        "single_blocks_0_linear2": (160, 32),
-    }
-    state: dict[str, torch.Tensor] = {}
-    for name, (fan_in, fan_out) in layers.items():
-        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
-        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(fan_out, rank, generator=gen) * gain
-        state[f"lora_unet_{name}.alpha"] = torch.tensor(alpha)
-    return state
-
-
-def sd_unet_lora(seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
-    """A kohya LoRA for a Stable Diffusion UNet: another architecture, which a FLUX server must refuse."""
-    gen = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for name in ("down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
-                 "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"):
-        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, 320, generator=gen)
-        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(320, rank, generator=gen)
-        state[f"lora_unet_{name}.alpha"] = torch.tensor(float(rank))
-    return state
-
-
-def lora_file_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    """A state dict as the bytes of a .safetensors file."""
-    from safetensors.torch import save
-
-    return save({k: v.contiguous() for k, v in state.items()})
-
-
-def tiny_clip_lora(seed: int, rank: int = 4, gain: float = 2.0) -> dict[str, torch.Tensor]:
-    """A random LoRA for the tiny FLUX's CLIP text encoder only (``text_encoder.<layer>.lora_A/B.weight``)."""
-    gen = torch.Generator().manual_seed(seed)
-    state: dict[str, torch.Tensor] = {}
-    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-        key = f"text_encoder.text_model.encoder.layers.0.self_attn.{name}"
-        state[f"{key}.lora_A.weight"] = torch.randn(rank, _TEXT_DIM, generator=gen) / _TEXT_DIM**0.5
-        state[f"{key}.lora_B.weight"] = torch.randn(_TEXT_DIM, rank, generator=gen) * gain
-    return state

@@ -1,5 +1,6 @@
-"""The worker side of the Redis queue: reading batches from the consumer group, reclaiming a dead
-worker's jobs, and answering them (the key layout and protocol are described in server/queue_redis.py).
+"""The worker side of the Redis queue (``RedisSource``, a ``BatchSource``): reading batches from the consumer
+group, reclaiming a dead worker's jobs, and answering them (the key layout and protocol are described in
+server/queue/redis_keys.py).
 """
 
 from __future__ import annotations
@@ -14,22 +15,23 @@ from typing import Any
 
 from redis.exceptions import RedisError, ResponseError
 
-from . import remote
-from .config import QueueSettings
-from .errors import InternalError
-from .jobs import Job, JobResult
-from .queue_redis import (
-    _POLL_S,
-    _SHORTEST_BLOCK_S,
-    _START,
+from ..config import QueueSettings
+from ..errors import InternalError
+from ..jobs import Job, JobResult
+from . import wire
+from .batching import fill_batch
+from .redis_keys import (
     GROUP,
+    POLL_S,
     REPLY_TTL_S,
+    SHORTEST_BLOCK_S,
+    START_SCRIPT,
     Keys,
+    Outage,
     WorkerLost,
-    _no_group,
-    _Outage,
     connect,
     ensure_group,
+    no_group,
 )
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,12 @@ class RemoteJob(Job):
 
     def succeed(self, result: JobResult) -> None:
         assert self.source is not None
-        self.source.finish(self, remote.encode_reply(self.id, result=result))
+        self.source.finish(self, wire.encode_reply(self.id, result=result))
         super().succeed(result)
 
     def fail(self, error: BaseException) -> None:
         assert self.source is not None
-        self.source.finish(self, remote.encode_reply(self.id, error=error))
+        self.source.finish(self, wire.encode_reply(self.id, error=error))
         super().fail(error)
 
 
@@ -79,7 +81,7 @@ class RedisSource:
         self.consumer = consumer
         self.keys = Keys(settings.key_prefix)
         self.client = connect(settings.redis_url)
-        self._start = self.client.register_script(_START)
+        self._start = self.client.register_script(START_SCRIPT)
         # Entries read (delivered to us) but not yet in a batch, oldest first.
         self._backlog: deque[RemoteJob] = deque()
         # Entry ids we hold (backlog and running), heart-beaten so no one takes them over.
@@ -91,18 +93,18 @@ class RedisSource:
         self._next_tidy = 0.0
         self._group_ok = False
         self._recovered_own = False
-        self._outage = _Outage(f"worker {consumer}")
+        self._outage = Outage(f"worker {consumer}")
         self.reclaimed = 0
         self._heartbeat = threading.Thread(target=self._beat, name=f"heartbeat-{consumer}", daemon=True)
         self._heartbeat.start()
 
-    # the take_batch protocol (server/worker.py)
+    # the BatchSource protocol (server/queue/protocol.py)
 
     def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5) -> list[Job]:
         try:
             return self._take_batch(max_images, window_s, timeout_s)
         except RedisError as exc:
-            if isinstance(exc, ResponseError) and _no_group(exc):
+            if isinstance(exc, ResponseError) and no_group(exc):
                 log.warning("the job stream or its group is gone (Redis restarted empty?); recreating it")
                 self._group_ok = False
                 return []
@@ -129,27 +131,16 @@ class RedisSource:
         if not self._backlog:
             return []
         first = self._backlog.popleft()
-        batch: list[Job] = [first]
-        images, key = first.params.n, first.params.batch_key()
-        until = time.monotonic() + window_s
-        while True:
-            for job in list(self._backlog):
-                if images >= max_images:
-                    break
-                if job.params.batch_key() == key and images + job.params.n <= max_images:
-                    self._backlog.remove(job)
-                    batch.append(job)
-                    images += job.params.n
-            remaining = until - time.monotonic()
-            if images >= max_images or remaining <= 0 or self._stop.is_set():
-                break
-            if remaining >= _SHORTEST_BLOCK_S:
-                self._absorb(self._read(">", max_images - images, remaining))
-            elif not self._absorb(self._read(">", max_images - images, None)):
+
+        def more(room: int, remaining: float) -> None:
+            if remaining >= SHORTEST_BLOCK_S:
+                self._absorb(self._read(">", room, remaining))
+            elif not self._absorb(self._read(">", room, None)):
                 # Redis times a blocked read out on its own clock tick (up to 1/hz = 100 ms late), so a
                 # window of a few milliseconds is polled instead.
-                time.sleep(min(remaining, _POLL_S))
-        return batch
+                time.sleep(min(remaining, POLL_S))
+
+        return fill_batch(first, self._backlog, max_images, window_s, more, self._stop.is_set)
 
     def _read(self, start: str, count: int, block_s: float | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         block = None if block_s is None else max(1, int(block_s * 1000))
@@ -166,7 +157,7 @@ class RedisSource:
                 self._ack([entry_id])
                 continue
             try:
-                envelope = remote.decode_job(payload)
+                envelope = wire.decode_job(payload)
             except Exception as exc:  # noqa: BLE001
                 log.error("dropping an undecodable job entry=%s: %s", entry_id, exc)
                 self._answer_undecodable(payload, exc)
@@ -266,7 +257,7 @@ class RedisSource:
         except Exception:  # noqa: BLE001 - nobody to answer
             return
         error = InternalError(f"a worker could not read this job: {exc}", code="bad_job_payload")
-        self.client.rpush(reply_to, remote.encode_reply(job_id, error=error))
+        self.client.rpush(reply_to, wire.encode_reply(job_id, error=error))
 
     # heartbeat and shutdown
 

@@ -18,8 +18,8 @@ import time
 import uuid
 from typing import Any
 
-from .config import StorageSettings
-from .errors import NotFound
+from ..config import StorageSettings
+from ..errors import NotFound
 from .storage import MEDIA_TYPES, LocalStorage
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,13 @@
-"""The safety checker's policy and prompt stage (the image stage runs in the worker: engine/safety.py).
+"""The API half of the safety checker: its policy and the prompt stage (the image stage runs in the worker,
+server/engine/safety.py).
 
 - ``resolve_check``: whether a request is checked. ``disable_safety_checker: true`` is honored only when
   the model allows it (``capabilities.safety_checker_optional``) and the operator does
   (``safety.allow_disable``: never / always / per_key); otherwise 403.
 - ``PromptGuard``: a word list, regular expressions and optionally a transformers text classifier, run in
   the API before a job is queued, so a flagged prompt costs no GPU work. Flagged: 422.
-- ``SafetyCounters``: plain counters of what was checked and flagged (reported on ``/ready``).
+
+What was checked and flagged is counted in ``SafetyCounters`` (server/metrics.py; reported on ``/ready``).
 """
 
 from __future__ import annotations
@@ -14,39 +16,18 @@ import hmac
 import logging
 import re
 import threading
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import SafetySettings
-from .errors import Forbidden, SafetyFlagged, ServiceUnavailable
-from .registry import ModelManifest
+from ..config import SafetySettings
+from ..errors import Forbidden, SafetyFlagged, ServiceUnavailable
+from ..metrics import SafetyCounters
+from ..registry import ModelManifest
 
 if TYPE_CHECKING:
-    from .engine.safety import TextClassifier
+    from ..engine.safety import TextClassifier
 
 log = logging.getLogger(__name__)
-
-
-class SafetyCounters:
-    """Thread-safe counters; names are plain strings such as ``prompts_flagged``."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-
-    def add(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
-
-
-def bearer_token(authorization: str | None) -> str | None:
-    scheme, _, token = (authorization or "").partition(" ")
-    return token.strip() or None if scheme.lower() == "bearer" else None
 
 
 def resolve_check(
@@ -120,7 +101,8 @@ class PromptGuard:
             threading.Thread(target=self._load, name="prompt-classifier", daemon=True).start()
 
     def _load(self) -> None:
-        from .engine.safety import TextClassifier
+        # torch and transformers: only in an API process configured with a prompt classifier.
+        from ..engine.safety import TextClassifier
 
         spec = self.safety.prompt.classifier
         assert spec is not None

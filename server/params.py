@@ -1,4 +1,9 @@
-"""Plain data that crosses from the job layer into the engine: no torch, no HTTP."""
+"""The job's vocabulary: what one request asks the engine for, as plain, hashable, serialisable data.
+
+Both processes import it: the API resolves a request into ``GenerationParams`` (server/api/schemas.py), the
+queue carries them across processes (server/queue/wire.py rebuilds only the dataclasses of this module), and
+the engine runs them (server/engine/pipelines.py). No torch, no HTTP here.
+"""
 
 from __future__ import annotations
 
@@ -63,7 +68,7 @@ class GenerationParams:
     max_sequence_length: int = 512
     # Run the image safety checker on this request's images (off only for an honored disable).
     check_safety: bool = True
-    # Conditioning images, fetched and prepared by the API (see server/conditioning.py).
+    # Conditioning images, fetched and prepared by the API (see server/api/conditioning.py).
     conditioning: Conditioning = "text"
     image: ConditioningImage | None = None
     references: tuple[ConditioningImage, ...] = ()

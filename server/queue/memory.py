@@ -1,26 +1,33 @@
-"""The in-process queue: bounded admission, and batches of compatible jobs for a worker.
+"""The in-process queue of ``darkroom serve``: bounded admission for the API, batches for the workers.
 
-A worker takes the oldest job, then waits at most the batch window for compatible jobs (equal
-``batch_key``) to join it, up to a cap on images. Jobs it passes over keep their place in line.
+One object is both a ``JobQueue`` and the ``BatchSource`` of every worker of the process
+(server/queue/protocol.py); batches are filled by the rule in server/queue/batching.py.
 """
 
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 
-from .errors import QueueFull
-from .jobs import Job
+from ..errors import QueueFull
+from ..jobs import Job
+from .batching import fill_batch
 
 
 class MemoryQueue:
+    """Thread-safe; the API's handlers put and withdraw, the workers' threads take batches."""
+
     def __init__(self, max_jobs: int, retry_after_s: int = 1) -> None:
         self.max_jobs = max_jobs
         self.retry_after_s = retry_after_s
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+
+    # the JobQueue protocol
+
+    def start(self) -> None:
+        pass
 
     def put(self, job: Job) -> None:
         with self._cond:
@@ -31,6 +38,9 @@ class MemoryQueue:
                 )
             self._jobs.append(job)
             self._cond.notify_all()
+
+    def reserve_withdrawal(self, job: Job) -> bool:
+        return True  # no other process may have started it: the job's own state decides
 
     def remove(self, job: Job) -> bool:
         with self._cond:
@@ -44,6 +54,9 @@ class MemoryQueue:
         with self._cond:
             return len(self._jobs)
 
+    def status(self) -> tuple[bool, str] | None:
+        return None  # nothing to reach
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -56,6 +69,11 @@ class MemoryQueue:
             self._jobs.clear()
             return jobs
 
+    # the BatchSource protocol
+
+    def healthy(self) -> bool:
+        return True
+
     def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5) -> list[Job]:
         """Block until a job is there (or ``timeout_s`` passes: empty list), then fill a batch."""
         with self._cond:
@@ -64,16 +82,5 @@ class MemoryQueue:
             if not self._jobs:
                 return []
             first = self._jobs.popleft()
-            batch, images, key = [first], first.params.n, first.params.batch_key()
-            until = time.monotonic() + window_s
-            while images < max_images:
-                for job in list(self._jobs):
-                    if job.params.batch_key() == key and images + job.params.n <= max_images:
-                        self._jobs.remove(job)
-                        batch.append(job)
-                        images += job.params.n
-                remaining = until - time.monotonic()
-                if images >= max_images or remaining <= 0 or self._closed:
-                    break
-                self._cond.wait(remaining)
-            return batch
+            return fill_batch(first, self._jobs, max_images, window_s,
+                              lambda _room, remaining: self._cond.wait(remaining), lambda: self._closed)

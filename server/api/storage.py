@@ -1,15 +1,15 @@
-"""Encoding finished images, and keeping them for ``response_format: url`` behind signed URLs.
+"""Keeping finished images for ``response_format: url`` behind signed URLs (API side: workers never store).
 
-A URL is ``/v1/files/<key>?expires=<unix>&signature=<hmac>``: anyone holding it may fetch the image
-until it expires, with no API key, as with Together's hosted URLs. The signature covers key and expiry,
-so neither can be changed. Files older than the retention are deleted by a periodic sweep.
+The API process that answers a request stores its images (encoded by the worker, server/images.py); S3 is
+in server/api/storage_s3.py. A URL is ``/v1/files/<key>?expires=<unix>&signature=<hmac>``: anyone holding it
+may fetch the image until it expires, with no API key, as with Together's hosted URLs. The signature covers
+key and expiry, so neither can be changed. Files older than the retention are deleted by a periodic sweep.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-import io
 import logging
 import os
 import re
@@ -19,29 +19,13 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlencode
 
-from PIL import Image
-
-from .config import StorageSettings
-from .errors import Forbidden, NotFound
+from ..config import StorageSettings
+from ..errors import Forbidden, NotFound
 
 log = logging.getLogger(__name__)
 
 MEDIA_TYPES = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _KEY = re.compile(r"^[0-9a-f]{32}\.(jpeg|png|webp)$")
-
-
-def encode_image(image: Image.Image, fmt: str, jpeg_quality: int = 90) -> bytes:
-    """Real JPEG / PNG / WebP bytes for a decoded image."""
-    buffer = io.BytesIO()
-    if fmt == "jpeg":
-        image.convert("RGB").save(buffer, format="JPEG", quality=jpeg_quality)
-    elif fmt == "png":
-        image.save(buffer, format="PNG")
-    elif fmt == "webp":
-        image.save(buffer, format="WEBP", quality=jpeg_quality)
-    else:
-        raise ValueError(f"unknown output format {fmt!r}")
-    return buffer.getvalue()
 
 
 class LocalStorage:

@@ -1,7 +1,10 @@
-"""One worker per device: it owns that device's engine, takes batches off the queue and runs them.
+"""The device loop: one worker per device owns that device's engine, takes batches from its source and runs
+them: the safety screen, encoding, each job's answer, its metrics and its ``job done`` log line.
 
 A worker never dies of a job: whatever a batch raises is turned into that batch's jobs' errors, and
 the loop goes on. It runs in a thread because diffusers calls block; torch releases the GIL in kernels.
+The worker knows its engine only through ``DeviceEngine`` (the real one: server/engine/pipelines.py) and
+its jobs only through ``BatchSource`` (server/queue/protocol.py), so this module never imports torch.
 """
 
 from __future__ import annotations
@@ -10,41 +13,84 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+from .. import metrics
+from ..config import SchedulerSettings
+from ..errors import DarkroomError, DeadlineExceeded, InternalError
+from ..images import encode_image
+from ..jobs import GeneratedImage, Job, JobResult
+from ..metrics import SafetyCounters
+from ..params import GenerationParams
+from ..queue.protocol import BatchSource
 
-from . import metrics
-from .config import SchedulerSettings
-from .engine.pipelines import Engine
-from .errors import DarkroomError, DeadlineExceeded, InternalError, ServiceUnavailable
-from .jobs import GeneratedImage, Job, JobResult
-from .queue import MemoryQueue
-from .storage import encode_image
+if TYPE_CHECKING:
+    from PIL import Image
 
-log = logging.getLogger(__name__)
+    from ..engine.timing import Generation
+
+# The name operators filter the one-line-per-job log on (``job done``), kept from before the package split.
+log = logging.getLogger("server.worker")
+
+
+class DeviceEngine(Protocol):
+    """What a worker needs from the engine of its device."""
+
+    device: str
+    safety_counters: SafetyCounters
+
+    def load(self) -> None:
+        """Load every served model onto the device (raises: the worker is failed)."""
+
+    def warmup(self) -> int:
+        """Run each model before the worker reports ready; returns how many pipeline calls that took."""
+
+    def generate(self, batch: Sequence[GenerationParams]) -> Generation:
+        """One pipeline call for compatible requests: their images, and the call's stage seconds."""
+
+    def screen(
+        self, batch: Sequence[GenerationParams], outputs: Sequence[Sequence[Image.Image]]
+    ) -> Sequence[DarkroomError | None]:
+        """The image safety stage: per request, None or its refusal."""
 
 
 class Worker:
     def __init__(
         self,
-        engine: Engine,
-        queue: MemoryQueue,
+        engine: DeviceEngine,
+        source: BatchSource,
         scheduler: SchedulerSettings,
         cpu_threads: int = 0,
     ) -> None:
         self.engine = engine
-        self.queue = queue
+        self.source = source
         self.scheduler = scheduler
         self.cpu_threads = cpu_threads
         self.name = f"worker-{engine.device}"
         self.ready = threading.Event()
         self.load_error: str | None = None
+        # Pipeline calls that returned: the engine's warm-up calls, then one per batch.
+        self.calls = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
 
     @property
     def failed(self) -> bool:
         return self.load_error is not None
+
+    @property
+    def alive(self) -> bool:
+        """The worker's thread runs (it returns only on stop, or when loading failed)."""
+        return self._thread.is_alive()
+
+    @property
+    def device(self) -> str:
+        return self.engine.device
+
+    @property
+    def safety_counters(self) -> SafetyCounters:
+        return self.engine.safety_counters
 
     def start(self) -> None:
         self._thread.start()
@@ -59,10 +105,12 @@ class Worker:
 
     def _main(self) -> None:
         if self.cpu_threads and self.engine.device == "cpu":
+            import torch  # the engine's process has it loaded already
+
             torch.set_num_threads(self.cpu_threads)
         try:
             self.engine.load()
-            self.engine.warmup()
+            self.calls += self.engine.warmup()
         except Exception as exc:  # noqa: BLE001 - reported on /ready and to waiting jobs
             log.exception("worker failed to load models worker=%s", self.name)
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -70,7 +118,7 @@ class Worker:
         self.ready.set()
         log.info("worker ready worker=%s", self.name)
         while not self._stop.is_set():
-            batch = self.queue.take_batch(
+            batch = self.source.take_batch(
                 self.scheduler.max_batch_images, self.scheduler.batch_window_ms / 1000
             )
             if batch:
@@ -91,7 +139,7 @@ class Worker:
         images = sum(job.params.n for job in runnable)
         started = time.monotonic()
         try:
-            outputs = self.engine.generate([job.params for job in runnable])
+            generation = self.engine.generate([job.params for job in runnable])
         except DarkroomError as exc:
             for job in runnable:
                 job.fail(exc)
@@ -104,8 +152,10 @@ class Worker:
                 metrics.observe_job(job.params.model, "failed")
             return
         inference_s = time.monotonic() - started
+        self.calls += 1
+        outputs = generation.images
         # text_encode / denoise / vae_decode of the pipeline call (server/engine/timing.py), then safety.
-        stages = dict(self.engine.last_timings)
+        stages = dict(generation.stages)
         screen_started = time.monotonic()
         refusals = self.engine.screen([job.params for job in runnable], outputs)
         stages["safety"] = time.monotonic() - screen_started
@@ -161,9 +211,3 @@ class Worker:
                     "inference_ms": round(inference_s * 1000, 2), **stage_ms,
                 }},
             )
-
-
-def fail_waiting(queue: MemoryQueue, reason: str) -> None:
-    """When no worker can run anything, answer every waiting job instead of letting it hang."""
-    for job in queue.drain():
-        job.fail(ServiceUnavailable(f"no worker can run jobs: {reason}"))

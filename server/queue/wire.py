@@ -2,8 +2,10 @@
 
 Everything is plain JSON. Dataclasses are written generically, field by field (bytes as base64, tuples
 tagged so they come back as tuples), so whatever ``GenerationParams`` holds today or gains tomorrow
-travels without a codec change. Only the dataclasses named in ``_TYPES`` (the engine's plain data and the
+travels without a codec change. Only the dataclasses named in ``_TYPES`` (those of server/params.py and the
 job results) are rebuilt on the way in: a payload can never name an arbitrary class to construct.
+
+Both Redis sides use it: the API encodes jobs and decodes replies, the worker the other way round.
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ import json
 import time
 from typing import Any
 
-from .engine import types as engine_types
-from .errors import DarkroomError
-from .jobs import GeneratedImage, Job, JobResult
+from .. import params as job_params
+from ..errors import DarkroomError
+from ..jobs import GeneratedImage, Job, JobResult
 
 # Bumped when the envelope changes incompatibly; a worker refuses (fails) jobs of another version.
 WIRE_VERSION = 1
@@ -29,7 +31,7 @@ def _dataclasses_of(module: Any) -> dict[str, type]:
     }
 
 
-_TYPES: dict[str, type] = {**_dataclasses_of(engine_types), "JobResult": JobResult,
+_TYPES: dict[str, type] = {**_dataclasses_of(job_params), "JobResult": JobResult,
                            "GeneratedImage": GeneratedImage}
 
 
@@ -141,7 +143,7 @@ def decode_job(payload: str | bytes) -> JobEnvelope:
     if data.get("v") != WIRE_VERSION:
         raise ValueError(f"job payload version {data.get('v')!r}, this worker reads {WIRE_VERSION}")
     params = decode_value(data["params"])
-    if not isinstance(params, engine_types.GenerationParams):
+    if not isinstance(params, job_params.GenerationParams):
         raise ValueError("a job payload must hold GenerationParams")
     return JobEnvelope(str(data["id"]), params, float(data["deadline"]), float(data["enqueued"]),
                        int(data["created"]), str(data["reply_to"]), data.get("request_id"))

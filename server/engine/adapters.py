@@ -1,5 +1,7 @@
 """Per-request LoRAs on a device: resident adapters, activation per batch, and hotswap slots.
 
+The engine half of ``image_loras``: files come from the LoRA store (server/loras.py), shared with the API.
+
 One ``LoraManager`` per engine (one device), called from that device's worker thread only.
 
 Default mode: every LoRA a batch uses is loaded once as a named diffusers adapter (``load_lora_weights``
@@ -12,7 +14,10 @@ Hotswap mode (``loras.hotswap``, for a ``torch.compile``d transformer): ``enable
 before anything is loaded (and before compiling), then ``loras.hotswap_slots`` adapter slots are created,
 each holding an all-zero LoRA of rank ``hotswap_target_rank`` on the layers LoRAs train
 (``hotswap_target_modules``, server/engine/lora_slots.py), so any LoRA up to that rank on those layers
-fits. A LoRA enters a slot with ``load_lora_weights(..., hotswap=True)``, which swaps the weights in place (no new modules, no recompilation); hotswap resets the slot's scale, so the
+fits. A model whose transformer is compiled always gets slots (``prepare(..., hotswap=True)``): with named
+adapters every new LoRA set would recompile the transformer, until dynamo's recompile limit makes it run
+eagerly for good. A LoRA enters a slot with ``load_lora_weights(..., hotswap=True)``, which swaps the
+weights in place (no new modules, no recompilation); hotswap resets the slot's scale, so the
 scales are set after it. Every slot stays active, unused ones at scale 0 (a zero scale adds exact zeros:
 no-LoRA images stay exact), and scales are written into peft's scaling tensors in place, as the LoRA's own
 alpha / rank times the request's scale (``set_adapters`` would swap those tensors for floats, which a
@@ -40,10 +45,10 @@ import torch
 
 from .. import metrics
 from ..config import LoraSettings
-from ..loras import LoraError, LoraStore, _shown
+from ..loras import LoraError, LoraStore, shown_path
+from ..params import LoraRef
 from .loading import LOAD_LOCK
 from .lora_slots import slot_cost, slot_layers
-from .types import LoraRef
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +93,7 @@ class _ModelState:
     # request scales last applied on top of it (None: to be applied again).
     base: list[dict[str, float]] = field(default_factory=list)
     applied: list[float | None] = field(default_factory=list)
+    hotswap: bool = False  # this model's LoRAs go into fixed slots
     layers: dict[str, Any] = field(default_factory=dict)  # hotswap mode: the LoRA layers (fixed)
     used: list[int] = field(default_factory=list)  # hotswap mode: when each slot last served a batch
     tick: int = 0
@@ -112,17 +118,19 @@ class LoraManager:
         self.loads = 0
         self.swaps = 0
 
-    @property
-    def hotswap(self) -> bool:
-        return self.settings.hotswap
+    def hotswap(self, model_id: str) -> bool:
+        """Whether the model's LoRAs go into hotswap slots (as ``prepare`` was told)."""
+        state = self._models.get(model_id)
+        return state.hotswap if state is not None else self.settings.hotswap
 
     # -- set-up -----------------------------------------------------------------------------------
 
-    def prepare(self, model_id: str, pipe: Any) -> None:
-        """Register a model's pipeline; in hotswap mode create its slots (before any compile)."""
-        state = _ModelState(pipe)
+    def prepare(self, model_id: str, pipe: Any, hotswap: bool | None = None) -> None:
+        """Register a model's pipeline; with ``hotswap`` (default ``loras.hotswap``; True for a compiled
+        transformer, see ``ModelManifest.uses_lora_slots``) create its slots, before any compile."""
+        state = _ModelState(pipe, hotswap=self.settings.hotswap if hotswap is None else hotswap)
         self._models[model_id] = state
-        if not self.hotswap:
+        if not state.hotswap:
             return
         rank = self.settings.hotswap_target_rank
         state.zero = self._zero_lora(pipe)
@@ -183,7 +191,7 @@ class LoraManager:
             if refs:
                 raise LoraError(f"model {model_id} does not take LoRAs on this server")
             return
-        if self.hotswap:
+        if state.hotswap:
             self._activate_slots(model_id, state, refs)
             return
         keep = {ref.path for ref in refs}
@@ -195,7 +203,7 @@ class LoraManager:
         state = self._models.get(model_id)
         if state is None:
             return []
-        return [p for p in state.slots if p] if self.hotswap else list(state.resident)
+        return [p for p in state.slots if p] if state.hotswap else list(state.resident)
 
     def _resident(self, model_id: str, state: _ModelState, ref: LoraRef, keep: set[str]) -> str:
         if ref.path in state.resident:
@@ -213,7 +221,7 @@ class LoraManager:
                 state.pipe.delete_adapters(name)
                 state.active = None
                 metrics.LORA_CACHE_EVICTIONS.labels(cache="adapter").inc()
-                log.info("lora unloaded model=%s path=%s adapter=%s", model_id, _shown(victim), name)
+                log.info("lora unloaded model=%s path=%s adapter=%s", model_id, shown_path(victim), name)
             self._serial += 1
             name = f"lora{self._serial}"
             started = time.perf_counter()
@@ -224,11 +232,11 @@ class LoraManager:
                                                  adapter_name=name)
             except Exception as exc:  # noqa: BLE001 - a bad file must not take the worker down
                 self._drop_partial(state.pipe, name)
-                raise LoraError(f"LoRA '{_shown(ref.path)}' could not be loaded into {model_id}: "
+                raise LoraError(f"LoRA '{shown_path(ref.path)}' could not be loaded into {model_id}: "
                                 f"{_summary(exc)}") from None
         state.resident[ref.path] = name
         self.loads += 1
-        log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, _shown(ref.path), name,
+        log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, shown_path(ref.path), name,
                  time.perf_counter() - started)
         return name
 
@@ -260,7 +268,7 @@ class LoraManager:
                                                      adapter_name=self._slot(i), hotswap=True)
                 except Exception as exc:  # noqa: BLE001
                     self._reset_slot(state, i)
-                    raise LoraError(f"LoRA '{_shown(ref.path)}' could not be swapped into {model_id}: "
+                    raise LoraError(f"LoRA '{shown_path(ref.path)}' could not be swapped into {model_id}: "
                                     f"{_summary(exc)}") from None
             slots[i] = ref.path
             where[ref.path] = i
@@ -268,7 +276,7 @@ class LoraManager:
             state.base[i] = self._read_scaling(state, i)
             state.applied[i] = None
             self.swaps += 1
-            log.info("lora swapped in model=%s path=%s slot=%d seconds=%.3f", model_id, _shown(ref.path), i,
+            log.info("lora swapped in model=%s path=%s slot=%d seconds=%.3f", model_id, shown_path(ref.path), i,
                      time.perf_counter() - started)
         scales = [0.0] * len(slots)
         state.tick += 1
@@ -357,7 +365,7 @@ class LoraManager:
 
     def inspect(self, model_id: str, pipe: Any, file: Any, path: str) -> LoraInfo:
         """Read a LoRA as diffusers converts it and check every weight against the model's layers."""
-        label = _shown(path)
+        label = shown_path(path)
         try:
             state_dict, alphas, metadata = pipe.lora_state_dict(
                 str(file), return_alphas=True, return_lora_metadata=True)
@@ -385,7 +393,7 @@ class LoraManager:
         if bad:
             raise LoraError(f"LoRA '{label}' does not fit {model_id}: {len(bad)} of {len(state_dict)} "
                             f"weights do not match its layers (e.g. {bad[0]}): a LoRA for another model?")
-        if self.hotswap:
+        if self.hotswap(model_id):
             if text_encoder:
                 raise LoraError(f"LoRA '{label}' has text-encoder weights; this server swaps LoRAs into a "
                                 "compiled transformer and takes transformer LoRAs only")

@@ -1,10 +1,11 @@
 """``darkroom worker``: a process with no HTTP API that runs jobs from the Redis queue on its devices.
 
-One ``Worker`` thread per device (server/worker.py, unchanged: the same batching, safety screen and
-encoding as in ``darkroom serve``), each reading through its own consumer in the Redis group. On SIGTERM
-(or SIGINT) a worker finishes the batch in hand, answers and acknowledges it, returns jobs it read but did
-not start to the queue, and exits 0. A small HTTP listener (``worker.health_port``) answers ``/health``
-(the process and its worker threads are alive) and ``/ready`` (models loaded, Redis reachable) for probes.
+One ``Worker`` thread per device (server/worker/loop.py, the same batching, safety screen and encoding as in
+``darkroom serve``; wired in server/worker/wiring.py), each reading through its own consumer in the Redis
+group. On SIGTERM (or SIGINT) a worker finishes the batch in hand, answers and acknowledges it, returns jobs
+it read but did not start to the queue, and exits 0. A small HTTP listener (``worker.health_port``) answers
+``/health`` (the process and its worker threads are alive) and ``/ready`` (models loaded, Redis reachable)
+for probes.
 """
 
 from __future__ import annotations
@@ -16,54 +17,35 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from .config import Settings
-from .engine.pipelines import Engine, resolve_devices
-from .queue_redis import default_instance_name
-from .queue_redis_worker import RedisSource
-from .registry import Registry
-from .worker import Worker
+from .. import metrics
+from ..config import Settings
+from ..queue.redis_worker import RedisSource
+from ..registry import Registry
+from .loop import Worker
+from .wiring import device_workers, redis_sources
 
 log = logging.getLogger(__name__)
 
 
-def redis_workers(settings: Settings, registry: Registry) -> list[Worker]:
-    """One worker per device, each taking its batches from the Redis queue under its own consumer name."""
-    base = settings.worker.name or default_instance_name()
-    workers = []
-    # image_loras: one LoRA disk cache per process, fetching through the guarded fetcher (server/loras.py).
-    from .loras import LoraStore
-
-    lora_store = LoraStore.from_settings(settings)
-    for device in resolve_devices(settings.engine.devices):
-        engine = Engine(registry, settings.engine, device, settings.safety, loras=lora_store)
-        source = RedisSource(settings.queue, f"{base}-{device}")
-        workers.append(Worker(engine, source, settings.scheduler, settings.engine.cpu_threads))
-    return workers
-
-
-def _report(workers: list[Worker]) -> tuple[bool, bool, dict[str, Any]]:
+def _report(pairs: list[tuple[Worker, RedisSource]]) -> tuple[bool, bool, dict[str, Any]]:
     states: dict[str, Any] = {}
     alive = ready = True
-    for worker in workers:
-        source: RedisSource = worker.queue  # type: ignore[assignment]
-        thread_alive = worker._thread.is_alive()
+    for worker, source in pairs:
+        thread_alive = worker.alive
         redis_ok = source.healthy()
         state = ("failed: " + str(worker.load_error) if worker.failed else
                  "ready" if worker.ready.is_set() else "loading")
         states[worker.name] = {"state": state, "consumer": source.consumer, "redis": redis_ok,
-                               "pipeline_calls": getattr(worker.engine, "calls", None),
-                               "reclaimed": source.reclaimed}
+                               "pipeline_calls": worker.calls, "reclaimed": source.reclaimed}
         alive = alive and (thread_alive or not worker.ready.is_set()) and not worker.failed
         ready = ready and worker.ready.is_set() and thread_alive and redis_ok
     return alive, ready, states
 
 
-def _health_server(host: str, port: int, workers: list[Worker]) -> ThreadingHTTPServer:
+def _health_server(host: str, port: int, pairs: list[tuple[Worker, RedisSource]]) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
             if self.path == "/metrics":  # this process's batches, stages, images (server/metrics.py)
-                from . import metrics
-
                 payload, content_type = metrics.exposition()
                 self.send_response(200)
                 self.send_header("content-type", content_type)
@@ -71,7 +53,7 @@ def _health_server(host: str, port: int, workers: list[Worker]) -> ThreadingHTTP
                 self.end_headers()
                 self.wfile.write(payload)
                 return
-            alive, ready, states = _report(workers)
+            alive, ready, states = _report(pairs)
             if self.path == "/health":
                 status, body = (200 if alive else 503), {"status": "ok" if alive else "failed"}
             elif self.path == "/ready":
@@ -100,7 +82,15 @@ def run_worker(settings: Settings) -> int:
         log.error("darkroom worker needs queue.backend: redis (set it, or DARKROOM_QUEUE__BACKEND=redis)")
         return 2
     registry = Registry.from_settings(settings.models_dir, settings.models)
-    workers = redis_workers(settings, registry)
+    sources: list[RedisSource] = []
+    consumer = redis_sources(settings)
+
+    def source_for(device: str) -> RedisSource:
+        sources.append(consumer(device))
+        return sources[-1]
+
+    workers = device_workers(settings, registry, source_for)
+    pairs = list(zip(workers, sources, strict=True))
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:
@@ -111,14 +101,12 @@ def run_worker(settings: Settings) -> int:
     signal.signal(signal.SIGINT, _on_signal)
     health = None
     if settings.worker.health_port:
-        from . import metrics
-
         metrics.attach(metrics.RuntimeCollector(workers=workers))
-        health = _health_server(settings.worker.health_host, settings.worker.health_port, workers)
+        health = _health_server(settings.worker.health_host, settings.worker.health_port, pairs)
     for worker in workers:
         worker.start()
     log.info("worker process started consumers=%s redis=%s",
-             ",".join(w.queue.consumer for w in workers),  # type: ignore[attr-defined]
+             ",".join(source.consumer for source in sources),
              settings.queue.redis_url.split("@")[-1])
     code = 0
     while not stop.wait(0.5):
@@ -128,8 +116,8 @@ def run_worker(settings: Settings) -> int:
             break
     for worker in workers:
         worker.stop(settings.worker.shutdown_timeout_s)
-    for worker in workers:
-        worker.queue.close()  # type: ignore[attr-defined]
+    for source in sources:
+        source.close()
     if health is not None:
         health.shutdown()
     log.info("worker process stopped")

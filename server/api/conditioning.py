@@ -1,5 +1,6 @@
 """``image_url`` and ``reference_images``: which conditioning a request gets, and its images, fetched.
 
+The API half of conditioning (the engine's half, using the prepared images, is server/engine/pipelines.py).
 Runs in the API process, before a job is queued: a bad URL or a model without the capability is a 400
 that costs no GPU work. Images travel in the job as plain RGB bytes (``ConditioningImage``), already
 sized for their use, so the worker does no network I/O and little image work:
@@ -23,10 +24,12 @@ from collections.abc import Callable
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from .engine.types import ConditioningImage, Conditioning, GenerationParams
-from .errors import InvalidRequest, Unsupported
-from .fetch import Fetcher
-from .registry import ModelLimits, ModelManifest
+from ..errors import InvalidRequest, Unsupported
+from ..fetch import Fetcher
+from ..images import fit_area, fit_cover, fit_height, fit_within, resize_to
+from ..params import Conditioning, ConditioningImage, GenerationParams
+from ..registry import ModelLimits, ModelManifest
+from .kontext import preferred_size
 
 REDUX_MAX_SIDE = 768
 
@@ -53,35 +56,6 @@ def conditioning_kind(
     return ("redux" if refs else "text"), None
 
 
-def fit_cover(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scale to cover ``width`` x ``height``, then crop the centre to exactly that size."""
-    scale = max(width / image.width, height / image.height)
-    w, h = max(width, round(image.width * scale)), max(height, round(image.height * scale))
-    resized = image.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=3.0)
-    left, top = (w - width) // 2, (h - height) // 2
-    return resized.crop((left, top, left + width, top + height))
-
-
-def fit_within(image: Image.Image, side: int) -> Image.Image:
-    if max(image.size) <= side:
-        return image
-    scale = side / max(image.size)
-    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-
-
-def stitch(images: list[Image.Image]) -> Image.Image:
-    """Images of one height side by side, left to right (Kontext's input plus references)."""
-    if len(images) == 1:
-        return images[0]
-    canvas = Image.new("RGB", (sum(i.width for i in images), images[0].height))
-    x = 0
-    for image in images:
-        canvas.paste(image, (x, 0))
-        x += image.width
-    return canvas
-
-
 def _load(fetcher: Fetcher, url: str, field: str,
           prepare: Callable[[Image.Image], Image.Image]) -> ConditioningImage:
     return ConditioningImage.from_pil(prepare(fetcher.fetch_image(url, field)))
@@ -98,7 +72,9 @@ async def attach_images(
     """
     if params.conditioning == "text":
         return params
-    if params.conditioning == "kontext" and kontext is not None:
+    if params.conditioning == "kontext":
+        if kontext is None:
+            raise ValueError("a Kontext request's images need its KontextSizing")
         return await _attach_kontext(params, image_url, reference_images or [], fetcher, kontext)
     w, h = params.width, params.height
 
@@ -108,20 +84,20 @@ async def attach_images(
     def bounded(image: Image.Image) -> Image.Image:
         return fit_within(image, REDUX_MAX_SIDE)
 
-    ref_prepare = cover if params.conditioning == "kontext" else bounded
     jobs: list[tuple[str, str, Callable[[Image.Image], Image.Image]]] = []
     if image_url:
         jobs.append((image_url, "image_url", cover))
-    jobs += [(url, f"reference_images[{i}]", ref_prepare)
+    jobs += [(url, f"reference_images[{i}]", bounded)
              for i, url in enumerate(reference_images or [])]
     results = await asyncio.gather(
         *(run_in_threadpool(_load, fetcher, url, field, prep) for url, field, prep in jobs),
         return_exceptions=True,
     )
+    images: list[ConditioningImage] = []
     for result in results:  # the first failure in field order, whichever finished first
         if isinstance(result, BaseException):
             raise result
-    images: list[ConditioningImage] = list(results)  # type: ignore[arg-type]
+        images.append(result)
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))
 
@@ -140,8 +116,6 @@ async def _attach_kontext(params: GenerationParams, image_url: str | None, refer
     """Kontext: without a size in the request, the output takes the preferred resolution nearest the input's
     aspect ratio and the input is resized to it; with one, the input keeps its aspect ratio at the output's
     area. References take the input's height. Nothing is cropped (server/api/kontext.py)."""
-    from .api.kontext import fit_area, fit_height, preferred_size, resize_to
-
     fields = ([("image_url", image_url)] if image_url else []) + [
         (f"reference_images[{i}]", url) for i, url in enumerate(references)]
     results = await asyncio.gather(

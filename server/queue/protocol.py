@@ -1,0 +1,55 @@
+"""The two contracts of a queue backend: what the API needs from it, and what a worker needs from it.
+
+``MemoryQueue`` (server/queue/memory.py) is both at once, in one process. On Redis the API side is
+``RedisQueue`` (server/queue/redis_api.py) and each worker reads through its own ``RedisSource``
+(server/queue/redis_worker.py).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..jobs import Job
+
+
+class JobQueue(Protocol):
+    """What the API needs from a queue backend."""
+
+    def start(self) -> None:
+        """Begin background work (the Redis replies listener); nothing for the in-process queue."""
+
+    def put(self, job: Job) -> None:
+        """Admit and enqueue a job: ``QueueFull`` (429) when too many wait, ``ServiceUnavailable`` (503)
+        when the backend is unreachable."""
+
+    def reserve_withdrawal(self, job: Job) -> bool:
+        """Claim a queued job back before any worker starts it; False once a worker has (let it finish)."""
+
+    def remove(self, job: Job) -> bool:
+        """Take a withdrawn job out of the queue; False when it was no longer there."""
+
+    def depth(self) -> int:
+        """Jobs waiting for a worker (not yet running)."""
+
+    def drain(self) -> list[Job]:
+        """Take out every waiting job this process alone can run (none on a shared queue)."""
+
+    def status(self) -> tuple[bool, str] | None:
+        """(reachable, description) for /ready; None when the backend has nothing to report."""
+
+    def close(self) -> None:
+        """Stop; jobs still waiting on this process's side are answered."""
+
+
+class BatchSource(Protocol):
+    """What a worker needs from where its jobs come from."""
+
+    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5) -> list[Job]:
+        """Block up to ``timeout_s`` for a job (empty list: none came), then fill a batch of compatible jobs
+        (server/queue/batching.py) within ``window_s``."""
+
+    def healthy(self) -> bool:
+        """Whether the source can deliver jobs (Redis answers)."""
+
+    def close(self) -> None:
+        """Stop taking jobs; jobs taken but not started go back to the queue."""

@@ -1,0 +1,93 @@
+"""Random-weight LoRAs for the tiny FLUX (server/engine/tiny.py), for tests and benchmarks of ``image_loras``.
+
+Test fixtures, not server code: diffusers/peft format (``tiny_flux_lora``), kohya format with the original
+FLUX layer names (``tiny_flux_lora_kohya``), a CLIP text-encoder LoRA (``tiny_clip_lora``), and a Stable
+Diffusion UNet LoRA that a FLUX server must refuse (``sd_unet_lora``); ``lora_file_bytes`` makes a
+.safetensors file.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.tiny import TEXT_DIM
+
+# Layer name -> (in_features, out_features) of the tiny FLUX transformer's Linear layers that LoRAs
+# usually target (attention and feed-forward of the double and single blocks).
+TINY_FLUX_LORA_LAYERS: dict[str, tuple[int, int]] = {
+    **{f"transformer_blocks.0.attn.{n}": (32, 32) for n in (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")},
+    "transformer_blocks.0.ff.net.0.proj": (32, 128),
+    "transformer_blocks.0.ff.net.2": (128, 32),
+    "transformer_blocks.0.ff_context.net.0.proj": (32, 128),
+    "transformer_blocks.0.ff_context.net.2": (128, 32),
+    **{f"single_transformer_blocks.0.attn.{n}": (32, 32) for n in ("to_q", "to_k", "to_v")},
+    "single_transformer_blocks.0.proj_mlp": (32, 128),
+    "single_transformer_blocks.0.proj_out": (160, 32),
+}
+
+
+def tiny_flux_lora(seed: int, rank: int = 4, gain: float = 1.0,
+                   layers: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """A random LoRA for the tiny FLUX in diffusers/peft format (``transformer.<layer>.lora_A/B.weight``).
+
+    B is random too (trained LoRAs start it at zero), scaled by ``gain``: at 1.0 the images change
+    visibly (tens of grey levels on average), so tests can tell LoRAs, scales and no-LoRA apart.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name in layers or tuple(TINY_FLUX_LORA_LAYERS):
+        fan_in, fan_out = TINY_FLUX_LORA_LAYERS[name]
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * gain
+    return state
+
+
+def tiny_flux_lora_kohya(seed: int, rank: int = 4, gain: float = 2.0,
+                         alpha: float = 2.0) -> dict[str, torch.Tensor]:
+    """A random LoRA for the tiny FLUX in kohya (sd-scripts) format, with the original FLUX layer names
+    (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.alpha``, ...) that diffusers converts."""
+    gen = torch.Generator().manual_seed(seed)
+    layers = {  # BFL name -> (in, out); qkv and linear1 are fused in the original layout
+        "double_blocks_0_img_attn_qkv": (32, 96),
+        "double_blocks_0_img_attn_proj": (32, 32),
+        "double_blocks_0_img_mlp_0": (32, 128),
+        "double_blocks_0_txt_attn_proj": (32, 32),
+        "single_blocks_0_linear2": (160, 32),
+    }
+    state: dict[str, torch.Tensor] = {}
+    for name, (fan_in, fan_out) in layers.items():
+        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(fan_out, rank, generator=gen) * gain
+        state[f"lora_unet_{name}.alpha"] = torch.tensor(alpha)
+    return state
+
+
+def sd_unet_lora(seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A kohya LoRA for a Stable Diffusion UNet: another architecture, which a FLUX server must refuse."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name in ("down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                 "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k"):
+        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, 320, generator=gen)
+        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(320, rank, generator=gen)
+        state[f"lora_unet_{name}.alpha"] = torch.tensor(float(rank))
+    return state
+
+
+def lora_file_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """A state dict as the bytes of a .safetensors file."""
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()})
+
+
+def tiny_clip_lora(seed: int, rank: int = 4, gain: float = 2.0) -> dict[str, torch.Tensor]:
+    """A random LoRA for the tiny FLUX's CLIP text encoder only (``text_encoder.<layer>.lora_A/B.weight``)."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        key = f"text_encoder.text_model.encoder.layers.0.self_attn.{name}"
+        state[f"{key}.lora_A.weight"] = torch.randn(rank, TEXT_DIM, generator=gen) / TEXT_DIM**0.5
+        state[f"{key}.lora_B.weight"] = torch.randn(TEXT_DIM, rank, generator=gen) * gain
+    return state
