@@ -136,3 +136,35 @@ def test_readme_device_command_fits_the_device_tool() -> None:
     listed = {f"{name}=={version}" for name, version in re.findall(r"([a-z][a-z0-9-]+) (\d+\.\d+\.\d+)",
                                                                     readme.split("The device\ncommand")[0][-700:])}
     assert len(wheels) == 15 and set(wheels) == listed
+
+
+def test_random_rehearsal_runs_every_phase_with_no_recompile_after_ready(tiny_cache: Path,
+                                                                         tmp_path: Path) -> None:
+    """The device proof's CPU rehearsal with tiny counts: the scaled-down random FLUX.1-schnell built in
+    memory, baseline, darkroom serve with compile (dynamo's eager backend) and 3 hotswapped LoRAs, the HTTP
+    rows, the url fetch and the LoRA switches; the JSON has every phase, the server log is kept, and not a
+    single graph is compiled after /ready. No timing is asserted."""
+    out_json = tmp_path / "rehearsal.json"
+    out = run(str(BENCH), "--device", "cpu", "--random", "schnell", "--scale-down", "--lora-switch", "3",
+              "--iterations", "1", "--size", "64", "--steps", "1", "--cpu-threads", "1",
+              "--cache-dir", str(tiny_cache), "--json", str(out_json))
+    names = [m.group(1) for m in re.finditer(rf"^((?:diffusers|darkroom)\D*?)\s+\d+\s+\d+\s+{NUMBER}\s",
+                                             out, re.M)]
+    assert names == ["diffusers baseline (eager, SDPA)", "darkroom HTTP", "darkroom HTTP, long prompt",
+                     "darkroom HTTP, url + fetch", "darkroom HTTP", "darkroom LoRA A", "darkroom LoRA B",
+                     "darkroom LoRA C", "darkroom LoRA A+B", "darkroom LoRA none", "darkroom LoRA A"], out
+    assert re.search(r"^recompiles after ready: 0$", out, re.M), out
+    assert re.search(r"^compiled graphs: [1-9]\d*$", out, re.M), out
+    report = json.loads(out_json.read_text())
+    assert report["random_weights"] is True and report["recompiles_after_ready"] == 0
+    assert list(report["phases"]) == [
+        "baseline", "ready", "darkroom HTTP", "darkroom HTTP, long prompt", "url", "darkroom HTTP c=4",
+        "lora 1: A", "lora 2: B", "lora 3: C", "lora 4: A+B", "lora 5: none", "lora 6: A", "end"]
+    assert all(report["phases"][f"lora {i}: {s}"]["graphs_compiled"] == 0
+               for i, s in enumerate(["A", "B", "C", "A+B", "none", "A"], start=1))
+    # The long prompt ran past the 128 bucket, at the full 256; the url response came back as a JPEG.
+    assert report["phases"]["darkroom HTTP, long prompt"]["text_tokens"] == 256
+    assert report["phases"]["url"]["bytes"] > 0
+    log = Path(report["server_log"]).read_text()
+    assert "builtin:flux-schnell-random-small (random weights, in memory)" in log and "worker ready" in log
+    assert "lora hotswap slots ready" in log and "compile after ready" not in log

@@ -1,29 +1,29 @@
-"""No compile after warm-up: what the warm-up covers, LoRA switches under hotswap slots, the counters.
+"""No compile after ``/ready``: what the warm-up covers, LoRA switches on a compiled model, the counters.
 
-torch.compile runs with dynamo's ``eager`` backend here: dynamo traces, guards and recompiles exactly as
-with inductor (the counts are dynamo's), without generating code, so these tests take seconds on a CPU.
-One engine is shared by the module: it is warmed once, as a worker does before ``/ready``.
+One in-process app serves the tiny model with its transformer (regional) and VAE decoder compiled, LoRAs
+on and nothing said about hotswap: a compiled transformer gets hotswap slots by itself. torch.compile runs
+with dynamo's ``eager`` backend: dynamo traces, guards and recompiles exactly as with inductor (the counts
+are dynamo's), without generating code, so the warm-up takes seconds on a CPU.
 """
 
 from __future__ import annotations
 
 import itertools
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from server.config import EngineSettings, FetchSettings, LoraSettings, SafetySettings
 from server.engine import optimize
-from server.engine.compile_stats import graphs_compiled
-from server.engine.pipelines import Engine
 from server.errors import InvalidRequest
-from server.loras import LoraStore
-from server.params import GenerationParams, LoraRef
-from server.registry import ModelManifest, Registry
+from server.params import GenerationParams
+from server.registry import ModelManifest
 
-from .conftest import MODEL, REPO
+from .conftest import MODEL, REPO, decode_image
+from .support.inprocess import InProcessServer
 from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
 TINY = yaml.safe_load((REPO / "models" / "tiny-flux.yaml").read_text())
@@ -31,39 +31,43 @@ SIZES = [(64, 64), (96, 80)]
 MAX_BATCH = 4
 ENGINE = {"compile": {"transformer": "regional", "vae_decoder": True, "backend": "eager"},
           "sequence_buckets": [32], "warmup": {"sizes": [list(s) for s in SIZES], "steps": 1}}
+SHORT, LONG = "a fox", "a red fox in the snow at dawn, long grass"  # the 32 bucket, and the full 64
 
 
 def manifest(engine: dict[str, Any]) -> ModelManifest:
-    data = {**TINY, "engine": engine}
-    data.pop("safety", None)
-    return ModelManifest.model_validate(data)
+    return ModelManifest.model_validate({**TINY, "engine": engine})
 
 
 @pytest.fixture(scope="module")
-def warmed(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Engine:
-    folder = tmp_path_factory.mktemp("loras")
+def compiled(make_app: Any, tmp_path_factory: pytest.TempPathFactory) -> InProcessServer:
+    folder = tmp_path_factory.mktemp("compiled")
+    (folder / "models").mkdir()
+    (folder / "models" / "tiny-flux.yaml").write_text(yaml.safe_dump({**TINY, "engine": ENGINE}))
     registered = {}
     for seed, name in enumerate("abc", start=1):
-        registered[name] = folder / f"{name}.safetensors"
-        registered[name].write_bytes(lora_file_bytes(tiny_flux_lora(seed)))
-    store = LoraStore(LoraSettings(cache_dir=folder / "cache", registered=registered, hotswap=True,
-                                   hotswap_target_rank=8), FetchSettings(), tiny_cache)
-    engine = Engine(Registry([manifest(ENGINE)]), EngineSettings(cache_dir=tiny_cache), "cpu",
-                    SafetySettings(enabled=False), loras=store)
-    engine.load()
-    engine.warmup(max_batch_images=MAX_BATCH)
-    return engine
+        registered[name] = str(folder / f"{name}.safetensors")
+        Path(registered[name]).write_bytes(lora_file_bytes(tiny_flux_lora(seed)))
+    return make_app({
+        "models_dir": str(folder / "models"),
+        "server": {"default_response_format": "base64"},
+        # Jobs sent together share a call: the batch sizes come from the requests, as in production.
+        "scheduler": {"max_batch_images": MAX_BATCH, "batch_window_ms": 300},
+        "loras": {"registered": registered, "hotswap_target_rank": 8, "cache_dir": str(folder / "cache")},
+    })
 
 
-def call(engine: Engine, width: int, height: int, length: int, images: int, loras: tuple[str, ...] = (),
-         jobs: int = 1) -> None:
-    """One pipeline call of ``images`` images spread over ``jobs`` requests (as the scheduler batches)."""
-    per_job = [images // jobs + (1 if i < images % jobs else 0) for i in range(jobs)]
-    batch = [GenerationParams(model=MODEL, prompt=f"a fox {i}", width=width, height=height, steps=1,
-                              guidance_scale=3.5, seeds=tuple(range(10 * i, 10 * i + n)),
-                              max_sequence_length=length, loras=tuple(LoraRef(name) for name in loras))
-             for i, n in enumerate(per_job)]
-    engine.generate(batch)
+def generate(app: InProcessServer, width: int, height: int, prompt: str, n: int = 1,
+             loras: tuple[str, ...] = (), seed: int = 1) -> Any:
+    response = app.generate(prompt=prompt, width=width, height=height, steps=1, n=n, seed=seed,
+                            image_loras=[{"path": name, "scale": 0.8} for name in loras])
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def compile_state(app: InProcessServer) -> dict[str, Any]:
+    ready = app.client.get("/ready")
+    assert ready.status_code == 200, ready.text
+    return ready.json()["compile"]
 
 
 def test_warmup_plan_covers_the_batches_the_scheduler_forms() -> None:
@@ -80,41 +84,71 @@ def test_warmup_plan_covers_the_batches_the_scheduler_forms() -> None:
     assert {b for *_, b in optimize.warmup_plan(manifest({}), MAX_BATCH)} == {1}
 
 
-def test_after_warmup_a_mixed_run_compiles_nothing(warmed: Engine) -> None:
-    counter = warmed.compile_counter
-    assert counter.snapshot()["graphs"] > 0 and counter.snapshot()["recompiles_after_ready"] == 0
-    before = graphs_compiled()
+def test_after_ready_a_mixed_run_compiles_nothing(compiled: InProcessServer) -> None:
+    state = compile_state(compiled)
+    assert state["graphs"] > 0 and state["recompiles_after_ready"] == 0
+    assert re.search(r"warm-up model=\S+ size=96x80 steps=1 max_sequence_length=64 batch=4 ", compiled.log())
     lora_sets = itertools.cycle([(), ("a",), ("b",), ("a", "b"), ("c",), (), ("b", "c")])
-    # Every warmed size, both lengths, every batch size the scheduler can form (as n or as several jobs),
-    # with LoRAs switching on, off and between slots along the way.
-    for (width, height), length, images in itertools.product(SIZES, (32, 64), range(1, MAX_BATCH + 1)):
-        call(warmed, width, height, length, images, next(lora_sets), jobs=1 + (images > 2))
-    assert graphs_compiled() == before
-    assert counter.snapshot()["recompiles_after_ready"] == 0
+    sizes_seen = set()
+    # Every warmed size at both lengths, every batch size the scheduler can form (one request of n images,
+    # and 4 as two requests of 2 sent together), LoRAs switching on, off and between slots along the way.
+    for (width, height), prompt, n in itertools.product(SIZES, (SHORT, LONG), range(1, MAX_BATCH + 1)):
+        body = generate(compiled, width, height, prompt, n, next(lora_sets))
+        assert body["batch"]["images"] == n
+        sizes_seen.add(images_of_json(body)[0].size)
+    for (width, height), prompt in itertools.product(SIZES, (SHORT, LONG)):
+        loras = next(lora_sets)
+        with ThreadPoolExecutor(2) as pool:
+            pair = list(pool.map(lambda seed: generate(compiled, width, height, prompt, 2, loras, seed), (5, 6)))
+        assert max(body["batch"]["images"] for body in pair) == 4  # one call of both requests
+    assert sizes_seen == set(SIZES)
+    assert compile_state(compiled)["recompiles_after_ready"] == 0
+    metrics = compiled.client.get("/metrics").text
+    assert re.search(r'^darkroom_recompiles_after_ready_total\{worker="worker-cpu"\} 0\.0$', metrics, re.M)
+    graphs = re.search(r'^darkroom_compiled_graphs\{worker="worker-cpu"\} (\d+)\.0$', metrics, re.M)
+    assert graphs and int(graphs.group(1)) == compile_state(compiled)["graphs"] > 0
 
 
-def test_ten_lora_switches_compile_nothing(warmed: Engine) -> None:
-    before = graphs_compiled()
-    swaps = warmed.loras.swaps
+def test_ten_lora_switches_compile_nothing(compiled: InProcessServer) -> None:
+    before = compile_state(compiled)
+    engine = compiled.runtime.workers[0].engine
+    assert engine.loras.hotswap(MODEL)  # compiled transformer: slots, though loras.hotswap is off
+    swaps = engine.loras.swaps
+    images = {}
     for names in [("a",), ("b",), ("c",), ("a", "b"), (), ("c",), ("b", "a"), ("a",), (), ("c", "b")]:
-        call(warmed, 64, 64, 32, 1, names)
-    assert graphs_compiled() == before and warmed.loras.swaps > swaps
+        images[names] = images_of_json(generate(compiled, 64, 64, SHORT, 1, names))[0]
+    assert compile_state(compiled) == before and engine.loras.swaps > swaps
+    assert images[("a",)].tobytes() != images[()].tobytes() != images[("c",)].tobytes()
+    # One LoRA per slot (2): a third is refused by the API, before any work.
+    response = compiled.generate(prompt=SHORT, width=64, height=64, steps=1,
+                                 image_loras=[{"path": name} for name in "abc"])
+    assert response.status_code == 400 and "at most 2 LoRAs" in response.json()["error"]["message"]
 
 
-def test_a_new_shape_is_counted_and_refused_under_fail_on_recompile(warmed: Engine) -> None:
+def test_fail_on_recompile_refuses_a_new_shape_and_counts_otherwise(compiled: InProcessServer) -> None:
     import torch
 
-    counter = warmed.compile_counter
-    before = counter.snapshot()["recompiles_after_ready"]
+    engine = compiled.runtime.workers[0].engine
+    counter = engine.compile_counter
+    # A text length of 1: torch specialises sizes of 1, so no symbolic graph covers it (no request can ask
+    # for it; the engine is called directly, between requests).
+    odd = GenerationParams(model=MODEL, prompt="x", width=64, height=64, steps=1, guidance_scale=3.5,
+                           seeds=(1,), max_sequence_length=1)
     try:
         counter.mark_ready(fail_on_recompile=True, compiled=True)  # as engine.fail_on_recompile does
-        # A text length of 1: torch specialises sizes of 1, so no symbolic graph covers it.
+        assert compile_state(compiled)["stance"] == "fail_on_recompile"
+        assert "compile stance after warm-up: fail_on_recompile" in compiled.log()
         with pytest.raises(InvalidRequest, match="would compile anew.*engine.fail_on_recompile"):
-            call(warmed, 64, 64, 1, 1)
-        call(warmed, 96, 80, 32, 3)  # warmed shapes still run
+            engine.generate([odd])
+        generate(compiled, 96, 80, LONG, 3)  # warmed shapes still run
     finally:
         torch.compiler.set_stance("default")
         counter.stance = "default"
-    # Without the stance the same request compiles, and the counter says so.
-    call(warmed, 64, 64, 1, 1)
-    assert counter.snapshot()["recompiles_after_ready"] > 0 == before
+    # Without the stance the same call compiles, and /ready counts it.
+    engine.generate([odd])
+    assert compile_state(compiled)["recompiles_after_ready"] > 0
+    assert "compile after ready" in compiled.log()
+
+
+def images_of_json(body: dict[str, Any]) -> list[Any]:
+    return [decode_image(item["b64_json"]) for item in body["data"]]

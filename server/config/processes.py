@@ -72,7 +72,12 @@ class QueueSettings(BaseModel):
 class SchedulerSettings(BaseModel):
     # How long the worker waits for compatible jobs to fill a batch; a lone job never waits longer.
     batch_window_ms: float = 5.0
-    max_batch_images: int = 8
+    max_batch_images: int = Field(default=8, ge=1)
+    # The most pixels one pipeline call may hold (images x width x height): batches of large images stay
+    # small (8 MP: 8 images at 1024x1024, 2 at 2048x2048), bounding the transformer's activations and the
+    # VAE's work per call. A lone request always runs whole (its n is bounded by the model's max_n).
+    # null: no pixel cap.
+    max_batch_pixels: int | None = Field(default=8 * 1024 * 1024, ge=64 * 64)
 
 class S3Settings(BaseModel):
     """S3-compatible object storage (AWS S3, MinIO, R2, GCS interop). Credentials are never here: boto3's

@@ -182,6 +182,11 @@ class Engine:
                                         any(optimize.compiles(m) for m in self.registry.models))
         return calls
 
+    def compile_report(self) -> dict[str, Any]:
+        """``graphs`` torch.compile built in this process, ``recompiles_after_ready`` (graphs built after
+        warm-up: each a request that paid for a compile) and the compile ``stance``."""
+        return self.compile_counter.snapshot()
+
     def generate(self, batch: Sequence[GenerationParams]) -> Generation:
         """Run compatible requests as one pipeline call: each request's images in order, and the call's
         text_encode / denoise / vae_decode seconds (server/engine/timing.py)."""
