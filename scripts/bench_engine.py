@@ -164,12 +164,14 @@ def timed(call: Callable[[int], None], count: int, concurrency: int) -> tuple[li
     return latencies, time.perf_counter() - started
 
 
-def bench_baseline(args: argparse.Namespace, weights: Path, dtype: torch.dtype) -> dict[str, Any]:
-    from diffusers import FluxPipeline
-
+def bench_baseline(args: argparse.Namespace, load: Callable[[], Any], warmup: int) -> dict[str, Any]:
+    """Plain diffusers: ``load()`` gives the pipeline on the device; ``warmup`` untimed calls, then
+    ``args.iterations`` timed ones; then the pipeline is freed (the device's memory goes back)."""
     with PeakMemory(args.device, os.getpid()) as memory:
-        pipe = FluxPipeline.from_pretrained(str(weights), dtype=dtype).to(args.device)
+        started = time.perf_counter()
+        pipe = load()
         pipe.set_progress_bar_config(disable=True)
+        load_s = time.perf_counter() - started
 
         def call(i: int) -> None:
             pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
@@ -178,7 +180,7 @@ def bench_baseline(args: argparse.Namespace, weights: Path, dtype: torch.dtype) 
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        for i in range(args.warmup):
+        for i in range(warmup):
             call(10_000 + i)
         latencies, wall = timed(call, args.iterations, 1)
     config = dict(pipe.transformer.config)
@@ -187,8 +189,14 @@ def bench_baseline(args: argparse.Namespace, weights: Path, dtype: torch.dtype) 
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"name": "diffusers baseline (eager, SDPA)", "concurrency": 1, "latencies": latencies,
-            "images_per_s": len(latencies) / wall, "peak_bytes": memory.peak,
+            "images_per_s": len(latencies) / wall, "peak_bytes": memory.peak, "load_s": load_s,
             "text_tokens": args.max_sequence_length, "config": config}
+
+
+def load_folder(args: argparse.Namespace, weights: Path, dtype: torch.dtype) -> Any:
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(str(weights), dtype=dtype).to(args.device)
 
 
 def darkroom_manifest(args: argparse.Namespace, weights: Path, engine: dict[str, Any]) -> dict[str, Any]:
@@ -205,29 +213,37 @@ def darkroom_manifest(args: argparse.Namespace, weights: Path, engine: dict[str,
     }
 
 
-def bench_darkroom(args: argparse.Namespace, weights: Path, engine: dict[str, Any],
-                   workdir: Path) -> list[dict[str, Any]]:
+def start_darkroom(args: argparse.Namespace, workdir: Path, manifest: dict[str, Any], log_file: Path,
+                   **sections: dict[str, Any]) -> tuple[subprocess.Popen[bytes], str]:
+    """``darkroom serve`` serving ``manifest`` alone on ``args.device`` (config sections: ``sections`` over the
+    benchmark's defaults), its output in ``log_file``; returns the process and its base URL."""
     models = workdir / "models"
     models.mkdir()
-    manifest = darkroom_manifest(args, weights, engine)
     ModelManifest.model_validate(manifest)  # refuse a bad --engine here, not in the server's log
     (models / "bench.yaml").write_text(yaml.safe_dump(manifest))
-    config = {
-        "models_dir": str(models), "models": [MODEL_ID],
+    config: dict[str, Any] = {
+        "models_dir": str(models), "models": [manifest["id"]],
         "engine": {"devices": [args.device], "cache_dir": str(args.cache_dir),
                    **({"cpu_threads": args.cpu_threads} if args.cpu_threads else {})},
         "storage": {"directory": str(workdir / "images")},
         "server": {"default_response_format": "base64"},
         "limits": {"max_n": 1},
         "queue": {"max_jobs": 1000},
+        **sections,
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_file = workdir / "server.log"
     with log_file.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(workdir / "config.yaml"),
                                  "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def bench_darkroom(args: argparse.Namespace, weights: Path, engine: dict[str, Any],
+                   workdir: Path) -> list[dict[str, Any]]:
+    manifest = darkroom_manifest(args, weights, engine)
+    log_file = workdir / "server.log"
+    proc, url = start_darkroom(args, workdir, manifest, log_file)
     rows: list[dict[str, Any]] = []
     try:
         with PeakMemory(args.device, proc.pid) as memory:
@@ -376,7 +392,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[dict[str, Any]] = []
     if not args.skip_baseline:
-        rows.append(bench_baseline(args, weights, getattr(torch, args.dtype)))
+        dtype = getattr(torch, args.dtype)
+        rows.append(bench_baseline(args, lambda: load_folder(args, weights, dtype), args.warmup))
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         rows += bench_darkroom(args, weights, engine, Path(tmp))
 

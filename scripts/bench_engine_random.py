@@ -25,28 +25,24 @@ from __future__ import annotations
 
 import argparse
 import base64
-import gc
 import io
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
 import torch
-import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench_engine import PeakMemory, timed  # noqa: E402
-from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
+from bench_engine import PeakMemory, bench_baseline, print_table, start_darkroom, timed  # noqa: E402
+from tests.support.launch import stop, wait_ready  # noqa: E402
 from server.registry import ModelManifest  # noqa: E402
 
 MODEL_ID = "bench/flux-random"
@@ -110,34 +106,13 @@ def random_loras(count: int, variant: str, small: bool, rank: int, folder: Path)
     return files
 
 
-def bench_baseline(args: argparse.Namespace, dtype: torch.dtype) -> dict[str, Any]:
-    """Plain diffusers on the same architecture and random weights: build, 1 warm-up, timed calls, free."""
+def build_on_device(args: argparse.Namespace, dtype: torch.dtype) -> Any:
+    """Plain diffusers' pipeline of the random architecture, every weight on the device (the baseline)."""
     from server.engine.random_flux import build_random_flux, materialize
 
-    with PeakMemory(args.device, os.getpid()) as memory:
-        started = time.perf_counter()
-        pipe = build_random_flux(args.variant, args.device, dtype, scale_down=args.scale_down)
-        materialize(pipe.transformer, args.device)
-        pipe.set_progress_bar_config(disable=True)
-        build_s = time.perf_counter() - started
-
-        def call(i: int) -> None:
-            pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
-                 guidance_scale=args.guidance, max_sequence_length=args.max_sequence_length,
-                 generator=torch.Generator("cpu").manual_seed(i), output_type="pil").images[0].load()
-            if args.device.startswith("cuda"):
-                torch.cuda.synchronize()
-
-        call(10_000)
-        latencies, wall = timed(call, args.iterations, 1)
-    config = dict(pipe.transformer.config)
-    del pipe
-    gc.collect()
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return {"name": "diffusers baseline (eager, SDPA)", "concurrency": 1, "build_s": build_s,
-            "peak_bytes": memory.peak, "text_tokens": args.max_sequence_length, "config": config,
-            **summary(latencies, wall)}
+    pipe = build_random_flux(args.variant, args.device, dtype, scale_down=args.scale_down)
+    materialize(pipe.transformer, args.device)
+    return pipe
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -169,38 +144,20 @@ def manifest_for(args: argparse.Namespace, engine: dict[str, Any]) -> dict[str, 
                    "max_pixels": args.size * args.size},
         "engine": engine,
     }
-    ModelManifest.model_validate(data)  # refuse a bad --engine here, not in the server's log
     return data
 
 
 class Server:
     def __init__(self, args: argparse.Namespace, workdir: Path, loras: dict[str, Path],
                  engine: dict[str, Any], log_file: Path) -> None:
-        models = workdir / "models"
-        models.mkdir()
         self.manifest = manifest_for(args, engine)
-        (models / "bench.yaml").write_text(yaml.safe_dump(self.manifest))
-        config = {
-            "models_dir": str(models), "models": [MODEL_ID],
-            "engine": {"devices": [args.device], "cache_dir": str(args.cache_dir),
-                       **({"cpu_threads": args.cpu_threads} if args.cpu_threads else {})},
-            "storage": {"directory": str(workdir / "images")},
-            "server": {"default_response_format": "base64"},
-            "limits": {"max_n": 1},
-            "queue": {"max_jobs": 1000},
-            "scheduler": {"max_batch_images": 4},
-            "loras": {"hotswap": True, "registered": {k: str(v) for k, v in loras.items()},
-                      "cache_dir": str(workdir / "lora-cache")},
-            "safety": {"enabled": False},
-        }
-        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log_file = log_file
-        with log_file.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "server", "serve", "--config", str(workdir / "config.yaml"),
-                 "--port", str(self.port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        self.proc, self.url = start_darkroom(
+            args, workdir, self.manifest, log_file,
+            scheduler={"max_batch_images": 4},
+            loras={"hotswap": True, "registered": {k: str(v) for k, v in loras.items()},
+                   "cache_dir": str(workdir / "lora-cache")},
+            safety={"enabled": False})
         self.client = httpx.Client(timeout=600, limits=httpx.Limits(max_connections=64))
 
     def wait_ready(self, timeout_s: float) -> float:
@@ -291,7 +248,7 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any],
                                 "random_weights": True, "server_log": str(args.server_log)})
     rows: list[dict[str, Any]] = []
     if not args.skip_baseline:
-        baseline = bench_baseline(args, dtype)
+        baseline = bench_baseline(args, lambda: build_on_device(args, dtype), warmup=1)
         rows.append(baseline)
         report.phase("baseline", baseline)
     with tempfile.TemporaryDirectory(prefix="bench-random-") as tmp:
@@ -317,8 +274,6 @@ def run(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any],
 
 def main(args: argparse.Namespace, name: str, peak: float | None) -> int:
     """Every phase, then the table and the recompile count (bench_engine.py parses the arguments)."""
-    from bench_engine import print_table
-
     from server.engine.random_flux import transformer_config
 
     args.json = args.json or Path(f"bench-engine-random-{args.variant}.json")

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from server.config import load_settings
+from server.config import Settings, load_settings
 
 from .conftest import REPO
 
@@ -64,14 +64,20 @@ def container(deployment: dict[str, Any]) -> dict[str, Any]:
     return only
 
 
-def test_config_map_loads_as_settings_with_the_secret(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def pod_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """The Settings a pod gets: the ConfigMap's config.yaml, with the Secret's variables in the environment."""
     objects = by_kind_name()
     config = tmp_path / "config.yaml"
     config.write_text(objects[("ConfigMap", "darkroom-config")]["data"]["config.yaml"])
     for name, value in objects[("Secret", "darkroom-secrets")]["stringData"].items():
         monkeypatch.setenv(name, value)
-    settings = load_settings(config)
+    return load_settings(config)
+
+
+def test_config_map_loads_as_settings_with_the_secret(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    objects = by_kind_name()
+    settings = pod_settings(tmp_path, monkeypatch)
     assert settings.queue.backend == "redis" and settings.storage.backend == "s3"
     assert settings.queue.redis_url.startswith("redis://:")  # the Secret's URL, with its password
     assert [k.get_secret_value() for k in settings.server.api_keys] == ["change-me-key-1", "change-me-key-2"]
@@ -122,11 +128,7 @@ def test_split_config_loads() -> None:
 def test_worker_reads_pulled_weights_and_shares_compiled_kernels(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     objects = by_kind_name()
-    config = tmp_path / "config.yaml"
-    config.write_text(objects[("ConfigMap", "darkroom-config")]["data"]["config.yaml"])
-    for name, value in objects[("Secret", "darkroom-secrets")]["stringData"].items():
-        monkeypatch.setenv(name, value)
-    settings = load_settings(config)
+    settings = pod_settings(tmp_path, monkeypatch)
     deployment = objects[("Deployment", "darkroom-worker")]
     pod = deployment["spec"]["template"]["spec"]
     worker = container(deployment)
@@ -163,14 +165,12 @@ def test_worker_reads_pulled_weights_and_shares_compiled_kernels(tmp_path: Path,
     assert expression["operator"] == "Gt" and int(expression["values"][0]) >= 40000
 
 
-def test_keda_scales_workers_on_the_queue_lag(tmp_path: Path) -> None:
+def test_keda_scales_workers_on_the_queue_lag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The ScaledObject's fields as KEDA's redis-streams scaler documents them, pointing at what exists."""
     from server.queue.redis_keys import GROUP, Keys
 
     objects = by_kind_name()
-    config = tmp_path / "config.yaml"
-    config.write_text(objects[("ConfigMap", "darkroom-config")]["data"]["config.yaml"])
-    settings = load_settings(config)
+    settings = pod_settings(tmp_path, monkeypatch)
     scaled = objects[("ScaledObject", "darkroom-worker")]
     assert scaled["apiVersion"] == KEDA
     spec = scaled["spec"]

@@ -15,33 +15,16 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
-import yaml
 
 from server.config import EngineSettings
 from server.engine import placement
 from server.engine.optimize import EngineOptionError
 from server.engine.pipelines import Engine
 from server.params import GenerationParams
-from server.registry import ModelManifest, Registry
+from server.registry import Registry
 
-from .conftest import MODEL, REPO, mean_abs_diff
-
-TINY = yaml.safe_load((REPO / "models" / "tiny-flux.yaml").read_text())
-
-
-def manifest(engine: dict[str, Any] | None = None, **changes: Any) -> ModelManifest:
-    data = {**TINY, **changes}
-    data.pop("safety", None)
-    if engine is not None:
-        data["engine"] = engine
-    return ModelManifest.model_validate(data)
-
-
-def engine_for(m: ModelManifest, cache: Path) -> Engine:
-    engine = Engine(Registry([m]), EngineSettings(cache_dir=cache), "cpu")
-    engine.load()
-    return engine
-
+from .conftest import MODEL, mean_abs_diff
+from .support.engines import cpu_engine, tiny_manifest
 
 def params(**changes: Any) -> GenerationParams:
     base: dict[str, Any] = dict(model=MODEL, prompt="a red fox in the snow", width=64, height=64, steps=1,
@@ -119,21 +102,21 @@ def test_offload_modes_reach_diffusers() -> None:
     for mode in ("model", "sequential"):
         expected = f"enable_{mode}_cpu_offload"
         stub = _Stub()
-        placement.place(manifest({"offload": mode}), stub, "cuda:1")
+        placement.place(tiny_manifest({"offload": mode}), stub, "cuda:1")
         assert stub.calls == [(expected, "cuda:1"), ("vae.enable_slicing", None)]
         assert next(stub.transformer.parameters()).device.type == "cpu"  # left to the offload hooks
     stub = _Stub()
-    placement.place(manifest(), stub, "cpu")
+    placement.place(tiny_manifest(), stub, "cpu")
     assert stub.calls == [("to", "cpu"), ("vae.enable_slicing", None)]
     with pytest.raises(EngineOptionError, match="sequential needs a CUDA device"):
-        placement.place(manifest({"offload": "sequential"}), _Stub(), "cpu")
+        placement.place(tiny_manifest({"offload": "sequential"}), _Stub(), "cpu")
     with pytest.raises(ValueError, match="offload: sequential .* cannot be combined"):
-        manifest({"offload": "sequential", "compile": {"transformer": "regional"}})
+        tiny_manifest({"offload": "sequential", "compile": {"transformer": "regional"}})
 
 
 def test_model_offload_serves_the_same_images(tiny_cache: Path) -> None:
-    plain = engine_for(manifest(), tiny_cache)
-    offloaded = engine_for(manifest({"offload": "model"}), tiny_cache)
+    plain = cpu_engine(tiny_manifest(), tiny_cache)
+    offloaded = cpu_engine(tiny_manifest({"offload": "model"}), tiny_cache)
     pipe = offloaded._pipes[MODEL]
     assert pipe._all_hooks  # diffusers' offload hooks are in place
     assert pipe.vae.use_slicing and plain._pipes[MODEL].vae.use_slicing
@@ -153,7 +136,7 @@ def test_vae_tiles_above_the_threshold_and_compiles_nothing_for_it(tiny_cache: P
         return original(self, z, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "tiled_decode", counting)
-    engine = engine_for(manifest({"vae_tiling_pixels": 64 * 64,
+    engine = cpu_engine(tiny_manifest({"vae_tiling_pixels": 64 * 64,
                                   "compile": {"vae_decoder": True, "backend": "eager"}}), tiny_cache)
     vae = engine._pipes[MODEL].vae
     (small,) = engine.generate([params()]).images[0]  # at the threshold: decoded whole (and compiled)
@@ -169,7 +152,7 @@ def test_vae_tiles_above_the_threshold_and_compiles_nothing_for_it(tiny_cache: P
 def test_random_builtin_loads_through_a_manifest(tiny_cache: Path) -> None:
     from server.engine.random_flux import build_random_flux, parameters
 
-    m = manifest(source={"builtin": "flux-schnell-random-small"}, id="bench/random", aliases=[])
+    m = tiny_manifest(source={"builtin": "flux-schnell-random-small"}, id="bench/random", aliases=[])
     engine = Engine(Registry([m]), EngineSettings(cache_dir=tiny_cache), "cpu")
     engine.load()
     pipe = engine._pipes["bench/random"]
