@@ -15,8 +15,8 @@ every linear layer and both attention matmuls of the 19 double and 38 single blo
 bf16 dense peak. The weights are random (scripts/build_full_flux.py): random weights cost the same FLOPs as
 real ones. Nothing is asserted: it is a measuring tool.
 
-The device proof (README, "The GPU run"): the full-size architecture with random weights built in memory,
-no disk (scripts/bench_engine_random.py has the phases: baseline, ready, HTTP rows, LoRA switches):
+The device proof (docs/gpu.md, "The GPU run"): the full-size architecture with random weights built in
+memory, no disk (scripts/bench_engine_random.py has the phases: baseline, ready, HTTP rows, LoRA switches):
 
     python scripts/bench_engine.py --random schnell --json out.json
     python scripts/bench_engine.py --device cpu --random schnell --scale-down --lora-switch 3 --iterations 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Download the wheels the GPU machine's image lacks into .whl/ (git-ignored), for the device run in the
-# README ("The GPU run"). That image has Python 3.12 with torch, transformers, accelerate, huggingface-hub,
+# docs/benchmarks.md ("The GPU run"). That image has Python 3.12 with torch, transformers, accelerate, huggingface-hub,
 # safetensors, tokenizers, sentencepiece, numpy, pillow, pyyaml, httpx, anyio, h11, click, prometheus-client,
 # psutil and tqdm; it has no diffusers, FastAPI, Starlette, uvicorn, pydantic(-core, -settings) or torchao,
 # and its peft / typing-extensions may be other versions than the ones the tests run. The versions below
@@ -30,7 +30,7 @@ WHEELS=(
 )
 rm -rf .whl
 mkdir -p .whl
-# The device README's command: binary wheels for CPython 3.12 on x86-64 Linux, no dependencies resolved.
+# The device tool's own download command (its README): binary wheels for CPython 3.12 on x86-64 Linux, no dependencies resolved.
 "$PYTHON" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform manylinux_2_24_x86_64 \
