@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Download the wheels the GPU machine's image lacks into .whl/ (git-ignored), for the device run in the
-# docs/benchmarks.md ("The GPU run"). That image has Python 3.12 with torch, transformers, accelerate, huggingface-hub,
-# safetensors, tokenizers, sentencepiece, numpy, pillow, pyyaml, httpx, anyio, h11, click, prometheus-client,
+# Download the wheels the GPU machine's image lacks into .whl/ (git-ignored), for the device run of
+# docs/benchmarks.md ("The GPU run"). That image has Python 3.12 with torch, transformers, accelerate,
+# huggingface-hub, safetensors, tokenizers, sentencepiece, numpy, pillow, pyyaml, httpx, anyio, h11, click, prometheus-client,
 # psutil and tqdm; it has no diffusers, FastAPI, Starlette, uvicorn, pydantic(-core, -settings) or torchao,
 # and its peft / typing-extensions may be other versions than the ones the tests run. The versions below
 # are those of the test environment (pydantic-core 2.50 needs typing-extensions >= 4.16; FastAPI imports
