@@ -87,12 +87,15 @@ class CompileOptions(BaseModel):
     fullgraph: bool = True
     # torch.compile mode, e.g. "max-autotune-no-cudagraphs"; None: torch's default.
     mode: str | None = None
-    # Symbolic shapes from the first compile (torch.compile(dynamic=True)): one graph serves every image
-    # size, sequence bucket and batch size (batch 1 gets its own: torch specialises sizes of 1), so the
-    # warm-up compiles a fixed handful of graphs however many shapes it covers, and a request of a size
-    # nobody warmed compiles nothing either. false: one graph per shape (faster kernels, but every
-    # (size, bucket, batch) shape must be warmed, within torch._dynamo's recompile limit of 8 per block).
-    # null: torch's default (static first, then dynamic from the first shape that changes).
+    # The transformer's shapes, symbolic from the first compile (torch.compile(dynamic=True)): one graph
+    # serves every image size, sequence bucket and batch size (batch 1 gets its own: torch specialises
+    # sizes of 1), so the warm-up compiles a fixed handful of graphs however many shapes it covers, and a
+    # request of a size nobody warmed usually compiles nothing either. false: one graph per shape (faster
+    # kernels, but every (size, bucket, batch) shape must be warmed, within torch._dynamo's recompile limit
+    # of 8 per block). null: torch's default (static first, dynamic from the first shape that changes).
+    # The VAE decoder always compiles static shapes: it decodes one image at a time (VAE slicing), so its
+    # only varying shape is the image size, one graph per warm-up size (up to 8), each with kernels made
+    # for that size.
     dynamic: bool | None = True
     # torch.compile backend: inductor (generated kernels: the point on a GPU); "eager" / "aot_eager" trace
     # and guard exactly as inductor does (the same graphs and recompiles) without generating code, which is

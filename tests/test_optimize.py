@@ -14,11 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from server.config import EngineSettings
 from server.engine import optimize
 from server.engine.pipelines import Engine
 from server.params import GenerationParams
-from server.registry import Registry
 
 from .conftest import MODEL, images_of, mean_abs_diff
 from .support.engines import TINY, cpu_engine, tiny_manifest
@@ -142,37 +140,3 @@ def test_server_warms_configured_sizes_and_buckets_before_ready(make_server: Any
     short = images_of(server.generate(prompt="a fox", width=64, height=64, steps=1, seed=5))
     long = images_of(server.generate(prompt="a fox " * 10, width=64, height=64, steps=1, seed=5))
     assert short[0].size == long[0].size == (64, 64)
-
-
-def test_switching_hotswapped_loras_does_not_recompile(tiny_cache: Path, tmp_path: Path) -> None:
-    import torch._dynamo.utils as dynamo_utils
-
-    from server.config import FetchSettings, LoraSettings
-    from server.loras import LoraStore
-    from server.params import LoraRef
-
-    from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
-
-    registered = {}
-    for seed, name in enumerate(("a", "b", "c"), start=1):
-        path = tmp_path / f"{name}.safetensors"
-        path.write_bytes(lora_file_bytes(tiny_flux_lora(seed)))
-        registered[name] = path
-    store = LoraStore(LoraSettings(cache_dir=tmp_path / "loras", registered=registered, hotswap=True,
-                                   hotswap_target_rank=8, max_count=1), FetchSettings(), tiny_cache)
-    # dynamo's eager backend: the same graphs and recompiles as inductor, without generating code.
-    m = tiny_manifest({"compile": {"transformer": "regional", "backend": "eager"}})
-    engine = Engine(Registry([m]), EngineSettings(cache_dir=tiny_cache), "cpu", loras=store)
-    engine.load()
-    # The first calls compile (and may recompile once as dynamo learns which values vary).
-    for name in (None, "a", "b"):
-        engine.generate([params(seeds=(1,), loras=(LoraRef(name),) if name else ())])
-    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
-    assert graphs > 0  # the blocks were compiled
-    images = {}
-    for name in ("a", "b", "c", None, "a"):
-        generation = engine.generate([params(seeds=(1,), loras=(LoraRef(name),) if name else ())])
-        images[name] = generation.images[0][0]
-    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "switching LoRAs recompiled"
-    assert engine.loras.swaps >= 4
-    assert mean_abs_diff(images["a"], images[None]) > 1.0 and mean_abs_diff(images["b"], images["c"]) > 1.0

@@ -77,7 +77,8 @@ def compile_modules(manifest: ModelManifest, pipe: Any, settings: EngineSettings
     elif spec.transformer == "full":
         pipe.transformer.compile(**kwargs)
     if spec.vae_decoder:
-        pipe.vae.decoder.compile(**kwargs)
+        # Static: with VAE slicing the decoder always sees one image, so only the size varies (warmed).
+        pipe.vae.decoder.compile(**{**kwargs, "dynamic": False})
     # torch.compile is lazy: the graphs are built on the first calls, i.e. during the warm-up.
     log.info(
         "compile requested model=%s transformer=%s vae_decoder=%s backend=%s cache=%s",
