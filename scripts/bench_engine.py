@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", default="1,4,16", help="darkroom levels, comma-separated")
     parser.add_argument("--engine", help="the manifest's engine: block as JSON (default: the optimized set)")
     parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/darkroom").expanduser())
-    parser.add_argument("--cpu-threads", type=int, default=0)
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="torch threads on CPU, for the baseline and the server alike (0: torch's default)")
     parser.add_argument("--peak-tflops", type=float, help="bf16 dense peak of the device, if not known here")
     parser.add_argument("--ready-timeout", type=float, default=330.0)
     parser.add_argument("--skip-baseline", action="store_true")
@@ -355,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     args.max_sequence_length = args.max_sequence_length or (64 if args.tiny else variant["max_sequence_length"])
     cuda = args.device.startswith("cuda")
     args.dtype = "bfloat16" if cuda else "float32"
+    if not cuda and args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)  # the baseline's threads; the server gets engine.cpu_threads
     args.compile_backend = args.compile_backend or ("inductor" if cuda else "eager")
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging

@@ -276,7 +276,7 @@ def main(args: argparse.Namespace, name: str, peak: float | None) -> int:
     """Every phase, then the table and the recompile count (bench_engine.py parses the arguments)."""
     from server.engine.random_flux import transformer_config
 
-    args.json = args.json or Path(f"bench-engine-random-{args.variant}.json")
+    args.json = args.json or Path(tempfile.gettempdir()) / f"bench-engine-random-{args.variant}.json"
     args.server_log = args.server_log or args.json.with_suffix(".server.log")
     print(f"random weights, built in memory on {args.device}: same FLOPs as real ones (images are noise)")
     print(f"device      {args.device} ({name}); bf16 dense peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}")
