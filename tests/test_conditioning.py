@@ -368,7 +368,7 @@ def test_kontext_sizes_follow_upstream_and_never_crop() -> None:
 
     def attach(explicit: bool, **changes: Any) -> GenerationParams:
         params = dataclasses.replace(base, **changes)
-        return asyncio.run(attach_images(params, "in", ["ref"], fetcher,  # type: ignore[arg-type]
+        return asyncio.run(attach_images(params, "in", ["ref"], fetcher, manifest,  # type: ignore[arg-type]
                                          KontextSizing(manifest, limits, explicit_size=explicit)))
 
     # No size in the request: the preferred resolution nearest 3:2 (1248x832 scaled to the tiny model's

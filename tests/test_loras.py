@@ -555,7 +555,7 @@ def test_hotswap_slots_cover_the_layers_loras_train(tmp_path: Path, tiny_cache: 
     engine = Engine(Registry([manifest]), EngineSettings(cache_dir=tiny_cache), "cpu",
                     SafetySettings(enabled=False), loras=store)
     engine.load()
-    transformer = engine._pipes[MODEL].transformer
+    transformer = engine.pipeline(MODEL).transformer
     slotted = {n for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
     # The tiny FLUX's double block: 8 attention projections + 4 feed-forward layers; its single block:
     # to_q/to_k/to_v, proj_mlp, proj_out. Not the modulation (norm*.linear), embedders or final projection.

@@ -117,9 +117,9 @@ def test_offload_modes_reach_diffusers() -> None:
 def test_model_offload_serves_the_same_images(tiny_cache: Path) -> None:
     plain = cpu_engine(tiny_manifest(), tiny_cache)
     offloaded = cpu_engine(tiny_manifest({"offload": "model"}), tiny_cache)
-    pipe = offloaded._pipes[MODEL]
+    pipe = offloaded.pipeline(MODEL)
     assert pipe._all_hooks  # diffusers' offload hooks are in place
-    assert pipe.vae.use_slicing and plain._pipes[MODEL].vae.use_slicing
+    assert pipe.vae.use_slicing and plain.pipeline(MODEL).vae.use_slicing
     a, b = plain.generate([params(seeds=(1, 2))]).images[0], offloaded.generate([params(seeds=(1, 2))]).images[0]
     assert [mean_abs_diff(x, y) for x, y in zip(a, b)] == [0.0, 0.0]
 
@@ -138,7 +138,7 @@ def test_vae_tiles_above_the_threshold_and_compiles_nothing_for_it(tiny_cache: P
     monkeypatch.setattr(AutoencoderKL, "tiled_decode", counting)
     engine = cpu_engine(tiny_manifest({"vae_tiling_pixels": 64 * 64,
                                   "compile": {"vae_decoder": True, "backend": "eager"}}), tiny_cache)
-    vae = engine._pipes[MODEL].vae
+    vae = engine.pipeline(MODEL).vae
     (small,) = engine.generate([params()]).images[0]  # at the threshold: decoded whole (and compiled)
     assert tiled == [] and small.size == (64, 64)
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
@@ -155,7 +155,7 @@ def test_random_builtin_loads_through_a_manifest(tiny_cache: Path) -> None:
     m = tiny_manifest(source={"builtin": "flux-schnell-random-small"}, id="bench/random", aliases=[])
     engine = Engine(Registry([m]), EngineSettings(cache_dir=tiny_cache), "cpu")
     engine.load()
-    pipe = engine._pipes["bench/random"]
+    pipe = engine.pipeline("bench/random")
     config = pipe.transformer.config
     assert (config.in_channels, config.attention_head_dim, config.num_layers, config.num_single_layers) == (
         64, 128, 1, 1)

@@ -73,7 +73,8 @@ async def create_image(request: Request) -> JSONResponse:
     # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
     # the job is queued.
     kontext = KontextSizing(manifest, manifest.effective_limits(settings.limits), explicit_size(req))
-    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, kontext)
+    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, manifest,
+                                 kontext)
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
     if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
         await run_in_threadpool(runtime.lora_store.prefetch, params.loras)
