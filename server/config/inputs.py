@@ -40,13 +40,17 @@ class FetchSettings(BaseModel):
             ipaddress.ip_network(cidr, strict=False)
         return value
 
-# The layers FLUX.1 LoRAs train (diffusers' FLUX LoRA trainer's target_modules, plus the single blocks'
-# proj_mlp / proj_out that kohya's linear1 / linear2 become): where hotswap slots go (engine/lora_slots.py).
+# The layers LoRAs train, where hotswap slots go (engine/lora_slots.py). FLUX.1: diffusers' FLUX LoRA
+# trainer's target_modules, plus the single blocks' proj_mlp / proj_out that kohya's linear1 / linear2
+# become. FLUX.2: the same attention projections, its feed-forwards (linear_in / linear_out) and the single
+# blocks' fused attn.to_qkv_mlp_proj / attn.to_out. Neither family's modulation layers or embedders.
 DEFAULT_HOTSWAP_TARGETS = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
     "proj_mlp", "proj_out",
+    "ff.linear_in", "ff.linear_out", "ff_context.linear_in", "ff_context.linear_out",
+    "attn.to_qkv_mlp_proj", "attn.to_out",
 )
 
 

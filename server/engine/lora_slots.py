@@ -10,10 +10,13 @@ only the layers FLUX.1 LoRAs train:
   ``attn.to_add_out``, ``ff.net.0.proj``, ``ff.net.2``, ``ff_context.net.0.proj``, ``ff_context.net.2``
   (``attn.to_q/k/v`` also match the single blocks' attention);
 - kohya / ai-toolkit LoRAs in BFL's layout also train the single blocks' ``linear1`` and ``linear2``, which
-  diffusers converts to ``attn.to_q/k/v`` + ``proj_mlp`` and ``proj_out``.
+  diffusers converts to ``attn.to_q/k/v`` + ``proj_mlp`` and ``proj_out``;
+- FLUX.2 names its feed-forwards ``ff.linear_in`` / ``ff.linear_out`` (and ``ff_context.*``), and its single
+  blocks' fused projections ``attn.to_qkv_mlp_proj`` and ``attn.to_out``: they are in the list too (the
+  names of one family match nothing in the other).
 
-Not covered by default: the modulation layers (``norm1.linear``, ``norm1_context.linear``, ``norm.linear``,
-up to 3072 x 18432 each) and the embedders. A LoRA with weights there is refused with a 400 naming the
+Not covered by default: the modulation layers (FLUX.1's ``norm1.linear``, ``norm1_context.linear``,
+``norm.linear``, up to 3072 x 18432 each; FLUX.2's shared ``*_modulation.linear``) and the embedders. A LoRA with weights there is refused with a 400 naming the
 setting that widens the slots (``loras.hotswap_target_modules``).
 
 A target matches a Linear layer inside ``transformer_blocks.N`` or ``single_transformer_blocks.N`` whose
