@@ -347,7 +347,8 @@ def test_kontext_sizes_follow_upstream_and_never_crop() -> None:
 
     from server.api.kontext import PREFERRED_KONTEXT_RESOLUTIONS, preferred_size
     from server.api.conditioning import KontextSizing, attach_images
-    from server.config import LimitSettings
+    from server.api.lanes import Lanes
+    from server.config import LimitSettings, Settings
     from server.params import GenerationParams
     from server.registry import Registry
 
@@ -368,8 +369,13 @@ def test_kontext_sizes_follow_upstream_and_never_crop() -> None:
 
     def attach(explicit: bool, **changes: Any) -> GenerationParams:
         params = dataclasses.replace(base, **changes)
-        return asyncio.run(attach_images(params, "in", ["ref"], fetcher, manifest,  # type: ignore[arg-type]
-                                         KontextSizing(manifest, limits, explicit_size=explicit)))
+        lanes = Lanes(Settings())
+        try:
+            return asyncio.run(attach_images(params, "in", ["ref"], fetcher,  # type: ignore[arg-type]
+                                             manifest, lanes, "test-key",
+                                             KontextSizing(manifest, limits, explicit_size=explicit)))
+        finally:
+            lanes.close()
 
     # No size in the request: the preferred resolution nearest 3:2 (1248x832 scaled to the tiny model's
     # 512x512 default area), the whole input resized to it: its edges keep the gradient's extremes.

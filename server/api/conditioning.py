@@ -35,7 +35,6 @@ import dataclasses
 from collections.abc import Callable
 
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidRequest, Unsupported
 from ..fetch import Fetcher
@@ -43,6 +42,7 @@ from ..images import fit_area, fit_cover, fit_height, fit_within, resize_to, sca
 from ..params import Conditioning, ConditioningImage, GenerationParams
 from ..registry import ModelLimits, ModelManifest
 from .kontext import preferred_size
+from .lanes import Lane, Lanes
 
 REDUX_MAX_SIDE = 768
 # Flux2ImageProcessor.check_image_input: each side at least 64 px, aspect ratio at most 8.
@@ -105,11 +105,14 @@ def flux2_reference(image: Image.Image, field: str, max_pixels: int) -> Image.Im
 
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
-    fetcher: Fetcher, manifest: ModelManifest, kontext: KontextSizing | None = None,
+    fetcher: Fetcher, manifest: ModelManifest, lanes: Lanes, key: str,
+    kontext: KontextSizing | None = None,
 ) -> GenerationParams:
     """Fetch, decode and size a request's conditioning images into its params (concurrently).
 
-    ``kontext``: for a Kontext model, whether the request named its size, and the model (see
+    Downloads run in the downloads lane (counted against the API key ``key``), ``data:`` URLs in the decodes
+    lane (server/api/lanes.py): a full lane is a 429 ``fetch_busy`` within ``server.slot_wait_s``.
+    ``kontext``: for a Kontext model, whether the request named its size, and its limits (see
     server/api/kontext.py: upstream's preferred-resolution resize, never a crop).
     """
     if params.conditioning == "text":
@@ -117,7 +120,7 @@ async def attach_images(
     if params.conditioning == "kontext":
         if kontext is None:
             raise ValueError("a Kontext request's images need its KontextSizing")
-        return await _attach_kontext(params, image_url, reference_images or [], fetcher, kontext)
+        return await _attach_kontext(params, image_url, reference_images or [], fetcher, lanes, key, kontext)
     w, h = params.width, params.height
     ref_pixels = manifest.limits.max_reference_pixels
 
@@ -138,7 +141,8 @@ async def attach_images(
     jobs += [(url, f"reference_images[{i}]", ref_prepare)
              for i, url in enumerate(reference_images or [])]
     results = await asyncio.gather(
-        *(run_in_threadpool(_load, fetcher, url, field, prep) for url, field, prep in jobs),
+        *(_lane(lanes, url).run(_load, fetcher, url, field, prep, lane_key=key)
+          for url, field, prep in jobs),
         return_exceptions=True,
     )
     images: list[ConditioningImage] = []
@@ -152,6 +156,11 @@ async def attach_images(
     return dataclasses.replace(params, image=main, references=tuple(images))
 
 
+def _lane(lanes: Lanes, url: str) -> Lane:
+    """A ``data:`` URL downloads nothing: it only decodes (the fetcher refuses whatever is not a URL)."""
+    return lanes.decodes if isinstance(url, str) and url[:5].lower() == "data:" else lanes.downloads
+
+
 @dataclasses.dataclass(frozen=True)
 class KontextSizing:
     """What sizing a Kontext request's images needs besides the params: the model, and its size choice."""
@@ -162,14 +171,14 @@ class KontextSizing:
 
 
 async def _attach_kontext(params: GenerationParams, image_url: str | None, references: list[str],
-                          fetcher: Fetcher, sizing: KontextSizing) -> GenerationParams:
+                          fetcher: Fetcher, lanes: Lanes, key: str, sizing: KontextSizing) -> GenerationParams:
     """Kontext: without a size in the request, the output takes the preferred resolution nearest the input's
     aspect ratio and the input is resized to it; with one, the input keeps its aspect ratio at the output's
     area. References take the input's height. Nothing is cropped (server/api/kontext.py)."""
     fields = ([("image_url", image_url)] if image_url else []) + [
         (f"reference_images[{i}]", url) for i, url in enumerate(references)]
     results = await asyncio.gather(
-        *(run_in_threadpool(fetcher.fetch_image, url, field) for field, url in fields),
+        *(_lane(lanes, url).run(fetcher.fetch_image, url, field, lane_key=key) for field, url in fields),
         return_exceptions=True,
     )
     for result in results:
