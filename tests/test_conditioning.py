@@ -345,8 +345,8 @@ def test_kontext_sizes_follow_upstream_and_never_crop() -> None:
 
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS as upstream
 
-    from server.api.kontext import PREFERRED_KONTEXT_RESOLUTIONS, preferred_size
     from server.api.conditioning import KontextSizing, attach_images
+    from server.api.kontext import PREFERRED_KONTEXT_RESOLUTIONS, preferred_size
     from server.api.lanes import Lanes
     from server.config import LimitSettings, Settings
     from server.params import GenerationParams
