@@ -14,9 +14,13 @@ that costs no GPU work. What the two fields mean depends on the model's family:
 Images travel in the job as plain RGB bytes (``ConditioningImage``), already sized for their use, so the
 worker does no network I/O and little image work:
 
-- the input image (img2img, Kontext editing, the control photo) is scaled to cover the requested
-  width x height and centre-cropped to it, so the output has the request's size and the input's framing;
-- Kontext references are prepared the same way; the engine sets them side by side after the input image;
+- the input image of img2img and the control photo are scaled to cover the requested width x height and
+  centre-cropped to it (their latents are the output's), so the output has the request's size and the
+  input's framing;
+- Kontext follows upstream and never crops (server/api/kontext.py): without a size in the request the
+  output takes the preferred Kontext resolution nearest the input's aspect ratio and the input is resized
+  to it; with a size, the input keeps its aspect ratio at the output's area; references take the input's
+  height, and the engine sets them side by side after it;
 - Redux references keep their aspect ratio, bounded to ``REDUX_MAX_SIDE`` (the SigLIP encoder resizes
   them again to its own input size);
 - FLUX.2 references keep their aspect ratio, scaled down to at most ``limits.max_reference_pixels`` and
@@ -35,9 +39,10 @@ from PIL import Image
 
 from ..errors import InvalidRequest, Unsupported
 from ..fetch import Fetcher
-from ..images import fit_area, fit_cover, fit_within
+from ..images import fit_area, fit_cover, fit_height, fit_within, resize_to, scale_to_area
 from ..params import Conditioning, ConditioningImage, GenerationParams
-from ..registry import ModelManifest
+from ..registry import ModelLimits, ModelManifest
+from .kontext import preferred_size
 from .lanes import Lane, Lanes
 
 REDUX_MAX_SIDE = 768
@@ -117,7 +122,7 @@ def flux2_reference(image: Image.Image, field: str, max_pixels: int) -> Image.Im
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
     fetcher: Fetcher, manifest: ModelManifest, lanes: Lanes, key: str, *, fields: list[str] | None = None,
-    match_input: Callable[[int, int], GenerationParams] | None = None,
+    match_input: Callable[[int, int], GenerationParams] | None = None, kontext: KontextSizing | None = None,
 ) -> GenerationParams:
     """Fetch, decode and size a request's conditioning images into its params (concurrently).
 
@@ -126,10 +131,13 @@ async def attach_images(
     the decoded images runs in the decodes lane. ``fields`` names each URL in errors (the input image
     first); by default ``image_url`` and ``reference_images[i]``. ``match_input(width, height)``: the params
     again, sized from the input image (``aspect_ratio: match_input_image``), once it is decoded and before
-    any image is prepared.
+    any image is prepared. ``kontext``: for a Kontext model (required there), whether the request named its
+    size, and its limits (server/api/kontext.py: upstream's preferred-resolution resize, never a crop).
     """
     if params.conditioning == "text":
         return params
+    if params.conditioning == "kontext" and kontext is None:
+        raise ValueError("a Kontext request's images need its KontextSizing")
     urls = ([image_url] if image_url else []) + list(reference_images or [])
     names = fields or ((["image_url"] if image_url else [])
                        + [f"reference_images[{i}]" for i in range(len(reference_images or []))])
@@ -137,6 +145,8 @@ async def attach_images(
                                       for url, field in zip(urls, names, strict=True)])
     if match_input is not None and image_url:
         params = match_input(decoded[0].width, decoded[0].height)
+    if kontext is not None and params.conditioning == "kontext":
+        return await lanes.decodes.run(size_kontext, params, decoded, bool(image_url), kontext, lane_key=key)
     w, h = params.width, params.height
     ref_pixels = manifest.limits.max_reference_pixels
 
@@ -150,7 +160,7 @@ async def attach_images(
         return flux2_reference(image, field, ref_pixels)
 
     flux2 = params.conditioning == "references"
-    ref_prepare = reference if flux2 else cover if params.conditioning == "kontext" else bounded
+    ref_prepare = reference if flux2 else bounded
     preparers = (([reference if flux2 else cover] if image_url else [])
                  + [ref_prepare] * len(reference_images or []))
     images = await _gather_in_order([
@@ -165,3 +175,39 @@ async def attach_images(
 def _lane(lanes: Lanes, url: str) -> Lane:
     """A ``data:`` URL downloads nothing: it only decodes (the fetcher refuses whatever is not a URL)."""
     return lanes.decodes if isinstance(url, str) and url[:5].lower() == "data:" else lanes.downloads
+
+
+@dataclasses.dataclass(frozen=True)
+class KontextSizing:
+    """What sizing a Kontext request's images needs besides the params: the model, and its size choice."""
+
+    manifest: ModelManifest
+    limits: ModelLimits
+    explicit_size: bool
+
+
+def size_kontext(params: GenerationParams, pictures: list[Image.Image], has_input: bool,
+                 sizing: KontextSizing) -> GenerationParams:
+    """Kontext's images into ``params`` (``pictures``: the decoded input image first when ``has_input``, then
+    the references). Without a size in the request, the output takes the preferred resolution nearest the
+    input's aspect ratio and the input is resized to it; with one, the input keeps its aspect ratio at the
+    output's area. References take the input's height. Nothing is cropped (server/api/kontext.py)."""
+    pictures = list(pictures)
+    width, height = params.width, params.height
+    exact: dict[str, int | None] = {}
+    main: Image.Image | None = None
+    if has_input:
+        source = pictures.pop(0)
+        if sizing.explicit_size:
+            main = scale_to_area(source, width * height, sizing.limits.size_multiple)
+        else:
+            width, height = preferred_size(source.width, source.height, sizing.manifest, sizing.limits)
+            main = resize_to(source, width, height)
+            exact = {"output_width": None, "output_height": None}  # the preferred size is the output's
+    row_height = main.height if main is not None else height
+    refs = [fit_height(ref, row_height, sizing.limits.size_multiple) for ref in pictures]
+    return dataclasses.replace(
+        params, width=width, height=height, **exact,
+        image=ConditioningImage.from_pil(main) if main is not None else None,
+        references=tuple(ConditioningImage.from_pil(r) for r in refs),
+    )

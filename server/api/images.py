@@ -30,14 +30,15 @@ from ..params import GenerationParams
 from ..queue.submit import run_job
 from ..registry import ModelManifest
 from .auth import check_api_key
-from .conditioning import attach_images
+from .conditioning import KontextSizing, attach_images
 from .extras import Extras, resolve_extras
 from .hosts import public_base
 from .keys import ApiKey, authorize_model, bearer_token, charge
 from .observe import request_id
 from .runtime import Runtime
 from .safety import resolve_check
-from .schemas import ImageRequest, input_image, parse_request, resolve_params, response_kind, with_size
+from .schemas import (ImageRequest, input_image, names_size, parse_request, resolve_params, response_kind,
+                      with_size)
 from .sizing import MATCH_INPUT, resolve_size
 
 log = logging.getLogger(__name__)
@@ -195,9 +196,11 @@ async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manife
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
     bucket = key.bucket or key.name
     assert runtime.fetcher is not None
+    limits = manifest.effective_limits(settings.limits)
     params = await attach_images(params, inputs.image_url, inputs.references, runtime.fetcher, manifest,
                                  lanes, bucket, fields=inputs.names(),
-                                 match_input=_matcher(req, manifest, params, settings))
+                                 match_input=_matcher(req, manifest, params, settings),
+                                 kontext=KontextSizing(manifest, limits, names_size(req)))
     # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
     store = runtime.lora_store
     if params.loras and settings.loras.prefetch and store is not None:

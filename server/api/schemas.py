@@ -111,6 +111,13 @@ def with_size(params: GenerationParams, size: Size) -> GenerationParams:
         output_width=None if exact else size.width, output_height=None if exact else size.height)
 
 
+def names_size(req: ImageRequest) -> bool:
+    """Whether the request states its output size or shape (``width``, ``height``, a ``WxH`` size or an
+    ``aspect_ratio``), rather than leaving it to the model's defaults."""
+    return (req.width is not None or req.height is not None or req.size not in (None, "auto")
+            or req.aspect_ratio is not None)
+
+
 def _check_limits(req: ImageRequest, steps: int, manifest: ModelManifest, limits: ModelLimits) -> None:
     name = manifest.id
     if req.n > limits.max_n:
@@ -159,7 +166,9 @@ def resolve_params(
     conditioning, strength = conditioning_kind(image_url, req.reference_images, manifest)
     _check_conditioning(req, image_url, image_field, conditioning, steps, manifest)
     # image_loras: count, scales and the form of each path (the files are fetched later).
-    lora_refs = resolve_loras(req.image_loras, manifest.id, caps.loras, loras or LoraSettings())
+    lora_settings = loras or LoraSettings()
+    lora_refs = resolve_loras(req.image_loras, manifest.id, caps.loras, lora_settings,
+                              hotswap=manifest.uses_lora_slots(lora_settings))
 
     base_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     if base_seed + req.n - 1 > MAX_SEED:
