@@ -8,6 +8,7 @@ so an image depends on its own seed and prompt, not on what it was batched with.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -20,13 +21,14 @@ from PIL import Image
 from ..config import EngineSettings, SafetySettings
 from ..errors import DarkroomError
 from ..images import stitch
-from ..loras import LoraStore
+from ..loras import LoraStore, parse_source
 from ..metrics import SafetyCounters
 from ..params import ConditioningImage, GenerationParams
 from ..registry import ModelManifest, Registry
 from . import optimize
 from .adapters import LoraManager
 from .loading import LOAD_LOCK
+from .prompt_cache import PromptCache
 from .safety import ImageChecker, load_image_checkers, screen_batch
 from .timing import Generation, stage_timer
 from .weights import resolve_dtype, source_location
@@ -34,17 +36,20 @@ from .weights import resolve_dtype, source_location
 log = logging.getLogger(__name__)
 
 def resolve_devices(requested: Sequence[str]) -> list[str]:
-    """Expand ``auto`` into every CUDA device, or the CPU when there is none."""
-    devices: list[str] = []
+    """Expand ``auto`` into every CUDA device, or the CPU when there is none. A GPU named twice gets one
+    worker; ``cpu`` named N times gets N workers (e.g. ``[cpu, cpu]``: two worker processes on one host)."""
+    out: list[str] = []
     for name in requested:
         if name == "auto":
-            if torch.cuda.is_available():
-                devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-            else:
-                devices.append("cpu")
+            expanded = ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available()
+                        else ["cpu"])
         else:
-            devices.append(name)
-    return list(dict.fromkeys(devices))
+            expanded = [name]
+        for device in expanded:
+            if device in out and (device != "cpu" or name == "auto"):
+                continue
+            out.append(device)
+    return out
 
 
 def weights_location(manifest: ModelManifest, cache_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -95,7 +100,9 @@ def load_redux_prior(manifest: ModelManifest, settings: EngineSettings, device: 
 
 
 class Engine:
-    """The pipelines of one device. Called from that device's worker thread only."""
+    """The pipelines of one device. ``generate`` is called from that device's worker thread only; ``screen``
+    from its post-processing thread (server/worker/post.py; the checkers are models of their own); the
+    LoRA file methods from its prefetch pool (server/worker/prefetch.py)."""
 
     def __init__(self, registry: Registry, settings: EngineSettings, device: str,
                  safety: SafetySettings | None = None, loras: LoraStore | None = None) -> None:
@@ -115,6 +122,8 @@ class Engine:
 
             loras = LoraStore(LoraSettings(), FetchSettings(), settings.cache_dir)
         self.loras = LoraManager(loras)
+        # Repeated prompts skip the text encoders (server/engine/prompt_cache.py).
+        self.prompts = PromptCache(settings.prompt_cache_bytes)
 
     def load(self) -> None:
         for manifest in self.registry.models:
@@ -183,6 +192,8 @@ class Engine:
         pipe = self._conditioned(pipe, batch, kwargs)
 
         with torch.inference_mode(), stage_timer(pipe, self.device) as stage_times:
+            # After the LoRAs are active: a LoRA's text-encoder weights are part of the embeddings.
+            self._embed_prompts(pipe, first, kwargs)
             if first.conditioning in ("redux", "img2img+redux"):
                 self._add_redux_tokens(pipe, batch, kwargs)
             images = pipe(
@@ -262,15 +273,31 @@ class Engine:
             kwargs["_auto_resize"] = False
         return pipe
 
+    def _embed_prompts(self, pipe: Any, first: GenerationParams, kwargs: dict[str, Any]) -> None:
+        """Replace the prompts (and negative prompts) in ``kwargs`` by their embeddings, from the prompt cache
+        where it has them; nothing changes with the cache off (``engine.prompt_cache_bytes: 0``)."""
+        if not self.prompts.enabled or self.registry.get(first.model).family not in ("flux", "flux-kontext"):
+            return
+        device = pipe._execution_device
+        for field, embeds, pooled in (("prompt", "prompt_embeds", "pooled_prompt_embeds"),
+                                      ("negative_prompt", "negative_prompt_embeds",
+                                       "negative_pooled_prompt_embeds")):
+            if field in kwargs:
+                kwargs[embeds], kwargs[pooled] = self.prompts.embeddings(
+                    pipe, first.model, kwargs.pop(field), first.max_sequence_length, first.loras, device)
+
     def _add_redux_tokens(self, pipe: Any, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> None:
-        """Replace the prompts by their embeddings with each request's Redux image tokens appended."""
+        """Append each request's Redux image tokens to its prompt embeddings."""
         first = batch[0]
         prior = self._redux[first.model]
         device = pipe._execution_device
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=kwargs.pop("prompt"), prompt_2=None, device=device,
-            max_sequence_length=first.max_sequence_length,
-        )
+        if "prompt_embeds" in kwargs:  # from the prompt cache
+            prompt_embeds, pooled = kwargs.pop("prompt_embeds"), kwargs.pop("pooled_prompt_embeds")
+        else:
+            prompt_embeds, pooled, _ = pipe.encode_prompt(
+                prompt=kwargs.pop("prompt"), prompt_2=None, device=device,
+                max_sequence_length=first.max_sequence_length,
+            )
         # One SigLIP call for every reference in the batch; each request's tokens, in order, follow
         # its prompt tokens (several references: their tokens one after another).
         refs = [r.to_pil() for p in batch for r in p.references]
@@ -283,6 +310,27 @@ class Engine:
             rows += [job_tokens] * p.n
         kwargs["prompt_embeds"] = torch.cat([prompt_embeds, torch.cat(rows, dim=0)], dim=1)
         kwargs["pooled_prompt_embeds"] = pooled
+
+    # -- what the worker's stages need beside generate (server/worker/loop.py DeviceEngine) ------------
+
+    def loras_ready(self, params: GenerationParams) -> bool:
+        """Whether every LoRA file of ``params`` is on this machine: registered, or in the disk cache."""
+        store = self.loras.store
+        return all(parse_source(ref.path, store.settings).local is not None or store.file_for(ref.path).is_file()
+                   for ref in params.loras)
+
+    def fetch_loras(self, params: GenerationParams) -> None:
+        """Download the LoRA files of ``params`` into the disk cache (the worker's prefetch pool)."""
+        self.loras.store.prefetch(params.loras)
+
+    def free_memory(self) -> None:
+        """After an out-of-memory error: drop garbage and the CUDA caching allocator's free blocks."""
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def stats(self) -> dict[str, float]:
+        return self.prompts.stats()
 
     def screen(
         self, batch: Sequence[GenerationParams], outputs: Sequence[Sequence[Image.Image]]

@@ -22,6 +22,16 @@ async def run_job(
     Raises ``QueueFull`` (admission), ``DeadlineExceeded``, ``ClientGone`` or the job's own error.
     """
     queue.put(job)
+    return await await_job(queue, job, is_disconnected, poll_s)
+
+
+async def await_job(
+    queue: JobQueue,
+    job: Job,
+    is_disconnected: Callable[[], Awaitable[bool]],
+    poll_s: float = 0.25,
+) -> JobResult:
+    """Wait for a job already put in ``queue``, as ``run_job`` does."""
     waiter = asyncio.wrap_future(job.future)
     try:
         while True:
