@@ -82,7 +82,8 @@ class Job:
             return True
 
     def requeue(self) -> bool:
-        """RUNNING → QUEUED, for a job whose worker process died before answering it; False once answered."""
+        """RUNNING → QUEUED, for a job whose worker process died before answering it; False once
+        answered."""
         with self._lock:
             if self.state is not JobState.RUNNING or self.future.done():
                 return False

@@ -152,7 +152,8 @@ class WorkerStatus(Protocol):
         """For /ready: ``ready``, ``loading``, ``not ready: why`` (e.g. restarting), ``failed: why``."""
 
     def stats(self) -> dict[str, float]:
-        """The engine's counters (the prompt-embedding cache: ``prompt_cache_hits``, ``_misses``, ...)."""
+        """``busy_seconds`` (time in pipeline calls) and the engine's counters (the prompt-embedding cache:
+        ``prompt_cache_hits``, ``prompt_cache_misses``, ...)."""
 
 
 class _Depth(Protocol):
@@ -243,7 +244,7 @@ class RuntimeCollector(Collector):
         for worker in workers:
             states.add_metric([worker.name], 1.0 if worker.ready.is_set() else 0.0)
         yield states
-        yield from _prompt_cache(workers)
+        yield from _engine_stats(workers)
         memory = GaugeMetricFamily("darkroom_device_memory_bytes", "Memory of each worker device: CUDA "
                                    "allocated/reserved/total, or the process RSS for the CPU.",
                                    labels=["device", "kind"])
@@ -253,13 +254,18 @@ class RuntimeCollector(Collector):
         yield memory
 
 
-def _prompt_cache(workers: Sequence[WorkerStatus]) -> Iterator[Any]:
-    """The prompt-embedding caches of the engines (server/engine/prompt_cache.py), per worker."""
-    lookups = CounterMetricFamily("darkroom_prompt_cache_lookups", "Prompt-embedding cache lookups, by result "
-                                  "(hit: the text encoders were skipped for that prompt).",
-                                  labels=["worker", "result"])
-    size = GaugeMetricFamily("darkroom_prompt_cache_bytes", "Device memory held by the prompt-embedding cache.",
-                             labels=["worker"])
+def _engine_stats(workers: Sequence[WorkerStatus]) -> Iterator[Any]:
+    """Per worker: the device's busy time, and the engine's prompt-embedding cache
+    (server/engine/prompt_cache.py)."""
+    busy = CounterMetricFamily(
+        "darkroom_device_busy_seconds", "Seconds a worker's device thread spent in pipeline calls (rate: the "
+        "fraction of time the device works; a worker process that restarts starts again from 0).",
+        labels=["worker"])
+    lookups = CounterMetricFamily(
+        "darkroom_prompt_cache_lookups", "Prompt-embedding cache lookups, by result (hit: the text encoders "
+        "were skipped for that prompt).", labels=["worker", "result"])
+    size = GaugeMetricFamily("darkroom_prompt_cache_bytes", "Device memory held by the prompt-embedding "
+                             "cache.", labels=["worker"])
     ratio = GaugeMetricFamily("darkroom_prompt_cache_hit_ratio", "Hits / lookups of the prompt-embedding "
                               "cache since start (0 before any lookup).", labels=["worker"])
     for worker in workers:
@@ -267,11 +273,13 @@ def _prompt_cache(workers: Sequence[WorkerStatus]) -> Iterator[Any]:
             stats = worker.stats()
         except Exception:  # noqa: BLE001 - a worker process going away: its family stays empty
             continue
+        busy.add_metric([worker.name], float(stats.get("busy_seconds", 0.0)))
         hits, misses = stats.get("prompt_cache_hits", 0.0), stats.get("prompt_cache_misses", 0.0)
         lookups.add_metric([worker.name, "hit"], float(hits))
         lookups.add_metric([worker.name, "miss"], float(misses))
         size.add_metric([worker.name], float(stats.get("prompt_cache_bytes", 0.0)))
         ratio.add_metric([worker.name], float(hits) / (hits + misses) if hits + misses else 0.0)
+    yield busy
     yield lookups
     yield size
     yield ratio

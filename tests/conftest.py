@@ -127,8 +127,8 @@ def make_app(tmp_path_factory: pytest.TempPathFactory,
              tiny_cache: Path) -> Iterator[Callable[..., InProcessServer]]:
     """Start apps in-process from a config dict (sections merged over the test defaults), with the real tiny
     engine in a worker thread (``engine="tiny"``) or the stand-in engine (``engine="stand-in"``, made by
-    ``stand_in(device)``, e.g. ``functools.partial(stand_in_engine, poison="x")``); each is stopped when its test
-    module ends."""
+    ``stand_in(device)``, e.g. ``functools.partial(stand_in_engine, poison="x")``); each is stopped when its
+    test module ends."""
     started: list[InProcessServer] = []
 
     def _make(config: dict[str, Any] | None = None, engine: Engine = "tiny",

@@ -21,7 +21,13 @@ import pytest
 from PIL import Image
 
 from server.config import SchedulerSettings
-from server.errors import DeadlineExceeded, InternalError, InvalidRequest, ServiceUnavailable, TooLargeForDevice
+from server.errors import (
+    DeadlineExceeded,
+    InternalError,
+    InvalidRequest,
+    ServiceUnavailable,
+    TooLargeForDevice,
+)
 from server.jobs import Job, JobResult, JobState
 from server.params import GenerationParams
 from server.queue.memory import MemoryQueue
@@ -139,7 +145,8 @@ def test_a_poisoned_job_fails_alone_and_its_batch_mates_are_answered(queue: Memo
         err = error_of(poisoned)
         assert isinstance(err, InternalError) and err.status == 500, err
         # One call for the batch of three (it raised), then each job alone.
-        assert [[p.seeds for p in call] for call in engine.calls] == [[(1,), (2,), (3,)], [(1,)], [(2,)], [(3,)]]
+        assert [[p.seeds for p in call] for call in engine.calls] == [
+            [(1,), (2,), (3,)], [(1,)], [(2,)], [(3,)]]
         assert not worker.failed and worker.ready.is_set()
     finally:
         worker.stop()

@@ -40,8 +40,8 @@ WAIT_S = 60.0
 
 
 def params(seed: int, size: int = 64, prompt: str | None = None) -> GenerationParams:
-    return GenerationParams(model="stand-in", prompt=prompt or f"prompt {seed}", width=size, height=size, steps=1,
-                            guidance_scale=3.5, seeds=(seed,), output_format="png")
+    return GenerationParams(model="stand-in", prompt=prompt or f"prompt {seed}", width=size, height=size,
+                            steps=1, guidance_scale=3.5, seeds=(seed,), output_format="png")
 
 
 def started_job(p: GenerationParams) -> Job:
@@ -76,7 +76,8 @@ def test_jobs_are_answered_in_order_even_when_their_encodes_finish_out_of_order(
     post = PostProcessor(engine, "order", threads=4, max_batches=2, encode=encode)
     answered: list[int] = []
     lock = threading.Lock()
-    batches = [[started_job(params(1)), started_job(params(2))], [started_job(params(3)), started_job(params(4))]]
+    batches = [[started_job(params(1)), started_job(params(2))],
+               [started_job(params(3)), started_job(params(4))]]
     for batch in batches:
         for job in batch:
             job.future.add_done_callback(
@@ -198,7 +199,8 @@ def test_prompt_cache_hits_keys_and_byte_cap() -> None:
     assert torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
     again, _ = cache.embeddings(pipe, "m", ["b", "a"], 16, (), "cpu")
     assert pipe.encoded == [["a", "b"]] and torch.equal(again, embeds[[1, 0]])  # both hits: no encoder call
-    # Another sequence bucket, another LoRA set (a LoRA may carry text-encoder weights), another model: misses.
+    # Another sequence bucket, another LoRA set (a LoRA may carry text-encoder weights), another model:
+    # misses.
     cache.embeddings(pipe, "m", ["a"], 32, (), "cpu")
     cache.embeddings(pipe, "m", ["a"], 16, (LoraRef("te.safetensors", 0.8),), "cpu")
     cache.embeddings(pipe, "other", ["a"], 16, (), "cpu")

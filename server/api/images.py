@@ -119,7 +119,8 @@ async def create_image(request: Request) -> Response:
         else:
             body, b64_s, json_s = _b64_body(head, result)
     timing = {"parse": parsed - started, "admit": admitted - parsed, "queue": result.queue_s,
-              "inference": result.inference_s, "encode": result.encode_s, "wait": answered - admitted,
+              "inference": result.inference_s, "safety": result.stages.get("safety", 0.0),
+              "encode": result.encode_s, "wait": answered - admitted,
               "b64": b64_s, "json": json_s, "total": time.perf_counter() - started}
     return Response(body, media_type="application/json", headers={"server-timing": server_timing(timing)})
 
@@ -139,7 +140,8 @@ def _url_items(runtime: Runtime, request: Request, result: JobResult) -> list[di
     items: list[dict[str, Any]] = []
     for index, image in enumerate(result.images):
         key = runtime.storage.put(image.data, image.format)
-        items.append({"index": index, "type": "url", "seed": image.seed, "url": runtime.storage.url(key, base, now)})
+        items.append({"index": index, "type": "url", "seed": image.seed,
+                      "url": runtime.storage.url(key, base, now)})
     return items
 
 
@@ -148,7 +150,8 @@ def _b64_body(head: dict[str, Any], result: JobResult) -> tuple[bytes, float, fl
     started = time.perf_counter()
     encoded = [base64.b64encode(image.data) for image in result.images]
     b64_done = time.perf_counter()
-    items = [{"index": index, "type": "b64_json", "seed": image.seed} for index, image in enumerate(result.images)]
+    items = [{"index": index, "type": "b64_json", "seed": image.seed}
+             for index, image in enumerate(result.images)]
     body = render_body(head, items, encoded)
     return body, b64_done - started, time.perf_counter() - b64_done
 

@@ -279,9 +279,12 @@ class Engine:
         if not self.prompts.enabled or self.registry.get(first.model).family not in ("flux", "flux-kontext"):
             return
         device = pipe._execution_device
-        for field, embeds, pooled in (("prompt", "prompt_embeds", "pooled_prompt_embeds"),
-                                      ("negative_prompt", "negative_prompt_embeds",
-                                       "negative_pooled_prompt_embeds")):
+        fields = [("prompt", "prompt_embeds", "pooled_prompt_embeds")]
+        # With Redux the prompt embeddings gain image tokens, and diffusers refuses negative embeddings of
+        # another shape: negative prompts then stay strings, encoded by the pipeline.
+        if "redux" not in first.conditioning:
+            fields.append(("negative_prompt", "negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+        for field, embeds, pooled in fields:
             if field in kwargs:
                 kwargs[embeds], kwargs[pooled] = self.prompts.embeddings(
                     pipe, first.model, kwargs.pop(field), first.max_sequence_length, first.loras, device)
@@ -316,8 +319,8 @@ class Engine:
     def loras_ready(self, params: GenerationParams) -> bool:
         """Whether every LoRA file of ``params`` is on this machine: registered, or in the disk cache."""
         store = self.loras.store
-        return all(parse_source(ref.path, store.settings).local is not None or store.file_for(ref.path).is_file()
-                   for ref in params.loras)
+        return all(parse_source(ref.path, store.settings).local is not None
+                   or store.file_for(ref.path).is_file() for ref in params.loras)
 
     def fetch_loras(self, params: GenerationParams) -> None:
         """Download the LoRA files of ``params`` into the disk cache (the worker's prefetch pool)."""

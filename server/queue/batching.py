@@ -5,10 +5,11 @@ A worker takes the oldest job, then waits at most the batch window for compatibl
 ``GenerationParams.batch_key()``) to join it, up to a cap on images. Jobs it passes over keep their place
 in line. A lone job never waits longer than the window.
 
-On the in-process queue the window is adaptive (``scheduler.adaptive_window``): it is waited only while another
-job may well join, that is while the API is receiving a request (``Arrivals.arriving``) or recent traffic is
-bursty (at least a quarter of the gaps between the arrivals of the last second were within one window). So a
-lone request on a quiet server starts at once instead of paying the window, and bursts still batch.
+On the in-process queue the window is adaptive (``scheduler.adaptive_window``): it is waited only while
+another job may well join, that is while the API is receiving a request (``Arrivals.arriving``) or recent
+traffic is bursty (at least a quarter of the gaps between the arrivals of the last second were within one
+window). So a lone request on a quiet server starts at once instead of paying the window, and bursts still
+batch.
 """
 
 from __future__ import annotations

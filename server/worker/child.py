@@ -6,7 +6,8 @@ The child sets its device (``torch.cuda.set_device``), loads and warms its model
 in no other thread of the process), then asks the parent for a batch whenever its device loop wants one.
 Messages (tuples, pickled by ``multiprocessing.Connection``):
 
-- parent → child: ``("batch", [(job_id, params, queued_s, start_within_s, request_id), ...])``, ``("stop",)``;
+- parent → child: ``("batch", [(job_id, params, queued_s, start_within_s, request_id), ...])``,
+  ``("stop",)``;
 - child → parent: ``("ready",)``, ``("load_failed", why)``, ``("take",)``, ``("done", job_id, JobResult)``,
   ``("error", job_id, error)`` (server/queue/wire.py's error form), ``("stats", {...})`` every half second
   (the heartbeat: calls, safety counters, the engine's counters, the worker's state), and

@@ -10,13 +10,13 @@ device a ``DeviceProcess`` (what the runtime sees as a worker) runs two threads:
 
 - the feeder waits until the child asks for a batch, takes one from the queue, starts its jobs (deadline and
   withdrawal checks, as the device loop does in-process) and sends it over the pipe;
-- the supervisor starts the child (``multiprocessing`` spawn: nothing of the parent's threads or CUDA state is
-  inherited), reads its answers and heartbeats, and when the child dies (killed, crashed, or exited on a sticky
-  device error) puts the jobs it held back at the head of the queue, at most ``queue.max_attempts`` starts per
-  job as on Redis, then starts a new child after ``worker.restart_backoff_s`` (doubling while it keeps dying
-  before it is ready). A child that stays silent past ``queue.max_run_s`` with jobs in hand, or reports a
-  pipeline call past that deadline (its own watchdog answered those jobs 504), is killed and restarted.
-  A child whose models fail to load is not restarted: the worker is failed, as in-process.
+- the supervisor starts the child (``multiprocessing`` spawn: nothing of the parent's threads or CUDA state
+  is inherited), reads its answers and heartbeats, and when the child dies (killed, crashed, or exited on a
+  sticky device error) puts the jobs it held back at the head of the queue, at most ``queue.max_attempts``
+  starts per job as on Redis, then starts a new child after ``worker.restart_backoff_s`` (doubling while it
+  keeps dying before it is ready). A child that stays silent past ``queue.max_run_s`` with jobs in hand, or
+  reports a pipeline call past that deadline (its own watchdog answered those jobs 504), is killed and
+  restarted. A child whose models fail to load is not restarted: the worker is failed, as in-process.
 
 ``/ready`` shows each worker's state (``ready``, ``loading``, ``not ready: restarting ...``, ``failed: ...``).
 The children's job metrics are recorded here from their answers, so ``/metrics`` is the server's as before.
@@ -150,7 +150,8 @@ class DeviceProcess:
                 runnable = []
                 for job in batch:
                     if job.expired(now):
-                        job.fail(DeadlineExceeded("the job did not start before its deadline; it was not run"))
+                        job.fail(DeadlineExceeded(
+                            "the job did not start before its deadline; it was not run"))
                     elif job.try_start():
                         runnable.append(job)
                         self._in_flight[job.id] = job
@@ -184,8 +185,8 @@ class DeviceProcess:
                 backoff = w.restart_backoff_s
             self.restarts += 1
             self._status = f"not ready: restarting after {reason} (restart {self.restarts})"
-            log.warning("worker process ended worker=%s %s; restarting in %.1fs (restart %d)", self.name, reason,
-                        backoff, self.restarts)
+            log.warning("worker process ended worker=%s %s; restarting in %.1fs (restart %d)", self.name,
+                        reason, backoff, self.restarts)
             if self._stop.wait(backoff):
                 break
             backoff = min(backoff * 2, w.max_restart_backoff_s)
@@ -285,7 +286,8 @@ class DeviceProcess:
                       message[1])
         return False
 
-    def _answered(self, job_id: str, result: JobResult | None = None, error: DarkroomError | None = None) -> None:
+    def _answered(self, job_id: str, result: JobResult | None = None,
+                  error: DarkroomError | None = None) -> None:
         with self._lock:
             job = self._in_flight.pop(job_id, None)
         if job is None:

@@ -1,4 +1,5 @@
-"""What kind of failure a pipeline call raised, so the worker answers it by its kind (and never imports torch).
+"""What kind of failure a pipeline call raised, so the worker answers it by its kind (without importing
+torch).
 
 - ``oom``: the device ran out of memory (``torch.OutOfMemoryError``, alias ``torch.cuda.OutOfMemoryError``;
   older builds raise a ``RuntimeError`` saying "CUDA out of memory"; on the CPU, ``MemoryError`` or the
@@ -7,8 +8,8 @@
 - ``sticky``: the CUDA context is broken for good (an illegal address, an uncorrectable ECC error, a
   device-side assert, a launch failure): every later call on that device fails too. The worker is marked not
   ready; a worker process (server/worker/children.py) exits so its parent starts a fresh one.
-- ``other``: anything else (a bad input reaching a tokenizer, a bug). A batch of several jobs is re-run one job
-  at a time, so only the job that raises it fails.
+- ``other``: anything else (a bad input reaching a tokenizer, a bug). A batch of several jobs is re-run one
+  job at a time, so only the job that raises it fails.
 
 Torch raises ``torch.AcceleratorError`` (torch >= 2.8) or a ``RuntimeError`` whose message carries the CUDA
 error string (``c10/cuda/CUDAException.h``); those strings are matched here.

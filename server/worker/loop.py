@@ -4,10 +4,10 @@ them; encoding and answering happen beside it (server/worker/post.py), and so do
 or the network.
 
 A worker never dies of a job. What a pipeline call raises is answered by its kind (server/worker/faults.py):
-- out of memory: the cache is freed and the batch split in halves (and halves of halves) and run again; a single
-  request that still does not fit is a 400 ``too_large_for_device``, never a 500 the SDKs would retry;
-- a sticky device error: the worker is marked not ready and stops (in a worker process the parent starts a fresh
-  process and re-runs the jobs, server/worker/children.py; in-process the jobs get a 503);
+- out of memory: the cache is freed and the batch split in halves (and halves of halves) and run again; a
+  single request that still does not fit is a 400 ``too_large_for_device``, never a 500 the SDKs would retry;
+- a sticky device error: the worker is marked not ready and stops (in a worker process the parent starts a
+  fresh process and re-runs the jobs, server/worker/children.py; in-process the jobs get a 503);
 - anything else: a batch of several jobs is run again one job at a time, so only the job that raises fails.
 A call that runs longer than ``queue.max_run_s`` is answered 504 by a watchdog and the worker is marked not
 ready until the call returns.
@@ -65,7 +65,7 @@ class DeviceEngine(Protocol):
     def screen(
         self, batch: Sequence[GenerationParams], outputs: Sequence[Sequence[Image.Image]]
     ) -> Sequence[DarkroomError | None]:
-        """The image safety stage: per request, None or its refusal (called from the post-processing thread)."""
+        """The image safety stage: per request, None or its refusal (called from post-processing)."""
 
     def loras_ready(self, params: GenerationParams) -> bool:
         """Whether the LoRA files ``params`` names are on this machine (a file check, no network)."""
@@ -125,6 +125,8 @@ class Worker:
         self.stuck: str | None = None
         # Pipeline calls that returned: the engine's warm-up calls, then one per batch.
         self.calls = 0
+        # Seconds the device thread spent in pipeline calls since ready (/metrics: the device's busy time).
+        self.busy_s = 0.0
         self.post = PostProcessor(engine, self.name, self.options.post_threads, self.options.handoff_batches)
         self.prefetch = LoraPrefetch(engine, self.name, self.options.prefetch_threads)
         self._stop = threading.Event()
@@ -164,7 +166,9 @@ class Worker:
         return "ready" if self.ready.is_set() else "loading"
 
     def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+        with self._call_lock:  # the call on the device now counts too: the figure grows smoothly
+            busy = self.busy_s + (time.monotonic() - self._in_call[1] if self._in_call is not None else 0.0)
+        return {**self.engine.stats(), "busy_seconds": busy}
 
     def start(self) -> None:
         self._thread.start()
@@ -233,7 +237,8 @@ class Worker:
             self._run(runnable, f"batch-{uuid.uuid4().hex[:12]}")
 
     def _run(self, jobs: list[Job], batch_id: str) -> None:
-        """One pipeline call for ``jobs``; its images go to post-processing, its failure is answered by kind."""
+        """One pipeline call for ``jobs``: its images go to post-processing, its failure is answered by
+        kind."""
         started = time.monotonic()
         try:
             with self._on_device(jobs, started):
@@ -241,8 +246,9 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - one bad batch must not kill the worker
             self._failed(jobs, batch_id, exc)
             return
+        inference_s = time.monotonic() - started
         self.calls += 1
-        self.post.submit(Finished(batch_id, jobs, generation.images, started, time.monotonic() - started,
+        self.post.submit(Finished(batch_id, jobs, generation.images, started, inference_s,
                                   dict(generation.stages)))
 
     def _failed(self, jobs: list[Job], batch_id: str, exc: Exception) -> None:
@@ -309,6 +315,7 @@ class Worker:
         finally:
             with self._call_lock:
                 self._in_call = None
+                self.busy_s += time.monotonic() - started
                 if self.stuck is not None:
                     log.warning("the late pipeline call returned worker=%s after %.1fs; ready again",
                                 self.name, time.monotonic() - started)

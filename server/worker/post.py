@@ -1,12 +1,13 @@
 """Post-processing beside the device loop: the safety screen, image encoding, each job's answer, its metrics
 and its ``job done`` log line, so the device thread hands its images over and takes the next batch at once.
 
-The device thread ``submit``s each finished pipeline call to a bounded hand-off queue (``worker.handoff_batches``
-calls) and blocks while it is full: however slow encoding is, at most that many calls' decoded images wait,
-and memory stays flat (the device waits instead). One coordinator thread takes calls in order, screens each
-call's images (one checker call per batch), encodes every image in a pool of ``worker.post_threads`` threads
-(Pillow releases the GIL while it encodes) and answers the jobs in the order they were handed over. A job whose
-encoding fails fails alone; a screen that raises is retried per job, so it too fails only the job it raises for.
+The device thread ``submit``s each finished pipeline call to a bounded hand-off queue
+(``worker.handoff_batches`` calls) and blocks while it is full: however slow encoding is, at most that many
+calls' decoded images wait, and memory stays flat (the device waits instead). One coordinator thread takes
+calls in order, screens each call's images (one checker call per batch), encodes the images in a pool of
+``worker.post_threads`` threads (Pillow releases the GIL while it encodes) and answers the jobs in the order
+they were handed over. A job whose encoding fails fails alone; a screen that raises is retried per job, so it
+too fails only the job it raises for.
 """
 
 from __future__ import annotations
@@ -138,12 +139,28 @@ class PostProcessor:
         stages["safety"] = time.monotonic() - screen_started
         images = sum(job.params.n for job in jobs)
         metrics.observe_batch(model, len(jobs), images, stages)
-        # Every image of the call goes to the pool at once; jobs are answered in order as theirs are done.
-        encodes: list[list[Future[tuple[bytes, float]]] | None] = [
-            None if refusal is not None or job.future.done() else
-            [self._pool.submit(self._timed_encode, img, job.params.output_format) for img in pil_images]
-            for job, pil_images, refusal in zip(jobs, finished.images, refusals, strict=True)
-        ]
+        # Every image of the call but the first goes to the pool at once; this thread encodes the first itself
+        # (a lone image costs no hop to another thread). Jobs are answered in order as theirs are done.
+        encodes: list[list[Future[tuple[bytes, float]]] | None] = []
+        inline: tuple[Image.Image, str, Future[tuple[bytes, float]]] | None = None
+        for job, pil_images, refusal in zip(jobs, finished.images, refusals, strict=True):
+            if refusal is not None or job.future.done():
+                encodes.append(None)
+                continue
+            futures: list[Future[tuple[bytes, float]]] = []
+            for img in pil_images:
+                if inline is None:
+                    inline = (img, job.params.output_format, Future())
+                    futures.append(inline[2])
+                else:
+                    futures.append(self._pool.submit(self._timed_encode, img, job.params.output_format))
+            encodes.append(futures)
+        if inline is not None:
+            image, fmt, future = inline
+            try:
+                future.set_result(self._timed_encode(image, fmt))
+            except Exception as exc:  # noqa: BLE001 - that job's failure, answered below
+                future.set_exception(exc)
         for job, refusal, futures in zip(jobs, refusals, encodes, strict=True):
             queue_s = finished.started - job.enqueued_at
             if job.future.done():
@@ -152,8 +169,8 @@ class PostProcessor:
                 outcome = "refused" if refusal.status == 422 else "failed"
                 job.fail(refusal)
                 metrics.observe_job(job.params.model, outcome, queue_s=queue_s)
-                log.info("job refused id=%s model=%s batch=%s code=%s request_id=%s", job.id, job.params.model,
-                         finished.batch_id, refusal.code, job.request_id,
+                log.info("job refused id=%s model=%s batch=%s code=%s request_id=%s", job.id,
+                         job.params.model, finished.batch_id, refusal.code, job.request_id,
                          extra={"fields": {"job_id": job.id, "model": job.params.model,
                                            "batch_id": finished.batch_id, "code": refusal.code,
                                            "request_id": job.request_id}})

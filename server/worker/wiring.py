@@ -86,6 +86,7 @@ def serve_workers(settings: Settings, registry: Registry, queue: JobQueue, lora_
     if isinstance(queue, MemoryQueue):
         slots = device_slots(settings)
         if uses_processes(settings, len(slots)):
-            return [DeviceProcess(settings, device, f"worker-{slot}", queue, engine_for) for device, slot in slots]
+            return [DeviceProcess(settings, device, f"worker-{slot}", queue, engine_for)
+                    for device, slot in slots]
         return device_workers(settings, registry, lambda _slot: queue, lora_store, engine_for)
     return device_workers(settings, registry, redis_sources(settings), lora_store, engine_for)

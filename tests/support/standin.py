@@ -6,7 +6,8 @@ Each image is a solid colour made from its seed (red channel ``seed % 256``), at
 ``texture``, a noisy gradient that costs a real encoder real work, for benchmarks); calls are recorded. Faults
 are injected the way a real pipeline raises them:
 
-- ``fail_calls`` (1-based call numbers) raise ``error`` (e.g. a sticky "CUDA error: an illegal memory access");
+- ``fail_calls`` (1-based call numbers) raise ``error`` (e.g. a sticky "CUDA error: an illegal memory
+  access");
 - every prompt and negative prompt is encoded to UTF-8 first, as a tokenizer does, so a lone surrogate
   (``"\\ud800"``) raises ``UnicodeEncodeError`` for the whole call; a prompt containing ``poison`` raises
   ``poison_error`` (by default a plain RuntimeError; e.g. a sticky CUDA error to kill a worker process);
