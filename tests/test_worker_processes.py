@@ -110,3 +110,19 @@ def test_worker_processes_load_and_run_the_tiny_model(make_app: Any) -> None:
         responses = list(pool.map(lambda size: app.generate(**body(size)), (64, 80)))
     assert [images_of(r)[0].size for r in responses] == [(64, 64), (80, 80)]
     wait_for(lambda: a.calls + b.calls == before + 2, "two more pipeline calls")
+
+
+def test_a_worker_process_past_the_run_deadline_is_answered_504_and_restarted(make_app: Any) -> None:
+    """Issue 11 with worker processes: the child's watchdog answers the hung call 504; the parent kills the
+    process (only a new one frees the device) and starts another."""
+    app: InProcessServer = make_app(
+        {**TWO, "engine": {"devices": ["cpu"]}, "worker": {"processes": "always", "restart_backoff_s": 0.2},
+         "queue": {"max_run_s": 1.0}},
+        engine="stand-in", stand_in=functools.partial(stand_in_engine, hang_on="hang"))
+    [worker] = workers(app)
+    first_pid = worker.pid
+    hung = app.generate(**{**body(64), "prompt": "hang"})
+    assert hung.status_code == 504 and hung.json()["error"]["code"] == "run_timeout", hung.text
+    wait_for(lambda: worker.restarts == 1 and app.client.get("/ready").status_code == 200, "a new process")
+    assert worker.pid != first_pid
+    assert images_of(app.generate(**body(64)))[0].size == (64, 64)

@@ -12,7 +12,8 @@ are injected the way a real pipeline raises them:
   (``"\\ud800"``) raises ``UnicodeEncodeError`` for the whole call; a prompt containing ``poison`` raises
   ``poison_error`` (by default a plain RuntimeError; e.g. a sticky CUDA error to kill a worker process);
 - a call of more than ``max_images`` images raises ``torch.OutOfMemoryError``, as a GPU would;
-- ``hang_calls`` block until ``release`` is set (or ``hang_s`` passes): a hung pipeline call;
+- ``hang_calls`` (and calls with a prompt containing ``hang_on``) block until ``release`` is set (or
+  ``hang_s`` passes): a hung pipeline call;
 - ``delay_s``: every call holds the "device" that long in a sleep that releases the GIL, like a GPU kernel;
 - ``screen_gate``: the safety screen (post-processing) waits for it: a slow consumer.
 """
@@ -40,7 +41,8 @@ class StandInEngine:
     def __init__(self, fail_calls: Sequence[int] = (), error: Exception | None = None,
                  load_error: Exception | None = None, delay_s: float = 0.0, *, poison: str | None = None,
                  poison_error: Exception | None = None,
-                 max_images: int | None = None, hang_calls: Sequence[int] = (), hang_s: float = 3600.0,
+                 max_images: int | None = None, hang_calls: Sequence[int] = (), hang_on: str | None = None,
+                 hang_s: float = 3600.0,
                  texture: bool = False, device: str = "cpu") -> None:
         self.device = device
         self.fail_calls = set(fail_calls)
@@ -52,6 +54,7 @@ class StandInEngine:
         self.poison_error = poison_error or RuntimeError("the stand-in tokenizer cannot read this prompt")
         self.max_images = max_images
         self.hang_calls = set(hang_calls)
+        self.hang_on = hang_on
         self.hang_s = hang_s
         self.release = threading.Event()
         self.screen_gate: threading.Event | None = None
@@ -87,7 +90,8 @@ class StandInEngine:
             (p.negative_prompt or "").encode("utf-8")
             if self.poison is not None and self.poison in p.prompt:
                 raise self.poison_error
-        if call in self.hang_calls:
+        hang = self.hang_on is not None and any(self.hang_on in p.prompt for p in batch)
+        if call in self.hang_calls or hang:
             self.release.wait(self.hang_s)
         if self.delay_s:
             time.sleep(self.delay_s)
