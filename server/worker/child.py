@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -112,6 +113,9 @@ class PipeSource:
 def child_main(settings_data: dict[str, Any], device: str, name: str, conn: Connection,
                engine_for: Callable[[str], DeviceEngine] | None = None) -> None:
     """The worker process's entry point (``multiprocessing`` spawn target)."""
+    # The parent stops its workers (Ctrl-C reaches the whole process group): SIGINT is ignored here, and
+    # SIGTERM finishes the batch in hand first, as a stop from the parent does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     settings = Settings(**settings_data)
     from ..logs import configure
 
@@ -123,6 +127,7 @@ def child_main(settings_data: dict[str, Any], device: str, name: str, conn: Conn
         torch.cuda.set_device(device)  # kernels, caches and compiled graphs of this process: this device only
     engine = engine_for(device) if engine_for is not None else _engine(settings, device)
     source = PipeSource(channel)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: source.stopping.set())
     worker = Worker(engine, source, settings.scheduler, settings.engine.cpu_threads,
                     LoopOptions.from_settings(settings, answer_on_device_error=False), name=name)
     log.info("worker process started worker=%s device=%s pid=%d", name, device, os.getpid())
