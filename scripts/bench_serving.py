@@ -7,7 +7,8 @@ For one model (the tiny built-in FLUX by default) at one size and step count it 
    direct batched ceiling: images/s of one ``Engine.generate`` call of 4 and of 8 prompts and its screen (no
    encoding), the best of which is the ceiling every row is compared with;
 2. ``http``: p50/p90 latency of the same request end to end through a real ``darkroom serve`` subprocess
-   (base64 answers), one at a time, its overhead over ``direct`` and that overhead split by stage from the
+   (base64 answers), one at a time, each right after a direct call (alternating, so both see the same machine
+   load), its overhead over ``direct`` and that overhead split by stage from the
    server's ``Server-Timing`` header: parse (and admission), queue hand-off, safety screen, encode, base64,
    JSON, hand-back (worker to event loop) and send (HTTP both ways and the client, by difference);
 3. ``concurrency 1/4/16``: images/s over HTTP with that many requests in flight, its ratio to the ceiling,
@@ -96,60 +97,91 @@ def body(args: argparse.Namespace, seed: int) -> dict[str, Any]:
 # -- the direct calls -----------------------------------------------------------------------------------
 
 
-def bench_direct(args: argparse.Namespace, settings: Settings, count: int) -> dict[str, Any]:
-    """In this process, on the engine the server loads: latency of generate + encode one request at a time,
-    the batched ceiling, and a repeated prompt (the prompt cache)."""
-    if settings.engine.cpu_threads:
-        torch.set_num_threads(settings.engine.cpu_threads)
-    registry = Registry.from_settings(settings.models_dir, [args.model])
-    engine = Engine(registry, settings.engine, "cpu")
-    engine.load()
-    engine.warmup()
-    manifest = registry.default
+class Direct:
+    """The engine the server loads, in this process: the same calls without the server around them."""
 
-    def params(seed: int) -> GenerationParams:
+    def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
+        if settings.engine.cpu_threads:
+            torch.set_num_threads(settings.engine.cpu_threads)
+        self.args = args
+        self.settings = settings
+        self.registry = Registry.from_settings(settings.models_dir, [args.model])
+        self.engine = Engine(self.registry, settings.engine, "cpu")
+        self.engine.load()
+        self.engine.warmup()
+
+    def params(self, seed: int) -> GenerationParams:
         # Resolved exactly as the server resolves the HTTP body, so both paths run the same call.
-        return resolve_params(parse_request(body(args, seed)), manifest, settings.limits)
+        request = parse_request(body(self.args, seed))
+        return resolve_params(request, self.registry.default, self.settings.limits)
 
-    latencies: list[float] = []
-    for i in range(args.warmup + count):
-        p = params(10_000 + i)
+    def call(self, seed: int) -> tuple[float, float]:
+        """One request as the worker runs it (generate, the image safety screen, encoding): (seconds, seconds
+        of the pipeline call alone)."""
+        p = self.params(seed)
         started = time.perf_counter()
-        images = engine.generate([p]).images
-        engine.screen([p], images)
+        images = self.engine.generate([p]).images
+        generated = time.perf_counter()
+        self.engine.screen([p], images)
         data = [encode_image(image, p.output_format) for image in images[0]]
-        elapsed = time.perf_counter() - started
         if not all(data):
             raise RuntimeError("the pipeline returned no image bytes")
-        if i >= args.warmup:
-            latencies.append(elapsed)
+        return time.perf_counter() - started, generated - started
 
-    ceiling: dict[int, float] = {}
-    for size in CEILING_BATCHES:
-        times = []
-        for rep in range(1 + (1 if args.quick else 3)):
-            batch = [params(20_000 + 100 * size + 10 * rep + j) for j in range(size)]
+    def ceiling(self) -> dict[int, float]:
+        """Images/s of one batched call (and its screen) of each size in CEILING_BATCHES."""
+        out: dict[int, float] = {}
+        for size in CEILING_BATCHES:
+            times = []
+            for rep in range(1 + (1 if self.args.quick else 3)):
+                batch = [self.params(20_000 + 100 * size + 10 * rep + j) for j in range(size)]
+                started = time.perf_counter()
+                self.engine.screen(batch, self.engine.generate(batch).images)
+                if rep:  # the first call of a new batch size is a warm-up
+                    times.append(time.perf_counter() - started)
+            out[size] = size / percentile(times, 0.5)
+        return out
+
+    def prompt_cache(self) -> dict[str, float]:
+        """A fresh prompt, then the same prompt again (another seed): latency and text_encode seconds."""
+        miss_s, hit_s, miss_enc, hit_enc = [], [], [], []
+        for i in range(1 if self.args.quick else 5):
+            fresh = self.params(30_000 + i)
             started = time.perf_counter()
-            engine.screen(batch, engine.generate(batch).images)
-            if rep:  # the first call of a new batch size is a warm-up
-                times.append(time.perf_counter() - started)
-        ceiling[size] = size / percentile(times, 0.5)
+            miss_enc.append(self.engine.generate([fresh]).stages.get("text_encode", 0.0))
+            miss_s.append(time.perf_counter() - started)
+            again = dataclasses.replace(fresh, seeds=(40_000 + i,))
+            started = time.perf_counter()
+            hit_enc.append(self.engine.generate([again]).stages.get("text_encode", 0.0))
+            hit_s.append(time.perf_counter() - started)
+        return {"miss_p50_s": percentile(miss_s, 0.5), "hit_p50_s": percentile(hit_s, 0.5),
+                "miss_text_encode_s": percentile(miss_enc, 0.5),
+                "hit_text_encode_s": percentile(hit_enc, 0.5),
+                **self.engine.stats()}
 
-    miss_s, hit_s, miss_enc, hit_enc = [], [], [], []
-    for i in range(1 if args.quick else 5):
-        fresh = params(30_000 + i)
-        started = time.perf_counter()
-        miss_enc.append(engine.generate([fresh]).stages.get("text_encode", 0.0))
-        miss_s.append(time.perf_counter() - started)
-        again = dataclasses.replace(fresh, seeds=(40_000 + i,))
-        started = time.perf_counter()
-        hit_enc.append(engine.generate([again]).stages.get("text_encode", 0.0))
-        hit_s.append(time.perf_counter() - started)
-    cache = {"miss_p50_s": percentile(miss_s, 0.5), "hit_p50_s": percentile(hit_s, 0.5),
-             "miss_text_encode_s": percentile(miss_enc, 0.5), "hit_text_encode_s": percentile(hit_enc, 0.5),
-             **engine.stats()}
-    del engine
-    return {"latencies": latencies, "ceiling": ceiling, "prompt_cache": cache}
+
+def alternate(direct: Direct, url: str, args: argparse.Namespace, count: int) -> dict[str, Any]:
+    """One direct call, then the same request over HTTP, ``count`` times: both paths see the same machine
+    load, whatever else runs on it meanwhile."""
+    out: dict[str, Any] = {"direct": [], "generate": [], "http": [], "infos": []}
+    with httpx.Client(base_url=url, timeout=300) as client:
+        for i in range(args.warmup + count):
+            latency, generate_s = direct.call(10_000 + i)
+            started = time.perf_counter()
+            response = client.post("/v1/images/generations", json=body(args, 70_000 + i))
+            http_s = time.perf_counter() - started
+            if response.status_code != 200:
+                raise RuntimeError(f"HTTP {response.status_code}: {response.text}")
+            payload = response.json()
+            if i == 0:
+                check_image(payload, args.size)
+            if i >= args.warmup:
+                out["direct"].append(latency)
+                out["generate"].append(generate_s)
+                out["http"].append(http_s)
+                out["infos"].append({"batch": payload["batch"], "timing": server_timing(response),
+                                     "latency": http_s})
+    return out
 
 
 # -- servers ---------------------------------------------------------------------------------------------
@@ -393,18 +425,24 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = 1 if args.quick else 2
 
     load_before = os.getloadavg()[0]  # other work on the machine skews every figure below
-    direct = bench_direct(args, settings, count)
-    base = percentile(direct["latencies"], 0.5)
-    ceiling = max(direct["ceiling"].values())
-    rows = [row("direct", direct["latencies"], base, len(direct["latencies"]) / sum(direct["latencies"]),
-                ceiling, 1.0)]
     with tempfile.TemporaryDirectory(prefix="darkroom-bench-") as tmp:
         workdir = Path(tmp)
         with ServerProcess(workdir, server_config(args, settings, workdir)) as server:
-            asyncio.run(bench_level(server.url, args, 1, args.warmup, first_seed=50_000))
-            wall, latencies, infos = asyncio.run(bench_level(server.url, args, 1, count))
-            rows.append(row("http", latencies, base, len(latencies) / wall, ceiling, mean_batch(infos)))
-            stages = stage_split(infos)
+            direct = Direct(args, settings)
+            pairs = alternate(direct, server.url, args, count)
+            base = percentile(pairs["direct"], 0.5)
+            ceilings = direct.ceiling()
+            ceiling = max(ceilings.values())
+            cache = direct.prompt_cache()
+            del direct  # the server has the CPU to itself from here on
+            rows = [row("direct", pairs["direct"], base, len(pairs["direct"]) / sum(pairs["direct"]), ceiling,
+                        1.0),
+                    row("http", pairs["http"], base, len(pairs["http"]) / sum(pairs["http"]), ceiling,
+                        mean_batch(pairs["infos"]))]
+            stages = stage_split(pairs["infos"])
+            inference = {"direct_generate_s": percentile(pairs["generate"], 0.5),
+                         "server_inference_s": percentile([i["timing"].get("inference", 0.0)
+                                                           for i in pairs["infos"]], 0.5)}
             for level in LEVELS:
                 if not args.quick:  # let the server meet this level's batch shapes once, untimed
                     asyncio.run(bench_level(server.url, args, level, level, first_seed=60_000 + 100 * level))
@@ -447,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in meta.items():
         print(f"{key:<8} {value}")
     print()
-    parts = ", ".join(f"{n} images {n / v:.3f} s ({v:.2f} images/s)" for n, v in direct["ceiling"].items())
+    parts = ", ".join(f"{n} images {n / v:.3f} s ({v:.2f} images/s)" for n, v in ceilings.items())
     print(f"ceiling  direct batched call + safety screen: {parts} -> {ceiling:.2f} images/s")
     print()
     print(f"{'path':<16}{'requests':>9}{'p50_s':>9}{'p90_s':>9}{'vs_direct':>11}{'images/s':>10}"
@@ -458,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['mean_batch']:>12.2f}")
     print()
     split = "  ".join(f"{stage} {seconds * 1000:.2f}" for stage, seconds in stages.items())
-    print(f"overhead at concurrency 1, p50 ms: {split}  (http p50 - direct p50: {overhead_s * 1000:+.2f})")
-    cache = direct["prompt_cache"]
+    print(f"overhead at concurrency 1, p50 ms: {split}  (http p50 - direct p50: {overhead_s * 1000:+.2f}; "
+          f"pipeline call: direct {inference['direct_generate_s'] * 1000:.1f}, in the server "
+          f"{inference['server_inference_s'] * 1000:.1f})")
     print(f"prompt cache: a seen prompt, direct call p50 {cache['miss_p50_s'] * 1000:.1f} -> "
           f"{cache['hit_p50_s'] * 1000:.1f} ms, text_encode {cache['miss_text_encode_s'] * 1000:.2f} -> "
           f"{cache['hit_text_encode_s'] * 1000:.2f} ms")
@@ -477,8 +516,9 @@ def main(argv: list[str] | None = None) -> int:
           f"target >= 0.95x   {verdict(t['c16_vs_ceiling']['pass'])}")
     print(f"  device busy       {busy['busy']:.3f}, target >= 0.98   {verdict(t['device_busy']['pass'])}")
     if args.json:
-        args.json.write_text(json.dumps({**meta, "ceiling": {str(k): v for k, v in direct["ceiling"].items()},
-                                         "rows": rows, "stages_s": stages, "prompt_cache": cache,
+        args.json.write_text(json.dumps({**meta, "ceiling": {str(k): v for k, v in ceilings.items()},
+                                         "rows": rows, "stages_s": stages, "inference_s": inference,
+                                         "prompt_cache": cache,
                                          "device_busy": busy, "targets": targets}, indent=2) + "\n")
     return 0
 
