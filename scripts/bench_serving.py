@@ -325,10 +325,14 @@ def stage_split(infos: list[dict[str, Any]]) -> dict[str, float]:
     return {stage: percentile(values, 0.5) for stage, values in per.items()}
 
 
-async def busy_seconds(client: httpx.AsyncClient) -> float:
-    text = (await client.get("/metrics")).text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
+def busy_total(metrics_text: str) -> float:
+    """``darkroom_device_busy_seconds_total`` summed over the workers, from a /metrics scrape."""
+    return sum(float(line.split()[-1]) for line in metrics_text.splitlines()
                if line.startswith("darkroom_device_busy_seconds_total"))
+
+
+async def busy_seconds(client: httpx.AsyncClient) -> float:
+    return busy_total((await client.get("/metrics")).text)
 
 
 async def bench_busy(url: str, args: argparse.Namespace, clients: int, warm_s: float,
@@ -430,26 +434,35 @@ def main(argv: list[str] | None = None) -> int:
             direct = Direct(args, settings)
             pairs = alternate(direct, server.url, args, count)
             base = percentile(pairs["direct"], 0.5)
-            ceilings = direct.ceiling()
-            ceiling = max(ceilings.values())
+            # The ceiling is measured before and after the HTTP levels; the ratios use the mean of the two
+            # (the spread shows how much the machine's load moved meanwhile).
+            ceilings_before = direct.ceiling()
             cache = direct.prompt_cache()
-            del direct  # the server has the CPU to itself from here on
-            rows = [row("direct", pairs["direct"], base, len(pairs["direct"]) / sum(pairs["direct"]), ceiling,
-                        1.0),
-                    row("http", pairs["http"], base, len(pairs["http"]) / sum(pairs["http"]), ceiling,
-                        mean_batch(pairs["infos"]))]
             stages = stage_split(pairs["infos"])
             inference = {"direct_generate_s": percentile(pairs["generate"], 0.5),
                          "server_inference_s": percentile([i["timing"].get("inference", 0.0)
                                                            for i in pairs["infos"]], 0.5)}
+            levels = []
             for level in LEVELS:
                 if not args.quick:  # let the server meet this level's batch shapes once, untimed
                     asyncio.run(bench_level(server.url, args, level, level, first_seed=60_000 + 100 * level))
                 per_level = level if args.quick else max(16, 6 * level)
+                busy_before = httpx.get(f"{server.url}/metrics").text
                 wall, latencies, infos = asyncio.run(bench_level(server.url, args, level, per_level,
                                                                  first_seed=1000 * level))
-                rows.append(row(f"concurrency {level}", latencies, base, len(latencies) / wall, ceiling,
-                                mean_batch(infos)))
+                busy = (busy_total(httpx.get(f"{server.url}/metrics").text) - busy_total(busy_before)) / wall
+                levels.append((level, wall, latencies, infos, busy))
+            ceilings_after = direct.ceiling()
+            del direct
+        ceilings = {n: (ceilings_before[n] + ceilings_after[n]) / 2 for n in CEILING_BATCHES}
+        ceiling = max(ceilings.values())
+        rows = [row("direct", pairs["direct"], base, len(pairs["direct"]) / sum(pairs["direct"]), ceiling,
+                    1.0),
+                row("http", pairs["http"], base, len(pairs["http"]) / sum(pairs["http"]), ceiling,
+                    mean_batch(pairs["infos"]))]
+        for level, wall, latencies, infos, busy in levels:
+            rows.append({**row(f"concurrency {level}", latencies, base, len(latencies) / wall, ceiling,
+                               mean_batch(infos)), "device_busy": busy})
         # Device busy: the stand-in engine, PNG at busy-size, a saturating load (three batches' worth of
         # clients), post-processing as configured (worker.post_threads, worker.handoff_batches).
         standin_config = server_config(args, settings, workdir)
@@ -484,15 +497,17 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in meta.items():
         print(f"{key:<8} {value}")
     print()
-    parts = ", ".join(f"{n} images {n / v:.3f} s ({v:.2f} images/s)" for n, v in ceilings.items())
+    parts = ", ".join(f"{n} images {n / v:.3f} s ({v:.2f} images/s; {ceilings_before[n]:.2f} before the HTTP "
+                      f"rows, {ceilings_after[n]:.2f} after)" for n, v in ceilings.items())
     print(f"ceiling  direct batched call + safety screen: {parts} -> {ceiling:.2f} images/s")
     print()
     print(f"{'path':<16}{'requests':>9}{'p50_s':>9}{'p90_s':>9}{'vs_direct':>11}{'images/s':>10}"
-          f"{'vs_ceiling':>12}{'mean_batch':>12}")
+          f"{'vs_ceiling':>12}{'mean_batch':>12}{'busy':>7}")
     for r in rows:
+        busy_col = f"{r['device_busy']:>7.2f}" if "device_busy" in r else f"{'':>7}"
         print(f"{r['name']:<16}{r['requests']:>9}{r['p50_s']:>9.3f}{r['p90_s']:>9.3f}"
               f"{r['vs_direct']:>10.2f}x{r['images_per_s']:>10.2f}{r['vs_ceiling']:>11.2f}x"
-              f"{r['mean_batch']:>12.2f}")
+              f"{r['mean_batch']:>12.2f}{busy_col}")
     print()
     split = "  ".join(f"{stage} {seconds * 1000:.2f}" for stage, seconds in stages.items())
     print(f"overhead at concurrency 1, p50 ms: {split}  (http p50 - direct p50: {overhead_s * 1000:+.2f}; "
@@ -519,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  device busy       {busy['busy']:.3f}, target >= 0.98   {verdict(t['device_busy']['pass'])}")
     if args.json:
         args.json.write_text(json.dumps({**meta, "ceiling": {str(k): v for k, v in ceilings.items()},
+                                         "ceiling_before": {str(k): v for k, v in ceilings_before.items()},
+                                         "ceiling_after": {str(k): v for k, v in ceilings_after.items()},
                                          "rows": rows, "stages_s": stages, "inference_s": inference,
                                          "prompt_cache": cache,
                                          "device_busy": busy, "targets": targets}, indent=2) + "\n")
