@@ -152,13 +152,17 @@ class KeyStore:
             self._from_file, self._file_stamp = policies, stamp
         log.info("keys file loaded path=%s keys=%d", path, len(policies))
 
+    @property
+    def reload_due(self) -> bool:
+        """The next lookup re-reads ``auth.keys_file`` (file I/O: callers on the event loop run it in a
+        thread then)."""
+        return (self.auth.keys_file is not None
+                and time.monotonic() - self._checked_at >= self.auth.reload_interval_s)
+
     def _maybe_reload(self) -> None:
-        if self.auth.keys_file is None:
+        if not self.reload_due:
             return
-        now = time.monotonic()
-        if now - self._checked_at < self.auth.reload_interval_s:
-            return
-        self._checked_at = now
+        self._checked_at = time.monotonic()
         self._load_file()
 
     # -- lookups -----------------------------------------------------------------------------------
