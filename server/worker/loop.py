@@ -102,6 +102,9 @@ class LoopOptions:
 
 
 class Worker:
+    """One device's worker (in a thread): ``start`` loads and warms the engine, then runs batches from
+    ``source`` until ``stop``; ``state``, ``calls`` and ``stats()`` are what /ready and /metrics read."""
+
     def __init__(
         self,
         engine: DeviceEngine,
