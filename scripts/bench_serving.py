@@ -510,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'path':<16}{'requests':>9}{'p50_s':>9}{'p90_s':>9}{'vs_direct':>11}{'images/s':>10}"
           f"{'vs_ceiling':>12}{'mean_batch':>12}{'busy':>7}")
     for r in rows:
-        busy_col = f"{r['device_busy']:>7.2f}" if "device_busy" in r else f"{'':>7}"
+        busy_col = f"{r['device_busy']:>7.2f}" if "device_busy" in r else ""
         print(f"{r['name']:<16}{r['requests']:>9}{r['p50_s']:>9.3f}{r['p90_s']:>9.3f}"
               f"{r['vs_direct']:>10.2f}x{r['images_per_s']:>10.2f}{r['vs_ceiling']:>11.2f}x"
               f"{r['mean_batch']:>12.2f}{busy_col}")
