@@ -110,6 +110,7 @@ class Direct:
         self.engine = Engine(self.registry, settings.engine, "cpu")
         self.engine.load()
         self.engine.warmup()
+        self.call_s: dict[int, list[float]] = {}  # seconds of the pipeline call alone, per batch size
 
     def params(self, seed: int) -> GenerationParams:
         # Resolved exactly as the server resolves the HTTP body, so both paths run the same call.
@@ -137,9 +138,12 @@ class Direct:
             for size in CEILING_BATCHES:
                 batch = [self.params(20_000 + 100 * size + 10 * rep + j) for j in range(size)]
                 started = time.perf_counter()
-                self.engine.screen(batch, self.engine.generate(batch).images)
+                images = self.engine.generate(batch).images
+                generated = time.perf_counter()
+                self.engine.screen(batch, images)
                 if rep:  # the first call of each batch size is a warm-up
                     times[size].append(time.perf_counter() - started)
+                    self.call_s.setdefault(size, []).append(generated - started)
         return {size: size / percentile(values, 0.5) for size, values in times.items()}
 
     def prompt_cache(self) -> dict[str, float]:
@@ -454,6 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                 busy = (busy_total(httpx.get(f"{server.url}/metrics").text) - busy_total(busy_before)) / wall
                 levels.append((level, wall, latencies, infos, busy))
             ceilings_after = direct.ceiling()
+            call_s = {size: percentile(values, 0.5) for size, values in direct.call_s.items()}
             del direct
         ceilings = {n: (ceilings_before[n] + ceilings_after[n]) / 2 for n in CEILING_BATCHES}
         ceiling = max(ceilings.values())
@@ -519,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"overhead at concurrency 1, p50 ms: {split}  (http p50 - direct p50: {overhead_s * 1000:+.2f}; "
           f"pipeline call: direct {inference['direct_generate_s'] * 1000:.1f}, in the server "
           f"{inference['server_inference_s'] * 1000:.1f})")
+    c16_infos = levels[-1][3]
+    server_calls = [i["timing"]["inference"] for i in c16_infos
+                    if i["batch"]["images"] == server_batch and "inference" in i["timing"]]
+    if server_calls and server_batch in call_s:
+        print(f"pipeline call of {server_batch} images, p50 ms: direct {call_s[server_batch] * 1000:.1f}, "
+              f"in the server at concurrency 16 {percentile(server_calls, 0.5) * 1000:.1f} (the server's own "
+              f"threads share the CPU it computes on)")
     print(f"prompt cache: a seen prompt, direct call p50 {cache['miss_p50_s'] * 1000:.1f} -> "
           f"{cache['hit_p50_s'] * 1000:.1f} ms, text_encode {cache['miss_text_encode_s'] * 1000:.2f} -> "
           f"{cache['hit_text_encode_s'] * 1000:.2f} ms")
