@@ -224,7 +224,7 @@ def tiny_engine(tiny_cache: Path) -> Engine:
 
 def test_a_repeated_prompt_skips_the_text_encoders_and_gives_the_same_image(tiny_engine: Engine) -> None:
     engine = tiny_engine
-    t5 = engine._pipes[MODEL].text_encoder_2
+    t5 = engine.pipeline(MODEL).text_encoder_2
     forward = t5.forward
     calls: list[int] = []
     t5.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]  # type: ignore[method-assign]

@@ -351,14 +351,13 @@ class LoraManager:
         """Read a LoRA as diffusers converts it and check every weight against the model's layers."""
         label = shown_path(path)
         try:
-            state_dict, alphas, metadata = pipe.lora_state_dict(
-                str(file), return_alphas=True, return_lora_metadata=True)
+            state_dict, alphas, metadata = _read_lora(pipe, str(file))
         except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes diffusers raise
             raise LoraError(f"LoRA '{label}' is not in a LoRA format this server reads for {model_id} "
                             f"(kohya, xlabs, diffusers/peft, ...): {_summary(exc)}") from None
         # A torch.compile'd component is a wrapper: its layers are those of the module it wraps.
         modules = {c: dict(getattr(getattr(pipe, c), "_orig_mod", getattr(pipe, c)).named_modules())
-                   for c in _COMPONENTS if getattr(pipe, c, None) is not None}
+                   for c in _lora_components(pipe) if getattr(pipe, c, None) is not None}
         bad: list[str] = []
         matched, rank, text_encoder = 0, 0, False
         for key, tensor in state_dict.items():
@@ -386,6 +385,27 @@ class LoraManager:
                                 f"{self.settings.hotswap_target_rank}")
         return LoraInfo(state_dict=state_dict, load_from_file=bool(alphas) or bool(metadata),
                         text_encoder=text_encoder, rank=rank)
+
+
+def _lora_components(pipe: Any) -> tuple[str, ...]:
+    """The components the pipeline's diffusers LoRA loader loads into (its ``_lora_loadable_modules``):
+    FLUX.1's transformer and CLIP text encoder; FLUX.2's transformer only."""
+    return tuple(c for c in _COMPONENTS if c in type(pipe)._lora_loadable_modules)
+
+
+def _read_lora(pipe: Any, file: str) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    """``(state_dict, network alphas, adapter metadata)`` of a LoRA file, converted by the pipeline's loader.
+
+    FLUX.1 pipelines (``FluxLoraLoaderMixin``: kohya, xlabs, BFL control, diffusers/peft formats) return
+    network alphas; FLUX.2's ``Flux2LoraLoaderMixin`` (kohya, ai-toolkit, LoKr, diffusers/peft) folds kohya
+    alphas into the weights on conversion and returns none.
+    """
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    if isinstance(pipe, FluxLoraLoaderMixin):
+        return pipe.lora_state_dict(file, return_alphas=True, return_lora_metadata=True)
+    state_dict, metadata = pipe.lora_state_dict(file, return_lora_metadata=True)
+    return state_dict, None, metadata
 
 
 def _lora_layers(module: torch.nn.Module) -> dict[str, Any]:

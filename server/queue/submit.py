@@ -1,5 +1,5 @@
-"""The API's use of any ``JobQueue``: await a job it put, withdraw it, and answer every waiting job when no
-worker is left to run them."""
+"""The API's use of any ``JobQueue``: await a job it admitted, withdraw it, and answer every waiting job when
+no worker is left to run them."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ async def await_job(
     is_disconnected: Callable[[], Awaitable[bool]],
     poll_s: float = 0.25,
 ) -> JobResult:
-    """Wait for a job the caller has put in ``queue`` (``queue.put``, which raises ``QueueFull``), withdrawing
+    """Wait for a job the caller has admitted (``await queue.admit(job)``: ``QueueFull``, 503), withdrawing
     it if its deadline passes or the client leaves before it starts.
 
     Raises ``DeadlineExceeded``, ``ClientGone`` or the job's own error.
@@ -31,27 +31,27 @@ async def await_job(
             if job.state is not JobState.QUEUED:
                 continue  # running: it finishes whatever the client does
             if job.expired():
-                withdraw(queue, job, DeadlineExceeded(
+                await withdraw(queue, job, DeadlineExceeded(
                     "the job did not start before its deadline; the server is overloaded"
                 ))
             elif await is_disconnected():
-                withdraw(queue, job, ClientGone(job.id))
+                await withdraw(queue, job, ClientGone(job.id))
     finally:
         if not waiter.done():
-            withdraw(queue, job, ClientGone(job.id))
+            await withdraw(queue, job, ClientGone(job.id))
 
 
-def withdraw(queue: JobQueue, job: Job, error: DarkroomError | ClientGone) -> None:
+async def withdraw(queue: JobQueue, job: Job, error: DarkroomError | ClientGone) -> None:
     """Withdraw a job that has not started, answering it with ``error``.
 
     A queue whose workers live in other processes (Redis) must first take the job back from them; one a
     worker has started meanwhile is left to finish, as a running local job is.
     """
-    if not queue.reserve_withdrawal(job):
+    if not await queue.reserve_withdrawal(job):
         job.try_start()
         return
     if job.withdraw(error):
-        queue.remove(job)
+        await queue.remove(job)
 
 
 def fail_waiting(queue: JobQueue, reason: str) -> None:
