@@ -112,14 +112,21 @@ class QueueSettings(BaseModel):
                              "queue.redis_timeout_s > 0")
         return self
 
+
 class SchedulerSettings(BaseModel):
     # How long the worker waits for compatible jobs to fill a batch; a lone job never waits longer.
     batch_window_ms: float = 5.0
-    max_batch_images: int = 8
+    max_batch_images: int = Field(default=8, ge=1)
+    # The most pixels one pipeline call may hold (images x width x height): batches of large images stay
+    # small (8 MP: 8 images at 1024x1024, 2 at 2048x2048), bounding the transformer's activations and the
+    # VAE's work per call. A lone request always runs whole (its n is bounded by the model's max_n).
+    # null: no pixel cap.
+    max_batch_pixels: int | None = Field(default=8 * 1024 * 1024, ge=64 * 64)
     # In-process queue: wait the window only while another job is expected (a request is being received, or
     # recent arrivals came in bursts), so a lone request on a quiet server starts at once
     # (server/queue/batching.py). false: always wait the full window.
     adaptive_window: bool = True
+
 
 class S3Settings(BaseModel):
     """S3-compatible object storage (AWS S3, MinIO, R2, GCS interop). Credentials are never here: boto3's
@@ -202,5 +209,18 @@ class EngineSettings(BaseModel):
     # The prompt-embedding cache of each engine (server/engine/prompt_cache.py): bytes of device memory for
     # the text encoders' outputs of recent prompts, so a repeated prompt skips them; 0 turns it off.
     prompt_cache_bytes: int = Field(default=256 * 2**20, ge=0)
+    # Compiled kernels (inductor's FX graph cache) of models with engine.compile, kept across restarts so
+    # a restart loads kernels instead of compiling; None: <cache_dir>/inductor. Put it on a writable volume
+    # when cache_dir is a read-only weights volume. A model's compile.cache_dir overrides it.
+    compile_cache_dir: Path | None = None
+    # After warm-up, torch.compiler.set_stance("fail_on_recompile"): a request whose shape the warm-up did
+    # not compile fails with a 400 naming the cause, instead of compiling (stalling its batch for seconds
+    # to minutes). Off: such a request compiles, and /ready and /metrics count it as a recompile.
+    fail_on_recompile: bool = False
 
     _expand_cache = field_validator("cache_dir")(expand_path)
+
+    @field_validator("compile_cache_dir")
+    @classmethod
+    def _expand_compile_cache(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None

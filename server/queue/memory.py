@@ -110,7 +110,8 @@ class MemoryQueue:
     def healthy(self) -> bool:
         return True
 
-    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5) -> list[Job]:
+    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5,
+                   max_pixels: int | None = None) -> list[Job]:
         """Block until a job is there (or ``timeout_s`` passes: empty list), then fill a batch."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._jobs or self._closed, timeout=timeout_s):
@@ -122,4 +123,4 @@ class MemoryQueue:
                            if self.adaptive_window else None)
             return fill_batch(first, self._jobs, max_images, window_s,
                               lambda _room, remaining: self._cond.wait(remaining), lambda: self._closed,
-                              expect_more)
+                              max_pixels, expect_more)

@@ -80,7 +80,10 @@ class PipeSource:
         self.stopping = threading.Event()
         self._asked = False
 
-    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5) -> list[Job]:
+    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5,
+                   max_pixels: int | None = None) -> list[Job]:
+        """The next batch the parent sent (the parent filled it under the scheduler's caps: the arguments
+        only satisfy ``BatchSource``); empty after ``timeout_s`` seconds without one, or when stopping."""
         if self.stopping.is_set():
             time.sleep(min(timeout_s, 0.05))
             return []
@@ -139,7 +142,8 @@ def child_main(settings_data: dict[str, Any], device: str, name: str, conn: Conn
             channel.send(("ready",))
             announced = True
         channel.send(("stats", {"calls": worker.calls, "safety": worker.safety_counters.snapshot(),
-                                "engine": worker.stats(), "state": worker.state}))
+                                "engine": worker.stats(), "state": worker.state,
+                                "compile": worker.compile_report()}))
         if source.stopping.is_set() or channel.broken.is_set():
             worker.stop()
     # The worker's thread has ended: it stopped, or failed (after answering what post-processing held).

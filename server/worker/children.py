@@ -106,6 +106,10 @@ class DeviceProcess:
     def stats(self) -> dict[str, float]:
         return dict(self._stats.get("engine", {}))
 
+    def compile_report(self) -> dict[str, Any]:
+        """The child's torch.compile counts, as of its last stats message (empty before the first)."""
+        return dict(self._stats.get("compile", {}))
+
     @property
     def in_flight(self) -> int:
         """Jobs sent to the child and not answered yet."""
@@ -139,7 +143,8 @@ class DeviceProcess:
         while not self._stop.is_set():
             if not self._wants.wait(0.5) or not self.ready.is_set():
                 continue
-            batch = self.source.take_batch(scheduler.max_batch_images, scheduler.batch_window_ms / 1000)
+            batch = self.source.take_batch(scheduler.max_batch_images, scheduler.batch_window_ms / 1000,
+                                           max_pixels=scheduler.max_batch_pixels)
             if not batch:
                 continue
             now = time.monotonic()

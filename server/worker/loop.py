@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import metrics
 from ..config import SchedulerSettings, Settings
@@ -56,8 +56,13 @@ class DeviceEngine(Protocol):
     def load(self) -> None:
         """Load every served model onto the device (raises: the worker is failed)."""
 
-    def warmup(self) -> int:
-        """Run each model before the worker reports ready; returns how many pipeline calls that took."""
+    def warmup(self, max_batch_images: int = 1, max_batch_pixels: int | None = None) -> int:
+        """Run each model before the worker reports ready, compiled ones at every batch size the scheduler
+        can form (the scheduler's caps); returns how many pipeline calls that took."""
+
+    def compile_report(self) -> dict[str, Any]:
+        """torch.compile's graphs in this process and those built after ready (server/engine/compile_stats.py):
+        ``graphs``, ``recompiles_after_ready``, ``stance``."""
 
     def generate(self, batch: Sequence[GenerationParams]) -> Generation:
         """One pipeline call for compatible requests: their images, and the call's stage seconds."""
@@ -173,6 +178,10 @@ class Worker:
             busy = self.busy_s + (time.monotonic() - self._in_call[1] if self._in_call is not None else 0.0)
         return {**self.engine.stats(), "busy_seconds": busy}
 
+    def compile_report(self) -> dict[str, Any]:
+        """The engine's compile counts (graphs, recompiles_after_ready, stance); see DeviceEngine."""
+        return self.engine.compile_report()
+
     def start(self) -> None:
         self._thread.start()
 
@@ -193,7 +202,7 @@ class Worker:
             torch.set_num_threads(self.cpu_threads)
         try:
             self.engine.load()
-            self.calls += self.engine.warmup()
+            self.calls += self.engine.warmup(self.scheduler.max_batch_images, self.scheduler.max_batch_pixels)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and to waiting jobs
             log.exception("worker failed to load models worker=%s", self.name)
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -222,7 +231,7 @@ class Worker:
         # While downloads run, look back often for the batches they finish.
         timeout_s = 0.02 if self.prefetch.pending else 0.5
         batch = self.source.take_batch(self.scheduler.max_batch_images, self.scheduler.batch_window_ms / 1000,
-                                       timeout_s)
+                                       timeout_s, max_pixels=self.scheduler.max_batch_pixels)
         if batch and self.prefetch.needs(batch):
             self.prefetch.submit(batch)
             return []
