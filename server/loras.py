@@ -210,6 +210,11 @@ class LoraStore:
     def file_for(self, path: str) -> Path:
         return self.directory / f"{self.key(path)}.safetensors"
 
+    def on_disk(self, path: str) -> bool:
+        """Whether the LoRA at ``path`` needs no download: registered on this server, or in the disk cache
+        (a file check, no network)."""
+        return path in self.settings.registered or self.file_for(path).is_file()
+
     # -- use --------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
