@@ -36,13 +36,15 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import metrics
 from ..config import LoraSettings
-from ..loras import LoraError, LoraStore, shown_path
+from ..lora_format import FormatError, classify, read_header
+from ..loras import LoraError, LoraStore, format_error, shown_path
 from ..params import LoraRef
 from .loading import LOAD_LOCK
 
@@ -217,10 +219,12 @@ class LoraManager:
                 with _loading():
                     state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                  adapter_name=name)
-            except Exception as exc:  # noqa: BLE001 - a bad file must not take the worker down
+            except BaseException:
+                # The file passed every check: what fails now (memory, a diffusers or peft error) is the
+                # server's, answered by the worker as an internal error; the adapter state stays as it was.
+                log.exception("lora load failed model=%s path=%s", model_id, shown_path(ref.path))
                 self._drop_partial(state.pipe, name)
-                raise LoraError(f"LoRA '{shown_path(ref.path)}' could not be loaded into {model_id}: "
-                                f"{_summary(exc)}") from None
+                raise
         state.resident[ref.path] = name
         self.loads += 1
         log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, shown_path(ref.path), name,
@@ -250,10 +254,10 @@ class LoraManager:
                     with _loading():
                         state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                      adapter_name=self._slot(i), hotswap=True)
-                except Exception as exc:  # noqa: BLE001
+                except BaseException:
+                    log.exception("lora swap failed model=%s path=%s slot=%d", model_id, shown_path(ref.path), i)
                     self._reset_slot(state, i)
-                    raise LoraError(f"LoRA '{shown_path(ref.path)}' could not be swapped into {model_id}: "
-                                    f"{_summary(exc)}") from None
+                    raise
             slots[i] = ref.path
             where[ref.path] = i
             # Hotswap set the slot's scaling to the new LoRA's alpha / rank: that is its base from now on.
@@ -347,45 +351,128 @@ class LoraManager:
 
     # -- checks -----------------------------------------------------------------------------------
 
-    def inspect(self, model_id: str, pipe: Any, file: Any, path: str) -> LoraInfo:
-        """Read a LoRA as diffusers converts it and check every weight against the model's layers."""
+    def inspect(self, model_id: str, pipe: Any, file: Path, path: str) -> LoraInfo:
+        """Account for every tensor of a LoRA file, then read it as diffusers converts it and check every
+        weight against the model's layers. Raises ``LoraError`` (400) for what is wrong with the file only:
+
+        1. the raw file, before any conversion: its header, and every tensor name classified as applied
+           (transformer, CLIP-L) or refused by name and count (server/lora_format.py);
+        2. its weights are finite (no NaN or infinity);
+        3. diffusers' conversion (``lora_state_dict``: kohya, ComfyUI, xlabs, ... to diffusers/peft names);
+        4. every converted weight is finite and names a layer of the transformer or CLIP text encoder with
+           matching shapes, and every LoRA layer of each part survived the conversion;
+        5. in hotswap mode, only what a slot holds (transformer LoRA matrices up to the slot rank).
+
+        Running out of memory, or failing to read this server's own copy of the file, is raised as it is:
+        the worker answers it as the internal error it is.
+        """
         label = shown_path(path)
         try:
-            state_dict, alphas, metadata = pipe.lora_state_dict(
-                str(file), return_alphas=True, return_lora_metadata=True)
-        except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes diffusers raise
+            header = read_header(Path(file), self.settings.max_header_bytes)
+        except FormatError as exc:
+            raise format_error(path, exc) from None
+        inventory = classify(header.tensors)
+        raw = _load_tensors(file, label)
+        _check_finite(raw, label, "")
+        try:
+            state_dict, alphas = pipe.lora_state_dict(dict(raw), return_alphas=True)
+        except _INTERNAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes diffusers' converters raise
             raise LoraError(f"LoRA '{label}' is not in a LoRA format this server reads for {model_id} "
                             f"(kohya, xlabs, diffusers/peft, ...): {_summary(exc)}") from None
+        _check_finite(state_dict, label, " after conversion (its alphas overflow)")
         # A torch.compile'd component is a wrapper: its layers are those of the module it wraps.
         modules = {c: dict(getattr(getattr(pipe, c), "_orig_mod", getattr(pipe, c)).named_modules())
                    for c in _COMPONENTS if getattr(pipe, c, None) is not None}
         bad: list[str] = []
-        matched, rank, text_encoder = 0, 0, False
-        for key, tensor in state_dict.items():
+        layers: dict[str, set[str]] = {c: set() for c in _COMPONENTS}
+        rank, extras = 0, set()
+        for key, tensor in _peft_names(state_dict).items():
             why = _misfit(key, tensor, modules)
             if why:
                 bad.append(f"{key}: {why}")
                 continue
-            matched += 1
-            text_encoder = text_encoder or key.startswith("text_encoder.")
-            if ".lora_A.weight" in key:
+            match = _KEY.match(key)
+            assert match is not None  # _misfit checked it
+            layers[match["comp"]].add(match["module"])
+            if match["kind"] is None:
+                extras.add("DoRA magnitudes (lora_magnitude_vector)")
+            elif match["param"] == "bias":
+                extras.add("lora_B biases")
+            elif match["kind"] == "lora_A":
                 rank = max(rank, int(tensor.shape[0]))
-        if not matched and all(r.endswith((": no such layer", "transformer or text encoder")) for r in bad):
+        if not any(layers.values()) and all(r.endswith((": no such layer", "transformer or text encoder"))
+                                            for r in bad):
             sample = ", ".join(sorted(state_dict)[:3]) or "none"
             raise LoraError(f"LoRA '{label}' has no weights for the layers of {model_id} (its weights are "
                             f"named like {sample}): a LoRA for another architecture?")
         if bad:
             raise LoraError(f"LoRA '{label}' does not fit {model_id}: {len(bad)} of {len(state_dict)} "
                             f"weights do not match its layers (e.g. {bad[0]}): a LoRA for another model?")
+        for part, comp in (("transformer", "transformer"), ("clip", "text_encoder")):
+            before, after = len(inventory.modules.get(part, ())), len(layers[comp])
+            if after < before:  # each raw layer becomes one or more (fused qkv: three)
+                raise LoraError(f"LoRA '{label}': {before - after} of its {before} {_PART_NAMES[part]} LoRA "
+                                f"layers would be dropped by diffusers' conversion for {model_id}")
+        text_encoder = bool(layers["text_encoder"])
         if self.hotswap:
             if text_encoder:
                 raise LoraError(f"LoRA '{label}' has text-encoder weights; this server swaps LoRAs into a "
                                 "compiled transformer and takes transformer LoRAs only")
+            if extras:
+                raise LoraError(f"LoRA '{label}' has {' and '.join(sorted(extras))}, which this server's "
+                                "hotswap slots (plain LoRA matrices) cannot hold")
             if rank > self.settings.hotswap_target_rank:
                 raise LoraError(f"LoRA '{label}' has rank {rank}; this server takes LoRAs up to rank "
                                 f"{self.settings.hotswap_target_rank}")
-        return LoraInfo(state_dict=state_dict, load_from_file=bool(alphas) or bool(metadata),
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+        metadata = bool(header.metadata.get(LORA_ADAPTER_METADATA_KEY))
+        return LoraInfo(state_dict=state_dict, load_from_file=bool(alphas) or metadata,
                         text_encoder=text_encoder, rank=rank)
+
+
+_PART_NAMES = {"transformer": "transformer", "clip": "CLIP text-encoder"}
+# What is never the file's fault: the server's memory (host or device) and its own disk.
+_INTERNAL = (MemoryError, torch.OutOfMemoryError, OSError)
+
+
+def _load_tensors(file: Path, label: str) -> dict[str, torch.Tensor]:
+    """The raw tensors of a file whose header was checked (so a failure here is the server's, not the file's,
+    unless the safetensors library finds what the header check did not)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except SafetensorError as exc:
+        raise LoraError(f"LoRA '{label}' is not a valid safetensors file: {_summary(exc)}",
+                        code="invalid_lora_file") from None
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], label: str, when: str) -> None:
+    """``LoraError`` naming the weights that hold NaN or infinite values (item by item: no copy of them all)."""
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        shown = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise LoraError(f"LoRA '{label}' has {len(bad)} weights with NaN or infinite values{when} ({shown})",
+                        code="invalid_lora_file")
+
+
+def _peft_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Converted weights with text-encoder keys named as peft loads them: diffusers' kohya converter emits
+    the older ``to_k_lora.down`` / ``lora_linear_layer.up`` names, which ``_load_lora_into_text_encoder``
+    renames with these two functions before loading (diffusers/loaders/lora_base.py)."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    prefix = "text_encoder."
+    te = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not te:
+        return state_dict
+    renamed = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te))
+    return {**{k: v for k, v in state_dict.items() if not k.startswith(prefix)},
+            **{prefix + k: v for k, v in renamed.items()}}
 
 
 def _lora_layers(module: torch.nn.Module) -> dict[str, Any]:

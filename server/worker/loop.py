@@ -21,6 +21,7 @@ from ..config import SchedulerSettings
 from ..errors import DarkroomError, DeadlineExceeded, InternalError
 from ..images import encode_image
 from ..jobs import GeneratedImage, Job, JobResult
+from ..loras import lora_summary
 from ..metrics import SafetyCounters
 from ..params import GenerationParams
 from ..queue.protocol import BatchSource
@@ -159,7 +160,8 @@ class Worker:
         screen_started = time.monotonic()
         refusals = self.engine.screen([job.params for job in runnable], outputs)
         stages["safety"] = time.monotonic() - screen_started
-        metrics.observe_batch(runnable[0].params.model, len(runnable), images, stages)
+        metrics.observe_batch(runnable[0].params.model, len(runnable), images, stages,
+                              loras=len(runnable[0].params.loras))
 
         for job, pil_images, refusal in zip(runnable, outputs, refusals, strict=True):
             if refusal is not None:  # flagged by the safety checker: nothing is encoded or stored
@@ -197,15 +199,17 @@ class Worker:
             metrics.observe_job(p.model, "done", queue_s=result.queue_s, encode_s=result.encode_s,
                                 images=len(encoded))
             stage_ms = {f"{name}_ms": round(seconds * 1000, 2) for name, seconds in result.stages.items()}
+            loras = lora_summary(p.loras)
             log.info(
-                "job done id=%s model=%s size=%dx%d steps=%d n=%d batch=%s batch_jobs=%d "
+                "job done id=%s model=%s size=%dx%d steps=%d n=%d image_loras=%s batch=%s batch_jobs=%d "
                 "batch_images=%d queue_ms=%.1f inference_ms=%.1f encode_ms=%.1f request_id=%s %s",
-                job.id, p.model, p.width, p.height, p.steps, p.n, batch_id, len(runnable), images,
-                result.queue_s * 1000, inference_s * 1000, result.encode_s * 1000, job.request_id,
-                " ".join(f"{k}={v:.1f}" for k, v in stage_ms.items()),
+                job.id, p.model, p.width, p.height, p.steps, p.n, ",".join(loras) or "-", batch_id,
+                len(runnable), images, result.queue_s * 1000, inference_s * 1000, result.encode_s * 1000,
+                job.request_id, " ".join(f"{k}={v:.1f}" for k, v in stage_ms.items()),
                 extra={"fields": {
                     "job_id": job.id, "request_id": job.request_id, "model": p.model, "width": p.width,
                     "height": p.height, "steps": p.steps, "n": p.n, "loras": len(p.loras),
+                    "image_loras": loras,
                     "conditioning": p.conditioning, "batch_id": batch_id, "batch_jobs": len(runnable),
                     "batch_images": images, "queue_ms": round(result.queue_s * 1000, 2),
                     "inference_ms": round(inference_s * 1000, 2), **stage_ms,

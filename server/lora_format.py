@@ -1,0 +1,446 @@
+"""What a LoRA file holds, read from its safetensors header alone: every tensor accounted for by name, before
+any conversion.
+
+Both processes use it (no torch): the LoRA store checks a file while it downloads (server/loras.py) and the
+engine checks it again before loading (server/engine/adapters.py).
+
+The header is read strictly (`safetensors format <https://github.com/huggingface/safetensors#format>`_):
+an 8-byte little-endian length, then that many bytes of JSON, ``{name: {"dtype", "shape",
+"data_offsets": [begin, end]}, "__metadata__": {str: str}}``, the tensors' bytes back to back in offset order.
+Anything else a header can hold (offsets that are strings, null, floats, 5000-digit numbers, deep nesting,
+duplicate names, overlapping or missing bytes) is a ``FormatError``, never another exception.
+
+Every tensor name is then classified as diffusers 0.42 converts FLUX LoRAs (``FluxLoraLoaderMixin.
+lora_state_dict`` and ``_convert_kohya_flux_lora_to_diffusers`` / ``_convert_xlabs_flux_lora_to_diffusers`` /
+``_convert_bfl_flux_control_lora_to_diffusers`` in ``diffusers/loaders/lora_conversion_utils.py``): into the
+part it is for (transformer, CLIP-L, T5, ...) and its kind (a LoRA matrix, alpha, DoRA magnitude, LoHa, ...).
+What diffusers would drop, with at most a log line, is refused here by name and count
+(``"12 T5 weights (lora_te2_...) cannot be applied"``) instead of loading part of a LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Bytes per element of each safetensors dtype a LoRA may hold (sub-byte dtypes are no LoRA's).
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
+}
+FLOAT_DTYPES = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
+_MAX_DIM = 2**53  # larger shape entries or offsets are no real file's
+
+
+class FormatError(ValueError):
+    """A LoRA file is malformed or holds weights that cannot be applied; ``message`` says which, without the
+    file's name (the caller adds it). ``code``: ``invalid_lora_file`` (malformed) or ``unsupported_lora``."""
+
+    def __init__(self, message: str, code: str = "invalid_lora_file") -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# -- the header ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # byte offsets into the data section (after the header)
+    end: int
+
+
+@dataclass(frozen=True)
+class Header:
+    """A checked safetensors header: ``length`` bytes of JSON after the 8-byte prefix, ``data_bytes`` after."""
+
+    length: int
+    tensors: dict[str, TensorEntry]
+    metadata: dict[str, str]
+
+    @property
+    def data_bytes(self) -> int:
+        return max((t.end for t in self.tensors.values()), default=0)
+
+    @property
+    def file_bytes(self) -> int:
+        return 8 + self.length + self.data_bytes
+
+
+NOT_SAFETENSORS = "is not a safetensors file"
+
+
+def header_length(prefix: bytes, max_header_bytes: int) -> int:
+    """The header length an 8-byte prefix declares; ``FormatError`` unless 2 <= length <= max_header_bytes."""
+    if len(prefix) < 8:
+        raise FormatError(NOT_SAFETENSORS)
+    length = int.from_bytes(prefix[:8], "little")
+    if length < 2:
+        raise FormatError(NOT_SAFETENSORS)
+    if length > max_header_bytes:
+        raise FormatError(f"{NOT_SAFETENSORS} (its first 8 bytes declare a header of {length} bytes; at most "
+                          f"{max_header_bytes} are read)")
+    return length
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise FormatError(f"{NOT_SAFETENSORS}: its header names '{_cut(key)}' twice")
+        out[key] = value
+    return out
+
+
+def _count(value: Any) -> int | None:
+    """A JSON integer in a sane range, else None (floats, bools, strings, null and huge numbers are not)."""
+    if type(value) is int and 0 <= value <= _MAX_DIM:
+        return value
+    return None
+
+
+def parse_header(raw: bytes) -> Header:
+    """A safetensors header (the JSON after the 8-byte prefix), checked as the safetensors library checks it.
+
+    Raises only ``FormatError``: for invalid UTF-8 or JSON, nesting too deep for the parser, numbers Python
+    will not convert, a top level that is not an object, a tensor without a known dtype, a shape of
+    non-negative integers and two integer offsets, a byte size that does not match its shape, tensors whose
+    bytes overlap or leave gaps, ``__metadata__`` that is not string to string, or no tensors at all.
+    """
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except FormatError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError, TypeError, OverflowError):
+        # ValueError covers JSONDecodeError and integers over Python's digit limit.
+        raise FormatError(f"{NOT_SAFETENSORS}: its header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{NOT_SAFETENSORS}: its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError(f"{NOT_SAFETENSORS}: its __metadata__ is not a map of strings to strings")
+    tensors: dict[str, TensorEntry] = {}
+    for name, info in header.items():
+        tensors[name] = _entry(name, info)
+    if not tensors:
+        raise FormatError("is a safetensors file without tensors")
+    position = 0
+    for name, entry in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if entry.begin != position:
+            raise FormatError(f"{NOT_SAFETENSORS}: the bytes of tensor '{_cut(name)}' overlap another's or "
+                              "leave a gap")
+        position = entry.end
+    return Header(length=len(raw), tensors=tensors, metadata=dict(metadata))
+
+
+def _entry(name: str, info: Any) -> TensorEntry:
+    bad = FormatError(f"{NOT_SAFETENSORS}: tensor '{_cut(name)}' has no valid dtype, shape and data_offsets")
+    if not isinstance(info, dict) or set(info) - {"dtype", "shape", "data_offsets"}:
+        raise bad
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dtype not in DTYPE_BYTES or not isinstance(shape, list) or not isinstance(offsets, list) \
+            or len(offsets) != 2 or len(shape) > 8:
+        raise bad
+    dims = [_count(d) for d in shape]
+    begin, end = _count(offsets[0]), _count(offsets[1])
+    if any(d is None for d in dims) or begin is None or end is None or end < begin:
+        raise bad
+    if math.prod(dims) * DTYPE_BYTES[dtype] != end - begin:  # type: ignore[arg-type]
+        raise FormatError(f"{NOT_SAFETENSORS}: tensor '{_cut(name)}' has {end - begin} bytes for shape "
+                          f"{shape} of {dtype}")
+    return TensorEntry(dtype, tuple(dims), begin, end)  # type: ignore[arg-type]
+
+
+def read_header(path: Path, max_header_bytes: int, max_file_bytes: int | None = None) -> Header:
+    """The header of a local file, checked as ``check_header`` checks it; the file's size must be exactly
+    what the header declares. ``FormatError`` for the file's content; ``OSError`` if it cannot be read."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        length = header_length(fh.read(8), max_header_bytes)
+        if length > size - 8:
+            raise FormatError(NOT_SAFETENSORS)
+        header = check_header(fh.read(length), max_file_bytes if max_file_bytes is not None else 2**63)
+    if header.file_bytes != size:
+        raise FormatError(f"is not a complete safetensors file ({size} bytes; its header describes "
+                          f"{header.file_bytes})")
+    return header
+
+
+# -- what each tensor is ----------------------------------------------------------------------------
+
+# Part a weight is for, by name prefix (diffusers/peft, kohya/sd-scripts, ComfyUI, xlabs, BFL, fal).
+_PARTS: tuple[tuple[str, str], ...] = (
+    ("lora_te2_", "t5"), ("text_encoders.t5xxl.", "t5"), ("text_encoder_2.", "t5"),
+    ("lora_te1_", "clip"), ("lora_te_", "clip"), ("text_encoders.clip_l.", "clip"), ("text_encoder.", "clip"),
+    ("lora_te3_", "other_te"), ("text_encoder_3.", "other_te"), ("text_encoders.", "other_te"),
+    ("unet.", "unet"),
+    ("lora_unet_", "transformer"), ("diffusion_model.", "transformer"), ("transformer.", "transformer"),
+    ("lora_transformer_", "transformer"), ("double_blocks.", "transformer"), ("single_blocks.", "transformer"),
+    ("base_model.model.", "transformer"), ("final_layer.", "transformer"), ("img_in.", "transformer"),
+    ("txt_in.", "transformer"), ("time_in.", "transformer"), ("vector_in.", "transformer"),
+    ("guidance_in.", "transformer"),
+)
+APPLIED_PARTS = ("transformer", "clip")
+
+# Kind of a weight, by name suffix; the first match wins. "lora": one of a LoRA's two matrices.
+_KINDS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), k) for p, k in (
+    (r"\.lora_(?:down|up)\.weight$", "lora"),
+    (r"\.lora_[AB]\.weight$", "lora"),
+    (r"\.lora_B\.bias$", "lora_bias"),
+    (r"\.lora_mid\.weight$", "locon"),
+    (r"\.(?:down|up)\.weight$", "lora"),  # xlabs; diffusers' older to_q_lora.down / lora_linear_layer.up
+    (r"\.lora_magnitude_vector(?:\.weight)?$", "dora"),
+    (r"\.alpha$", "alpha"),
+    (r"\.dora_scale$", "dora_scale"),
+    (r"\.hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2)$", "loha"),
+    (r"\.lokr_(?:w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$", "lokr"),
+    (r"\.diff_b$", "diff_b"),
+    (r"\.diff$", "diff"),
+))
+# Weights of a normalisation layer itself (not of a Linear inside one, like norm1.linear): RMSNorm scales of
+# BFL Control LoRAs (query_norm.scale, norm_q.weight), their .diff in ComfyUI exports, LyCORIS w_norm/b_norm.
+_NORM_LAYER = re.compile(r"norm(?:\d+|_q|_k|_added_q|_added_k)?$")
+_NORM_WEIGHT = ("scale", "weight", "bias", "diff", "diff_b")
+_EMBEDDING = re.compile(r"(?:token|position)[._]?embedding|^bundle_emb|^emb_params|^string_to_param")
+
+# The kohya/sd-scripts FLUX layers diffusers' converter consumes (``_convert_sd_scripts_to_ai_toolkit``);
+# any other ``lora_unet_`` layer would be left over and dropped with a warning.
+_KOHYA_DOUBLE = ("img_attn_proj", "img_attn_qkv", "img_mlp_0", "img_mlp_2", "img_mod_lin", "txt_attn_proj",
+                 "txt_attn_qkv", "txt_mlp_0", "txt_mlp_2", "txt_mod_lin")
+_KOHYA_LAYER = re.compile(
+    r"^(?:double_blocks_(?P<d>\d+)_(?:" + "|".join(_KOHYA_DOUBLE) + r")"
+    r"|single_blocks_(?P<s>\d+)_(?:linear1|linear2|modulation_lin)"
+    r"|guidance_in_(?:in|out)_layer|img_in|txt_in|time_in_(?:in|out)_layer|vector_in_(?:in|out)_layer"
+    r"|final_layer_adaLN_modulation_1|final_layer_linear)$"
+)
+_KOHYA_BLOCKS = {"d": 19, "s": 38}
+# What the kohya path keeps: these prefixes (after ComfyUI's are renamed), down/up matrices and alphas.
+_KOHYA_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_te_", "lora_te1_", "text_encoders.clip_l.transformer.")
+_KOHYA_SUFFIX = re.compile(r"\.(?:lora_down\.weight|lora_up\.weight|alpha)$")
+
+
+def part_of(name: str) -> str:
+    """``transformer``, ``clip``, ``t5``, ``other_te``, ``unet`` or ``unknown``."""
+    return next((part for prefix, part in _PARTS if name.startswith(prefix)), "unknown")
+
+
+def kind_of(name: str) -> str:
+    """``lora``, ``lora_bias``, ``dora``, ``alpha`` (applied kinds), ``dora_scale``, ``loha``, ``lokr``,
+    ``locon``, ``diff``, ``diff_b``, ``norm``, ``embedding`` or ``unknown``."""
+    if _EMBEDDING.search(name):
+        return "embedding"
+    module, _, suffix = name.rpartition(".")
+    if suffix in ("w_norm", "b_norm") or (suffix in _NORM_WEIGHT and _NORM_LAYER.search(module.rsplit(".")[-1])):
+        return "norm"
+    return next((kind for pattern, kind in _KINDS if pattern.search(name)), "unknown")
+
+
+def _module(name: str) -> str:
+    """The layer a weight belongs to: its name without the kind suffix."""
+    for pattern, _ in _KINDS:
+        match = pattern.search(name)
+        if match:
+            return name[: match.start()]
+    return name.rsplit(".", 1)[0]
+
+
+def _kohya_layer(name: str) -> str | None:
+    """The sd-scripts layer name of a kohya/ComfyUI transformer weight (``double_blocks_0_img_attn_qkv``)."""
+    for prefix in ("lora_unet_", "diffusion_model."):
+        if name.startswith(prefix):
+            return _module(name)[len(prefix):].replace(".", "_")
+    return None
+
+
+def _known_kohya_layer(layer: str) -> bool:
+    match = _KOHYA_LAYER.match(layer)
+    if match is None:
+        return False
+    return all(match[g] is None or int(match[g]) < n for g, n in _KOHYA_BLOCKS.items())
+
+
+APPLIED_KINDS = ("lora", "lora_bias", "dora", "alpha")
+
+# Why a group of weights is refused; "{n} {what} ({sample}) cannot be applied: {why}".
+REFUSALS: dict[str, tuple[str, str]] = {
+    "t5": ("T5 weights", "this LoRA has T5 text-encoder weights, which Darkroom cannot apply (diffusers loads "
+                         "FLUX LoRAs into the transformer and the CLIP text encoder only)"),
+    "other_te": ("weights of another text encoder", "FLUX has a CLIP-L and a T5 text encoder only"),
+    "unet": ("UNet weights", "FLUX has no UNet: a LoRA for another architecture (Stable Diffusion?)"),
+    "dora_scale": ("DoRA magnitudes", "DoRA LoRAs are not supported in kohya/LyCORIS form (dora_scale); "
+                                      "diffusers/peft DoRA (lora_magnitude_vector) is"),
+    "loha": ("LyCORIS LoHa weights", "LoHa (Hadamard-product) LoRAs are not supported"),
+    "lokr": ("LyCORIS LoKr weights", "LoKr (Kronecker-product) LoRAs are not supported"),
+    "locon": ("LyCORIS LoCon mid weights", "convolution LoRAs are not supported"),
+    "diff": ("full-weight deltas", "diffusers does not apply .diff weights to FLUX (only low-rank LoRA "
+                                   "matrices)"),
+    "diff_b": ("bias deltas", "diffusers drops .diff_b weights of FLUX LoRAs"),
+    "norm": ("norm weights", "they would overwrite the model's own normalisation weights for every request "
+                             "(as in BFL Control LoRAs)"),
+    "embedding": ("embedding weights", "token/position embeddings and textual-inversion vectors are not "
+                                       "supported"),
+    "unknown_layer": ("weights of layers FLUX does not have", "a LoRA for another architecture?"),
+    "dropped": ("weights diffusers' converter would drop", "the file mixes naming schemes (kohya with "
+                                                           "diffusers/peft names, or unconvertible layers)"),
+    "unpaired": ("LoRA weights without their other half", "a LoRA layer needs both its down (A) and up (B) "
+                                                          "matrix"),
+    "unknown_part": ("weights for no part of FLUX", "their names start with none of the prefixes of the "
+                                                    "transformer or CLIP (transformer., text_encoder., "
+                                                    "lora_unet_, lora_te1_, diffusion_model., ...): a LoRA "
+                                                    "for another architecture?"),
+    "unknown": ("tensors that are not LoRA weights", "this server reads LoRA matrices, alphas, DoRA "
+                                                     "magnitudes (lora_magnitude_vector) and lora_B biases"),
+}
+
+
+@dataclass
+class Inventory:
+    """Every tensor of a file: the weights that will be applied per part, and the refused groups."""
+
+    total: int = 0
+    applied: Counter[str] = field(default_factory=Counter)         # part -> weights
+    modules: dict[str, set[str]] = field(default_factory=dict)     # part -> LoRA layers (raw names)
+    refused: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # group -> names
+
+    @property
+    def has_lora(self) -> bool:
+        return any(self.modules.values())
+
+    def problem(self) -> FormatError | None:
+        """The refusal of this file, naming every refused group with its count and a sample; or None."""
+        if not self.has_lora and set(self.refused) <= {"unknown", "unknown_part"}:
+            names = sorted(n for group in self.refused.values() for n in group)
+            return FormatError(f"holds no LoRA weights (tensors like {', '.join(_cut(n, 80) for n in names[:3])})")
+        if not self.refused:
+            return None
+        parts = []
+        for group, names in self.refused.items():
+            what, why = REFUSALS[group]
+            sample = ", ".join(_cut(n, 80) for n in sorted(names)[:2]) + (", ..." if len(names) > 2 else "")
+            parts.append(f"{len(names)} {what} ({sample}) cannot be applied: {why}")
+        applied = sum(self.applied.values())
+        tail = f" (of its {self.total} tensors, {applied} could be)" if applied else ""
+        return FormatError("; ".join(parts) + tail, code="unsupported_lora")
+
+
+def classify(names: Iterable[str]) -> Inventory:
+    """Account for every tensor name of a FLUX LoRA file before any conversion (see the module docstring)."""
+    names = list(names)
+    inv = Inventory(total=len(names))
+    # diffusers' FLUX loader picks a converter from the whole file (FluxLoraLoaderMixin.lora_state_dict).
+    kohya = any(n.endswith(".lora_down.weight") for n in names)
+    peft_mix = kohya and any(n.startswith("transformer.") for n in names)
+    mixture = kohya and any(n.startswith("lora_transformer_") for n in names)
+    kept: list[tuple[str, str, str, str]] = []  # name, part, kind, layer
+    for name in names:
+        part, kind = part_of(name), kind_of(name)
+        group = _refused_group(name, part, kind, kohya=kohya, peft_mix=peft_mix, mixture=mixture)
+        if group:
+            inv.refused[group].append(name)
+        else:
+            kept.append((name, part, kind, _module(name)))
+    # A LoRA layer is its down (A) and up (B) matrix; one without the other (or an alpha of no layer) would
+    # be dropped by the converter or give peft a layer it fills in itself.
+    sides: dict[str, set[str]] = defaultdict(set)
+    for name, _, kind, layer in kept:
+        if kind == "lora":
+            sides[layer].add("down" if _DOWN.search(name) else "up")
+    for name, part, kind, layer in kept:
+        if kind in ("lora", "alpha") and len(sides.get(layer, ())) < 2:
+            inv.refused["unpaired"].append(name)
+            continue
+        inv.applied[part] += 1
+        if kind == "lora":
+            inv.modules.setdefault(part, set()).add(layer)
+    inv.refused = {k: v for k, v in inv.refused.items() if v}  # type: ignore[assignment]
+    return inv
+
+
+_DOWN = re.compile(r"(?:lora_down|lora_A|down)\.weight$")
+
+
+def _refused_group(name: str, part: str, kind: str, *, kohya: bool, peft_mix: bool,
+                   mixture: bool) -> str | None:
+    if part in ("t5", "other_te", "unet"):
+        return part
+    if kind not in APPLIED_KINDS:
+        return kind
+    if part == "unknown":
+        return "unknown_part"
+    if peft_mix and not name.startswith("transformer."):
+        return "dropped"  # diffusers keeps transformer.* only from such a file
+    if mixture and name.startswith("lora_unet_"):
+        return "dropped"
+    if kohya and not peft_mix and not mixture:
+        if not name.startswith(_KOHYA_PREFIXES) or not _KOHYA_SUFFIX.search(name):
+            return "dropped"
+        layer = _kohya_layer(name)
+        if (layer is not None and not _known_kohya_layer(layer)) or "text_projection" in name:
+            return "unknown_layer"
+    return None
+
+
+def _cut(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class StreamCheck:
+    """A download sink (``Fetcher.fetch_to``): passes every chunk on to ``write``, and checks the file as it
+    arrives: the 8-byte header length first, then the header and every tensor name in it (``classify``)
+    before any of the body is passed on, then that the body is exactly as long as the header says.
+
+    Holds at most the header (``max_header_bytes``) plus one chunk in memory. Raises ``FormatError``.
+    """
+
+    def __init__(self, write: Callable[[bytes], object], max_header_bytes: int, max_file_bytes: int) -> None:
+        self.write = write
+        self.max_header_bytes = max_header_bytes
+        self.max_file_bytes = max_file_bytes
+        self.header: Header | None = None
+        self.received = 0
+        self._head = bytearray()
+        self._length: int | None = None
+
+    def __call__(self, chunk: bytes) -> None:
+        self.received += len(chunk)
+        if self.header is None:
+            self._head += chunk
+            if self._length is None and len(self._head) >= 8:
+                self._length = header_length(bytes(self._head[:8]), self.max_header_bytes)
+            if self._length is None or len(self._head) < 8 + self._length:
+                return  # nothing is written before the header has been checked
+            self.header = check_header(bytes(self._head[8 : 8 + self._length]), self.max_file_bytes)
+            chunk, self._head = bytes(self._head), bytearray()
+        if self.received > self.header.file_bytes:
+            raise FormatError(f"is longer than its safetensors header says ({self.header.file_bytes} bytes)")
+        self.write(chunk)
+
+    def finish(self) -> Header:
+        """The checked header, once the whole body has arrived; ``FormatError`` if it is incomplete."""
+        if self.header is None:
+            raise FormatError(NOT_SAFETENSORS)
+        if self.received != self.header.file_bytes:
+            raise FormatError(f"is not a complete safetensors file ({self.received} bytes; its header "
+                              f"describes {self.header.file_bytes})")
+        return self.header
+
+
+def check_header(raw: bytes, max_file_bytes: int) -> Header:
+    """``parse_header``, then the size it declares against ``max_file_bytes`` and every name (``classify``)."""
+    header = parse_header(raw)
+    if header.file_bytes > max_file_bytes:
+        raise FormatError(f"is larger than {max_file_bytes} bytes (its header describes {header.file_bytes})",
+                          code="fetch_failed")
+    problem = classify(header.tensors).problem()
+    if problem is not None:
+        raise problem
+    return header
