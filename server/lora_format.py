@@ -29,12 +29,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # Bytes per element of each safetensors dtype a LoRA may hold (sub-byte dtypes are no LoRA's).
 DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
 }
-FLOAT_DTYPES = frozenset({"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"})
+# A float is NaN or infinite when its exponent bits are all ones (IEEE 754; bfloat16 likewise): per float
+# dtype, the unsigned integer of its width and the exponent mask. float8 e4m3 (fn) has no infinity and one
+# NaN pattern per sign, whose bits under 0x7F are all ones.
+NON_FINITE_BITS = {
+    "F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+    "F64": ("<u8", 0x7FF0000000000000), "F8_E5M2": ("u1", 0x7C), "F8_E4M3": ("u1", 0x7F),
+}
 _MAX_DIM = 2**53  # larger shape entries or offsets are no real file's
 
 
@@ -59,13 +67,15 @@ class TensorEntry:
     end: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class Header:
-    """A checked safetensors header: ``length`` bytes of JSON after the 8-byte prefix, ``data_bytes`` after."""
+    """A checked safetensors header: ``length`` bytes of JSON after the 8-byte prefix, ``data_bytes`` after;
+    ``inventory``: every tensor name classified (set by ``check_header``)."""
 
     length: int
     tensors: dict[str, TensorEntry]
     metadata: dict[str, str]
+    inventory: Inventory | None = None
 
     @property
     def data_bytes(self) -> int:
@@ -175,6 +185,44 @@ def read_header(path: Path, max_header_bytes: int, max_file_bytes: int | None = 
     return header
 
 
+# -- the values ------------------------------------------------------------------------------------------
+
+
+def has_non_finite(data: Any, dtype: str) -> bool:
+    """Whether a buffer of ``dtype`` elements (a safetensors float dtype) holds a NaN or an infinity."""
+    view, mask = NON_FINITE_BITS[dtype]
+    bits = np.frombuffer(data, dtype=view)
+    return bits.size > 0 and int(np.bitwise_and(bits, mask).max()) == mask
+
+
+def check_finite(path: Path, header: Header, chunk_bytes: int = 1 << 23) -> None:
+    """``FormatError`` naming the float tensors of a file that hold NaN or infinite values. Reads the file a
+    chunk at a time (memory: one chunk), from bit patterns (no torch; ~0.1 s per 300 MB here)."""
+    bad = []
+    with path.open("rb") as fh:
+        for name, entry in header.tensors.items():
+            if entry.dtype not in NON_FINITE_BITS:
+                continue
+            size = np.dtype(NON_FINITE_BITS[entry.dtype][0]).itemsize
+            fh.seek(8 + header.length + entry.begin)
+            left = entry.end - entry.begin
+            while left > 0:
+                data = fh.read(min(chunk_bytes - chunk_bytes % size, left))
+                if not data:
+                    break
+                left -= len(data)
+                if has_non_finite(data, entry.dtype):
+                    bad.append(name)
+                    break
+    if bad:
+        raise FormatError(non_finite_message(bad))
+
+
+def non_finite_message(names: list[str], when: str = "") -> str:
+    shown = ", ".join(_cut(n, 80) for n in sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+    return f"has {len(names)} weights with NaN or infinite values{when} ({shown})"
+
+
 # -- what each tensor is ----------------------------------------------------------------------------
 
 # Part a weight is for, by name prefix (diffusers/peft, kohya/sd-scripts, ComfyUI, xlabs, BFL, fal).
@@ -191,21 +239,15 @@ _PARTS: tuple[tuple[str, str], ...] = (
 )
 APPLIED_PARTS = ("transformer", "clip")
 
-# Kind of a weight, by name suffix; the first match wins. "lora": one of a LoRA's two matrices.
-_KINDS: tuple[tuple[re.Pattern[str], str], ...] = tuple((re.compile(p), k) for p, k in (
-    (r"\.lora_(?:down|up)\.weight$", "lora"),
-    (r"\.lora_[AB]\.weight$", "lora"),
-    (r"\.lora_B\.bias$", "lora_bias"),
-    (r"\.lora_mid\.weight$", "locon"),
-    (r"\.(?:down|up)\.weight$", "lora"),  # xlabs; diffusers' older to_q_lora.down / lora_linear_layer.up
-    (r"\.lora_magnitude_vector(?:\.weight)?$", "dora"),
-    (r"\.alpha$", "alpha"),
-    (r"\.dora_scale$", "dora_scale"),
-    (r"\.hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2)$", "loha"),
-    (r"\.lokr_(?:w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2)$", "lokr"),
-    (r"\.diff_b$", "diff_b"),
-    (r"\.diff$", "diff"),
-))
+# Kind of a weight, by name suffix (one pattern, one search per name; the group that matched is the kind).
+# "lora": one of a LoRA's two matrices (kohya lora_down/up, peft lora_A/B, xlabs and diffusers' older
+# to_q_lora.down / lora_linear_layer.up).
+_SUFFIX = re.compile(
+    r"\.(?:(?P<lora>lora_(?:down|up)\.weight|lora_[AB]\.weight|(?:down|up)\.weight)"
+    r"|(?P<lora_bias>lora_B\.bias)|(?P<locon>lora_mid\.weight)|(?P<dora>lora_magnitude_vector(?:\.weight)?)"
+    r"|(?P<alpha>alpha)|(?P<dora_scale>dora_scale)|(?P<loha>hada_(?:w1_a|w1_b|w2_a|w2_b|t1|t2))"
+    r"|(?P<lokr>lokr_(?:w1|w2|w1_a|w1_b|w2_a|w2_b|t1|t2))|(?P<diff_b>diff_b)|(?P<diff>diff))$"
+)
 # Weights of a normalisation layer itself (not of a Linear inside one, like norm1.linear): RMSNorm scales of
 # BFL Control LoRAs (query_norm.scale, norm_q.weight), their .diff in ComfyUI exports, LyCORIS w_norm/b_norm.
 _NORM_LAYER = re.compile(r"norm(?:\d+|_q|_k|_added_q|_added_k)?$")
@@ -236,28 +278,27 @@ def part_of(name: str) -> str:
 def kind_of(name: str) -> str:
     """``lora``, ``lora_bias``, ``dora``, ``alpha`` (applied kinds), ``dora_scale``, ``loha``, ``lokr``,
     ``locon``, ``diff``, ``diff_b``, ``norm``, ``embedding`` or ``unknown``."""
+    return _kind_and_layer(name)[0]
+
+
+def _kind_and_layer(name: str) -> tuple[str, str]:
+    """A weight's kind and the layer it belongs to (its name without the kind suffix)."""
     if _EMBEDDING.search(name):
-        return "embedding"
+        return "embedding", name.rsplit(".", 1)[0]
     module, _, suffix = name.rpartition(".")
     if suffix in ("w_norm", "b_norm") or (suffix in _NORM_WEIGHT and _NORM_LAYER.search(module.rsplit(".")[-1])):
-        return "norm"
-    return next((kind for pattern, kind in _KINDS if pattern.search(name)), "unknown")
+        return "norm", module
+    match = _SUFFIX.search(name)
+    if match is None:
+        return "unknown", module
+    return str(match.lastgroup), name[: match.start()]
 
 
-def _module(name: str) -> str:
-    """The layer a weight belongs to: its name without the kind suffix."""
-    for pattern, _ in _KINDS:
-        match = pattern.search(name)
-        if match:
-            return name[: match.start()]
-    return name.rsplit(".", 1)[0]
-
-
-def _kohya_layer(name: str) -> str | None:
-    """The sd-scripts layer name of a kohya/ComfyUI transformer weight (``double_blocks_0_img_attn_qkv``)."""
+def _kohya_layer(layer: str) -> str | None:
+    """The sd-scripts name of a kohya/ComfyUI transformer layer (``double_blocks_0_img_attn_qkv``)."""
     for prefix in ("lora_unet_", "diffusion_model."):
-        if name.startswith(prefix):
-            return _module(name)[len(prefix):].replace(".", "_")
+        if layer.startswith(prefix):
+            return layer[len(prefix):].replace(".", "_")
     return None
 
 
@@ -342,12 +383,12 @@ def classify(names: Iterable[str]) -> Inventory:
     mixture = kohya and any(n.startswith("lora_transformer_") for n in names)
     kept: list[tuple[str, str, str, str]] = []  # name, part, kind, layer
     for name in names:
-        part, kind = part_of(name), kind_of(name)
-        group = _refused_group(name, part, kind, kohya=kohya, peft_mix=peft_mix, mixture=mixture)
+        part, (kind, layer) = part_of(name), _kind_and_layer(name)
+        group = _refused_group(name, part, kind, layer, kohya=kohya, peft_mix=peft_mix, mixture=mixture)
         if group:
             inv.refused[group].append(name)
         else:
-            kept.append((name, part, kind, _module(name)))
+            kept.append((name, part, kind, layer))
     # A LoRA layer is its down (A) and up (B) matrix; one without the other (or an alpha of no layer) would
     # be dropped by the converter or give peft a layer it fills in itself.
     sides: dict[str, set[str]] = defaultdict(set)
@@ -368,7 +409,7 @@ def classify(names: Iterable[str]) -> Inventory:
 _DOWN = re.compile(r"(?:lora_down|lora_A|down)\.weight$")
 
 
-def _refused_group(name: str, part: str, kind: str, *, kohya: bool, peft_mix: bool,
+def _refused_group(name: str, part: str, kind: str, layer: str, *, kohya: bool, peft_mix: bool,
                    mixture: bool) -> str | None:
     if part in ("t5", "other_te", "unet"):
         return part
@@ -383,8 +424,8 @@ def _refused_group(name: str, part: str, kind: str, *, kohya: bool, peft_mix: bo
     if kohya and not peft_mix and not mixture:
         if not name.startswith(_KOHYA_PREFIXES) or not _KOHYA_SUFFIX.search(name):
             return "dropped"
-        layer = _kohya_layer(name)
-        if (layer is not None and not _known_kohya_layer(layer)) or "text_projection" in name:
+        kohya_layer = _kohya_layer(layer)
+        if (kohya_layer is not None and not _known_kohya_layer(kohya_layer)) or "text_projection" in name:
             return "unknown_layer"
     return None
 
@@ -440,7 +481,8 @@ def check_header(raw: bytes, max_file_bytes: int) -> Header:
     if header.file_bytes > max_file_bytes:
         raise FormatError(f"is larger than {max_file_bytes} bytes (its header describes {header.file_bytes})",
                           code="fetch_failed")
-    problem = classify(header.tensors).problem()
+    header.inventory = classify(header.tensors)
+    problem = header.inventory.problem()
     if problem is not None:
         raise problem
     return header

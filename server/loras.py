@@ -46,7 +46,7 @@ from .config import FetchSettings, LoraSettings, Settings
 from .errors import DarkroomError, InternalError, InvalidRequest
 from .fetch import Fetcher, FetchError
 from .filelock import locked
-from .lora_format import FormatError, StreamCheck, read_header
+from .lora_format import FormatError, StreamCheck, check_finite, read_header
 from .lora_sources import Source, parse_source, pick_lora_file
 from .params import LoraRef
 from .single_flight import SingleFlight
@@ -255,7 +255,7 @@ class LoraStore:
                 check = StreamCheck(out.write, self.settings.max_header_bytes, self.settings.max_file_bytes)
                 # The field is the request field (it labels the fetcher's metrics); messages name the path.
                 self.fetcher.fetch_to(url, FIELD, self.settings.max_file_bytes, check)
-                check.finish()
+            check_finite(Path(tmp), check.finish())
             os.replace(tmp, file)
         except FetchError as exc:
             raise LoraError(_naming(exc.message, source.path), code=exc.code) from None

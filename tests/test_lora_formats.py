@@ -303,12 +303,10 @@ def test_refused_formats_name_the_part_and_count(worker_checks: InProcessServer,
 
 def test_refusals_come_before_the_queue_with_prefetch(make_app: Callable[..., InProcessServer],
                                                        tmp_path: Path, origin: FormatOrigin) -> None:
-    """With loras.prefetch the API refuses what the header shows before queueing: no job reaches the engine
-    (NaN values are read by the worker, which loads the weights)."""
+    """With loras.prefetch the API refuses each of these files before queueing: no job reaches the engine."""
     standin = make_app(_config(tmp_path, prefetch=True), engine="stand-in")
     for name, fragment in REFUSED:
-        if name not in ("nan", "inf-alpha"):
-            assert fragment in refusal(standin, origin, name)
+        assert fragment in refusal(standin, origin, name)
     assert standin.engines[0].calls == []
     assert standin.generate(**body(origin, "kohya-clip")).status_code == 200
     assert len(standin.engines[0].calls) == 1
@@ -327,3 +325,30 @@ def test_job_log_line_and_metrics_show_the_loras(app: InProcessServer, origin: F
     line = next(ln for ln in app.log().splitlines() if f"id={resp.json()['id']}" in ln and "job done" in ln)
     assert f"image_loras={path}@0.7 " in line
     assert batches_with("1.0") == before_one + 1 and batches_with("0.0") == before_none
+
+
+def test_hotswap_slots_refuse_what_they_cannot_hold(origin: FormatOrigin, tiny_cache: Path,
+                                                    tmp_path: Path) -> None:
+    """In hotswap mode (slots of plain LoRA matrices on the transformer), CLIP weights, DoRA magnitudes and
+    lora_B biases are refused by name rather than dropped by the swap."""
+    from diffusers import FluxPipeline
+
+    from server.config import FetchSettings, LoraSettings
+    from server.engine.adapters import LoraManager
+    from server.loras import LoraError, LoraStore
+
+    pipe = FluxPipeline.from_pretrained(ensure_tiny_flux(tiny_cache), dtype=torch.float32)
+    store = LoraStore(LoraSettings(cache_dir=tmp_path, hotswap=True, hotswap_target_rank=8),
+                      FetchSettings(allow_hosts=["127.0.0.1"]), tmp_path)
+    manager = LoraManager(store)
+    for name, fragment in (("kohya-clip", "has text-encoder weights"),
+                           ("dora", "has DoRA magnitudes \\(lora_magnitude_vector\\), which"),
+                           ("lora-bias", "has lora_B biases, which"), ("peft", None)):
+        url = origin.url(f"/{name}.safetensors")
+        with store.use(url) as file:
+            if fragment is None:
+                assert manager.inspect("darkroom/tiny-flux", pipe, file, url).rank == 4
+            else:
+                with pytest.raises(LoraError, match=fragment):
+                    manager.inspect("darkroom/tiny-flux", pipe, file, url)
+    store.close()
