@@ -46,13 +46,15 @@ def write_lora(path: Path, rank: int) -> tuple[int, int]:
     """A kohya FLUX LoRA header over sparse zeros; returns (tensors, bytes)."""
     layers = {f"double_blocks_{i}_{n}": s for i in range(19) for n, s in DOUBLE.items()}
     layers |= {f"single_blocks_{i}_{n}": s for i in range(38) for n, s in SINGLE.items()}
-    header: dict[str, object] = {"__metadata__": {"ss_network_dim": str(rank), "ss_network_module": "networks.lora_flux"}}
+    header: dict[str, object] = {"__metadata__": {"ss_network_dim": str(rank),
+                                                  "ss_network_module": "networks.lora_flux"}}
     at = 0
     for name, (fan_in, fan_out) in layers.items():
         for suffix, shape, dtype, size in ((".lora_down.weight", [rank, fan_in], "BF16", 2 * rank * fan_in),
                                           (".lora_up.weight", [fan_out, rank], "BF16", 2 * rank * fan_out),
                                           (".alpha", [], "F32", 4)):
-            header[f"lora_unet_{name}{suffix}"] = {"dtype": dtype, "shape": shape, "data_offsets": [at, at + size]}
+            header[f"lora_unet_{name}{suffix}"] = {"dtype": dtype, "shape": shape,
+                                                   "data_offsets": [at, at + size]}
             at += size
     raw = json.dumps(header).encode()
     with path.open("wb") as fh:
@@ -102,7 +104,8 @@ def main() -> None:
                         ("NaN/Inf check of the values", values),
                         ("baseline: safetensors load_file", baseline)):
         print(f"{label:36}{statistics.median(runs):12.1f}{min(runs):12.1f}")
-    print(f"inspection / baseline (medians): {statistics.median(inspection) / statistics.median(baseline):.4f}")
+    ratio = statistics.median(inspection) / statistics.median(baseline)
+    print(f"inspection / baseline (medians): {ratio:.4f}")
 
 
 if __name__ == "__main__":

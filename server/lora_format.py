@@ -232,7 +232,8 @@ _PARTS: tuple[tuple[str, str], ...] = (
     ("lora_te3_", "other_te"), ("text_encoder_3.", "other_te"), ("text_encoders.", "other_te"),
     ("unet.", "unet"),
     ("lora_unet_", "transformer"), ("diffusion_model.", "transformer"), ("transformer.", "transformer"),
-    ("lora_transformer_", "transformer"), ("double_blocks.", "transformer"), ("single_blocks.", "transformer"),
+    ("lora_transformer_", "transformer"), ("double_blocks.", "transformer"),
+    ("single_blocks.", "transformer"),
     ("base_model.model.", "transformer"), ("final_layer.", "transformer"), ("img_in.", "transformer"),
     ("txt_in.", "transformer"), ("time_in.", "transformer"), ("vector_in.", "transformer"),
     ("guidance_in.", "transformer"),
@@ -266,7 +267,8 @@ _KOHYA_LAYER = re.compile(
 )
 _KOHYA_BLOCKS = {"d": 19, "s": 38}
 # What the kohya path keeps: these prefixes (after ComfyUI's are renamed), down/up matrices and alphas.
-_KOHYA_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_te_", "lora_te1_", "text_encoders.clip_l.transformer.")
+_KOHYA_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_te_", "lora_te1_",
+                   "text_encoders.clip_l.transformer.")
 _KOHYA_SUFFIX = re.compile(r"\.(?:lora_down\.weight|lora_up\.weight|alpha)$")
 
 
@@ -286,7 +288,8 @@ def _kind_and_layer(name: str) -> tuple[str, str]:
     if _EMBEDDING.search(name):
         return "embedding", name.rsplit(".", 1)[0]
     module, _, suffix = name.rpartition(".")
-    if suffix in ("w_norm", "b_norm") or (suffix in _NORM_WEIGHT and _NORM_LAYER.search(module.rsplit(".")[-1])):
+    last = module.rsplit(".")[-1]
+    if suffix in ("w_norm", "b_norm") or (suffix in _NORM_WEIGHT and _NORM_LAYER.search(last)):
         return "norm", module
     match = _SUFFIX.search(name)
     if match is None:
@@ -313,8 +316,8 @@ APPLIED_KINDS = ("lora", "lora_bias", "dora", "alpha")
 
 # Why a group of weights is refused; "{n} {what} ({sample}) cannot be applied: {why}".
 REFUSALS: dict[str, tuple[str, str]] = {
-    "t5": ("T5 weights", "this LoRA has T5 text-encoder weights, which Darkroom cannot apply (diffusers loads "
-                         "FLUX LoRAs into the transformer and the CLIP text encoder only)"),
+    "t5": ("T5 weights", "this LoRA has T5 text-encoder weights, which Darkroom cannot apply "
+                         "(diffusers loads FLUX LoRAs into the transformer and the CLIP text encoder only)"),
     "other_te": ("weights of another text encoder", "FLUX has a CLIP-L and a T5 text encoder only"),
     "unet": ("UNet weights", "FLUX has no UNet: a LoRA for another architecture (Stable Diffusion?)"),
     "dora_scale": ("DoRA magnitudes", "DoRA LoRAs are not supported in kohya/LyCORIS form (dora_scale); "
@@ -360,7 +363,8 @@ class Inventory:
         """The refusal of this file, naming every refused group with its count and a sample; or None."""
         if not self.has_lora and set(self.refused) <= {"unknown", "unknown_part"}:
             names = sorted(n for group in self.refused.values() for n in group)
-            return FormatError(f"holds no LoRA weights (tensors like {', '.join(_cut(n, 80) for n in names[:3])})")
+            shown = ", ".join(_cut(n, 80) for n in names[:3])
+            return FormatError(f"holds no LoRA weights (tensors like {shown})")
         if not self.refused:
             return None
         parts = []
@@ -476,7 +480,8 @@ class StreamCheck:
 
 
 def check_header(raw: bytes, max_file_bytes: int) -> Header:
-    """``parse_header``, then the size it declares against ``max_file_bytes`` and every name (``classify``)."""
+    """``parse_header``, then the size it declares against ``max_file_bytes``, then every name
+    (``classify``, kept as ``Header.inventory``)."""
     header = parse_header(raw)
     if header.file_bytes > max_file_bytes:
         raise FormatError(f"is larger than {max_file_bytes} bytes (its header describes {header.file_bytes})",

@@ -196,8 +196,8 @@ class LoraStore:
             raise format_error(source.path, exc) from None
         except OSError as exc:
             log.error("registered lora unreadable name=%s file=%s error=%s", source.path, file, exc)
-            raise LoraStoreFailure(f"LoRA '{source.path}' is registered on this server but its file cannot be "
-                                   "read; see the server log") from None
+            raise LoraStoreFailure(f"LoRA '{source.path}' is registered on this server but its file cannot "
+                                   "be read; see the server log") from None
         return file
 
     def _ensure(self, source: Source) -> Path:
@@ -225,8 +225,9 @@ class LoraStore:
         lock_file = self.directory / f".{file.stem}.lock"
         lock = locked(lock_file, exclusive=True, wait_s=self.fetch_wait_s)
         if lock is None:
-            raise LoraUnavailable(f"LoRA '{shown_path(source.path)}' is still being fetched by another process "
-                                  f"sharing the cache folder after {self.fetch_wait_s:g} s; retry shortly")
+            raise LoraUnavailable(f"LoRA '{shown_path(source.path)}' is still being fetched by another "
+                                  f"process sharing the cache folder after {self.fetch_wait_s:g} s; retry "
+                                  "shortly")
         try:
             if file.is_file():
                 _touch(file)
@@ -264,8 +265,8 @@ class LoraStore:
         except OSError as exc:  # the server's disk, not the file
             log.error("lora could not be written path=%s folder=%s error=%s", shown_path(source.path),
                       self.directory, exc)
-            raise LoraStoreFailure(f"LoRA '{shown_path(source.path)}' could not be stored on this server; see "
-                                   "the server log") from None
+            raise LoraStoreFailure(f"LoRA '{shown_path(source.path)}' could not be stored on this server; "
+                                   "see the server log") from None
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)

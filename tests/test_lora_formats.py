@@ -57,7 +57,8 @@ def _peft_clip(kohya_te: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
 def _layer_weights(tiny_cache: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(ensure_tiny_flux(tiny_cache) / "transformer" / "diffusion_pytorch_model.safetensors"))
+    return load_file(str(ensure_tiny_flux(tiny_cache) / "transformer" /
+                         "diffusion_pytorch_model.safetensors"))
 
 
 def _dora(plain: dict[str, torch.Tensor], weights: dict[str, torch.Tensor], stretch: float
@@ -82,7 +83,8 @@ def _files(tiny_cache: Path) -> dict[str, dict[str, torch.Tensor]]:
     plain = tiny_flux_lora(11)
     weights = _layer_weights(tiny_cache)
     xlabs: dict[str, torch.Tensor] = {}  # xlabs names the fused qkv and the projection of block 0
-    for slot, bfl in (("qkv_lora1", "double_blocks.0.img_attn.qkv"), ("proj_lora1", "double_blocks.0.img_attn.proj")):
+    for slot, bfl in (("qkv_lora1", "double_blocks.0.img_attn.qkv"),
+                      ("proj_lora1", "double_blocks.0.img_attn.proj")):
         key = "lora_unet_" + bfl.replace(".", "_")
         scale = float(kohya[f"{key}.alpha"]) / 4
         xlabs[f"double_blocks.0.processor.{slot}.down.weight"] = kohya[f"{key}.lora_down.weight"] * scale
@@ -127,9 +129,9 @@ def _files(tiny_cache: Path) -> dict[str, dict[str, torch.Tensor]]:
                                 tiny_flux_lora(46, layers=tuple(TINY_FLUX_LORA_LAYERS)[:4]).items()}},
         "kohya-dora": {**kohya, **{f"lora_unet_{n.replace('.', '_')}.dora_scale": torch.rand(fan_out, 1) + 0.5
                                    for n, (_, fan_out) in TINY_BFL_LAYERS.items()}},
-        "loha": {f"lora_unet_double_blocks_0_img_attn_proj.hada_{w}": torch.randn(4, 32)
-                 for w in ("w1_a", "w1_b", "w2_a", "w2_b")} | {"lora_unet_double_blocks_0_img_attn_proj.alpha":
-                                                               torch.tensor(4.0)},
+        "loha": {**{f"lora_unet_double_blocks_0_img_attn_proj.hada_{w}": torch.randn(4, 32)
+                    for w in ("w1_a", "w1_b", "w2_a", "w2_b")},
+                 "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(4.0)},
         "lokr": {"lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.randn(4, 4),
                  "lora_unet_double_blocks_0_img_attn_proj.lokr_w2": torch.randn(8, 8)},
         "diff": {**kohya, "lora_unet_double_blocks_0_img_attn_proj.diff": torch.randn(32, 32)},
@@ -138,17 +140,19 @@ def _files(tiny_cache: Path) -> dict[str, dict[str, torch.Tensor]]:
                              "double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(96, 4),
                              "double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(16),
                              "double_blocks.0.img_attn.norm.key_norm.scale": torch.ones(16)},
-        "comfyui-norm-diff": {**kohya, "lora_unet_double_blocks_0_img_attn_norm_query_norm.diff": torch.ones(16)},
+        "comfyui-norm-diff": {**kohya,
+                              "lora_unet_double_blocks_0_img_attn_norm_query_norm.diff": torch.ones(16)},
         "clip-embedding": {**te1, **kohya_lora({"text_model.embeddings.position_embedding": (77, 32)},
                                                "lora_te1_", 47)},
         "mixed-naming": {**kohya_as_diffusers(kohya, target="transformer."),
                          **{k.replace("lora_A", "lora_down").replace("lora_B", "lora_up"): v
-                            for k, v in tiny_flux_lora(12, layers=("transformer_blocks.0.attn.to_q",)).items()},
+                            for k, v in tiny_flux_lora(12, layers=("transformer_blocks.0.attn.to_q",)).items()
+                            },
                          **te1},
         "unpaired": {**plain, "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 32),
                      "transformer.transformer_blocks.0.norm1.linear.lora_A.weight": torch.randn(4, 32)},
-        "unknown-kohya-layer": {**kohya, **kohya_lora({"double_blocks.0.img_attn.extra": (32, 32)}, "lora_unet_",
-                                                      48)},
+        "unknown-kohya-layer": {**kohya, **kohya_lora({"double_blocks.0.img_attn.extra": (32, 32)},
+                                                      "lora_unet_", 48)},
         "nan": {**plain, "transformer.transformer_blocks.0.attn.to_q.lora_B.weight":
                 torch.full((32, 4), float("nan"))},
         "inf-alpha": {**kohya, "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(float("inf"))},
@@ -175,7 +179,8 @@ def _config(tmp: Path, prefetch: bool) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def app(make_app: Callable[..., InProcessServer], tmp_path_factory: pytest.TempPathFactory) -> InProcessServer:
+def app(make_app: Callable[..., InProcessServer],
+        tmp_path_factory: pytest.TempPathFactory) -> InProcessServer:
     return make_app(_config(tmp_path_factory.mktemp("formats"), prefetch=True))
 
 
@@ -245,7 +250,8 @@ def test_kohya_dora_scale_is_refused(app: InProcessServer, worker_checks: InProc
 
 def test_plain_formats_apply_the_same_weights(app: InProcessServer, origin: FormatOrigin) -> None:
     """kohya, ComfyUI, xlabs and diffusers' mixture names are converted to exactly the weights of the
-    diffusers/peft file computed here from sd-scripts' definition (alpha / rank folded in, fused qkv split)."""
+    diffusers/peft file computed here from sd-scripts' definition (alpha / rank folded in, fused qkv
+    split)."""
     plain = image(app, origin)
     kohya = image(app, origin, "kohya")
     assert mean_abs_diff(plain, kohya) > VISIBLE
@@ -289,8 +295,10 @@ REFUSED = [
     ("clip-embedding", "3 embedding weights (lora_te1_text_model_embeddings_position_embedding"),
     ("mixed-naming", "12 weights diffusers' converter would drop (lora_te1_"),
     ("unpaired", "1 LoRA weights without their other half (transformer.transformer_blocks.0.norm1.linear"),
-    ("unknown-kohya-layer", "3 weights of layers FLUX does not have (lora_unet_double_blocks_0_img_attn_extra"),
-    ("nan", "1 weights with NaN or infinite values (transformer.transformer_blocks.0.attn.to_q.lora_B.weight)"),
+    ("unknown-kohya-layer",
+     "3 weights of layers FLUX does not have (lora_unet_double_blocks_0_img_attn_extra"),
+    ("nan",
+     "1 weights with NaN or infinite values (transformer.transformer_blocks.0.attn.to_q.lora_B.weight)"),
     ("inf-alpha", "1 weights with NaN or infinite values (lora_unet_double_blocks_0_img_attn_proj.alpha)"),
 ]
 

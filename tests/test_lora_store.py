@@ -88,7 +88,7 @@ def safetensors_bytes(header: bytes, data: bytes) -> bytes:
 
 
 def big_file(path: Path, names: tuple[str, str]) -> Path:
-    """A LoRA of two F32 tensors of BIG/2 bytes each (rank 2**20 on a 32-wide layer), zeros, sparse on disk."""
+    """A LoRA of two F32 tensors of BIG/2 bytes each (rank 2**20 on a 32-wide layer): zeros, sparse."""
     rank, half = 2**20, BIG // 2
     header = {names[0]: {"dtype": "F32", "shape": [rank, 32], "data_offsets": [0, half]},
               names[1]: {"dtype": "F32", "shape": [32, rank], "data_offsets": [half, BIG]}}
@@ -122,7 +122,8 @@ HOSTILE_HEADERS = {
     "offsets-three": _with_offsets("[512, 1024, 2048]"),
     "offsets-overlap": _with_offsets("[256, 768]"),
     "offsets-gap": _with_offsets("[768, 1280]"),
-    "metadata-nested-100k": json.dumps(BASE)[:-1] + ', "__metadata__": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "metadata-nested-100k": json.dumps(BASE)[:-1] + ', "__metadata__": ' + "[" * 100_000 + "]" * 100_000
+                            + "}",
     "metadata-not-strings": json.dumps({**BASE, "__metadata__": {"a": 1}}),
     "shape-huge": json.dumps(BASE).replace("[32, 4]", "[" + "9" * 30 + ", 4]"),
     "shape-5000-digits": json.dumps(BASE).replace("[32, 4]", "[" + "9" * 5000 + ", 4]"),
@@ -276,13 +277,16 @@ print("RESULT " + json.dumps(out))
 def test_big_downloads_stream_to_disk(origin: DiskOrigin, tmp_path: Path) -> None:
     """Issue 12 item 7: a few-hundred-MB LoRA raises the downloading process's peak RSS by far less than its
     size (before: twice its size), and files refused by their header are cut off after it."""
-    good = big_file(tmp_path / "good.safetensors", ("transformer.x.lora_A.weight", "transformer.x.lora_B.weight"))
-    t5 = big_file(tmp_path / "t5.safetensors", ("text_encoder_2.x.lora_A.weight", "text_encoder_2.x.lora_B.weight"))
+    good = big_file(tmp_path / "good.safetensors",
+                    ("transformer.x.lora_A.weight", "transformer.x.lora_B.weight"))
+    t5 = big_file(tmp_path / "t5.safetensors",
+                  ("text_encoder_2.x.lora_A.weight", "text_encoder_2.x.lora_B.weight"))
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"<html>" + bytes(100))
     with junk.open("r+b") as fh:
         fh.truncate(BIG)
-    origin.disk.update({"/big/good.safetensors": good, "/big/t5.safetensors": t5, "/big/junk.safetensors": junk})
+    origin.disk.update({"/big/good.safetensors": good, "/big/t5.safetensors": t5,
+                        "/big/junk.safetensors": junk})
     warm = serve(origin, "/big/warm.safetensors", lora_file_bytes(tiny_flux_lora(1)))
     spec = {"cache": str(tmp_path / "cache"), "cap": 2 * BIG, "warm": warm,
             "urls": {name: origin.url(f"/big/{name}.safetensors") for name in ("t5", "junk", "good")}}
@@ -313,11 +317,13 @@ def test_header_declaring_more_than_the_cap_is_refused_before_the_body(origin: D
     store = _store(tmp_path, max_file_bytes=BIG // 2, cache_bytes=BIG)
     origin.disk["/big/over-cap.safetensors"] = big_file(tmp_path / "over.safetensors", (
         "transformer.y.lora_A.weight", "transformer.y.lora_B.weight"))
-    # Content-Length says it too, so the fetcher refuses first; without it the header would: both name the cap.
+    # Content-Length says it too, so the fetcher refuses first; without it the header would: both name
+    # the cap.
     with pytest.raises(LoraError, match=f"larger than {BIG // 2} bytes"):
         store.ensure(origin.url("/big/over-cap.safetensors"))
     check = StreamCheck(lambda _c: None, 1000, 100)
-    header = json.dumps({"a.lora_A.weight": {"dtype": "F32", "shape": [100], "data_offsets": [0, 400]}}).encode()
+    header = json.dumps({"a.lora_A.weight": {"dtype": "F32", "shape": [100],
+                                             "data_offsets": [0, 400]}}).encode()
     with pytest.raises(FormatError, match="larger than 100 bytes"):
         check(len(header).to_bytes(8, "little") + header)
 
@@ -404,7 +410,8 @@ def test_a_download_stuck_elsewhere_is_503_not_500(origin: DiskOrigin, tmp_path:
     assert all(e.status == 503 and e.headers.get("Retry-After") for e in errors)  # type: ignore[attr-defined]
     store.ensure(url)  # released: fetched now
     app = make_app({"fetch": {"allow_hosts": ["127.0.0.1"]},
-                    "loras": {"cache_dir": str(tmp_path / "app"), "download_timeout_s": 0.3}}, engine="stand-in")
+                    "loras": {"cache_dir": str(tmp_path / "app"), "download_timeout_s": 0.3}},
+                   engine="stand-in")
     other = serve(origin, "/stuck/b.safetensors", lora_file_bytes(tiny_flux_lora(5)))
     with held(tmp_path / "app" / f".{LoraStore.key(other)}.lock"):
         resp = app.generate(prompt="x", width=64, height=64, image_loras=[{"path": other}])

@@ -261,7 +261,8 @@ class LoraManager:
                         state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                      adapter_name=self._slot(i), hotswap=True)
                 except BaseException:
-                    log.exception("lora swap failed model=%s path=%s slot=%d", model_id, shown_path(ref.path), i)
+                    log.exception("lora swap failed model=%s path=%s slot=%d", model_id, shown_path(ref.path),
+                                  i)
                     self._reset_slot(state, i)
                     raise
             slots[i] = ref.path

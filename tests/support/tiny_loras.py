@@ -61,7 +61,8 @@ BFL_TO_DIFFUSERS: dict[str, tuple[str, ...]] = {
     "single_blocks.0.linear2": ("single_transformer_blocks.0.proj_out",),
 }
 # The tiny CLIP-L and T5 attention layers (both 32 wide), as kohya and ComfyUI name them.
-CLIP_LAYERS = tuple(f"text_model.encoder.layers.0.self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
+CLIP_LAYERS = tuple(f"text_model.encoder.layers.0.self_attn.{n}"
+                    for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
 T5_LAYERS = tuple(f"encoder.block.0.layer.0.SelfAttention.{n}" for n in "qkvo")
 
 
@@ -92,8 +93,8 @@ def tiny_flux_lora_kohya(seed: int, rank: int = 4, gain: float = 2.0, alpha: flo
 def kohya_as_diffusers(state: dict[str, torch.Tensor], prefix: str = "lora_unet_",
                        target: str = "transformer.") -> dict[str, torch.Tensor]:
     """What a kohya transformer LoRA (``tiny_flux_lora_kohya``) is in diffusers/peft names, computed here as
-    sd-scripts defines it (the LoRA acts as up @ down x alpha / rank; a fused layer's up splits by rows), as an
-    oracle for diffusers' converter."""
+    sd-scripts defines it (the LoRA acts as up @ down x alpha / rank; a fused layer's up splits by rows), as
+    an oracle for diffusers' converter."""
     out: dict[str, torch.Tensor] = {}
     for bfl, parts in BFL_TO_DIFFUSERS.items():
         key = prefix + bfl.replace(".", "_")
