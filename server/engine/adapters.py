@@ -21,9 +21,13 @@ alpha / rank times the request's scale (``set_adapters`` would swap those tensor
 compiled graph specialises on, and after a hotswap it would use the first LoRA's alpha and rank). The
 slots are the resident set in this mode, reused least recently used first.
 
-Before anything is loaded, a LoRA is read and checked against the model: every weight must name a layer
-of the transformer (or CLIP text encoder) with matching shapes. So a LoRA for another architecture, or
-one diffusers would "expand" the base model for, is refused with a 400 and touches nothing.
+Before anything is loaded, every tensor of the raw file is accounted for (applied, or refused by name:
+server/lora_format.py), its values are checked for NaN and infinity, and the weights diffusers converts it
+to are checked against the model: each must name a layer of the transformer (or CLIP text encoder) with
+matching shapes, and no layer of the file may be lost in the conversion. So a LoRA with parts Darkroom cannot
+apply, for another architecture, or one diffusers would "expand" the base model for, is refused with a 400
+and touches nothing. What fails after those checks (memory, a diffusers or peft error) is the server's, not
+the file's: it is raised as it is, and the worker answers it as an internal error.
 """
 
 from __future__ import annotations
