@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.lora_format import check_finite, read_header  # noqa: E402
+from server.lora_format import Limits, check_finite, read_header  # noqa: E402
 
 DOUBLE = {  # sd-scripts layer -> (in, out) on FLUX.1-dev (hidden 3072)
     "img_attn_qkv": (3072, 9216), "img_attn_proj": (3072, 3072), "img_mlp_0": (3072, 12288),
@@ -82,11 +82,11 @@ def main() -> None:
         tensors, size = write_lora(path, args.rank)
 
         def inspect() -> None:
-            header = read_header(path, 16_000_000)  # parses, then classifies every name
+            header = read_header(path, Limits())  # parses, then classifies every name
             assert header.inventory is not None and sum(header.inventory.applied.values()) == tensors
 
         def finite() -> None:
-            check_finite(path, read_header(path, 16_000_000))
+            check_finite(path, read_header(path, Limits()))
 
         def load() -> None:
             from safetensors.torch import load_file

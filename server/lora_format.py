@@ -89,6 +89,17 @@ class Header:
 NOT_SAFETENSORS = "is not a safetensors file"
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What a header may cost to read: its length in bytes, its JSON objects (one per tensor, plus
+    ``__metadata__``: bounds the memory its parse takes, about 1 KB an object), and the file size it declares
+    (None: any)."""
+
+    header_bytes: int = 16_000_000
+    tensors: int = 20_000
+    file_bytes: int | None = None
+
+
 def header_length(prefix: bytes, max_header_bytes: int) -> int:
     """The header length an 8-byte prefix declares; ``FormatError`` unless 2 <= length <= max_header_bytes."""
     if len(prefix) < 8:
@@ -102,13 +113,28 @@ def header_length(prefix: bytes, max_header_bytes: int) -> int:
     return length
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise FormatError(f"{NOT_SAFETENSORS}: its header names '{_cut(key)}' twice")
-        out[key] = value
-    return out
+def _too_many(max_tensors: int) -> FormatError:
+    return FormatError(f"has more tensors than the {max_tensors} this server reads in one LoRA")
+
+
+class _Objects:
+    """json ``object_pairs_hook``: refuses duplicate names, and stops the parse after as many objects as
+    ``max_tensors`` tensors take (one each, the top level and ``__metadata__``)."""
+
+    def __init__(self, max_tensors: int) -> None:
+        self.max_tensors = max_tensors
+        self.left = max_tensors + 2
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        self.left -= 1
+        if self.left < 0:
+            raise _too_many(self.max_tensors)
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise FormatError(f"{NOT_SAFETENSORS}: its header names '{_cut(key)}' twice")
+            out[key] = value
+        return out
 
 
 def _count(value: Any) -> int | None:
@@ -118,7 +144,7 @@ def _count(value: Any) -> int | None:
     return None
 
 
-def parse_header(raw: bytes) -> Header:
+def parse_header(raw: bytes, max_tensors: int = Limits.tensors) -> Header:
     """A safetensors header (the JSON after the 8-byte prefix), checked as the safetensors library checks it.
 
     Raises only ``FormatError``: for invalid UTF-8 or JSON, nesting too deep for the parser, numbers Python
@@ -127,7 +153,7 @@ def parse_header(raw: bytes) -> Header:
     bytes overlap or leave gaps, ``__metadata__`` that is not string to string, or no tensors at all.
     """
     try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_Objects(max_tensors))
     except FormatError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError, TypeError, OverflowError):
@@ -143,6 +169,8 @@ def parse_header(raw: bytes) -> Header:
         tensors[name] = _entry(name, info)
     if not tensors:
         raise FormatError("is a safetensors file without tensors")
+    if len(tensors) > max_tensors:
+        raise _too_many(max_tensors)
     position = 0
     for name, entry in sorted(tensors.items(), key=lambda item: (item[1].begin, item[1].end)):
         if entry.begin != position:
@@ -170,15 +198,15 @@ def _entry(name: str, info: Any) -> TensorEntry:
     return TensorEntry(dtype, tuple(dims), begin, end)  # type: ignore[arg-type]
 
 
-def read_header(path: Path, max_header_bytes: int, max_file_bytes: int | None = None) -> Header:
+def read_header(path: Path, limits: Limits) -> Header:
     """The header of a local file, checked as ``check_header`` checks it; the file's size must be exactly
     what the header declares. ``FormatError`` for the file's content; ``OSError`` if it cannot be read."""
     size = path.stat().st_size
     with path.open("rb") as fh:
-        length = header_length(fh.read(8), max_header_bytes)
+        length = header_length(fh.read(8), limits.header_bytes)
         if length > size - 8:
             raise FormatError(NOT_SAFETENSORS)
-        header = check_header(fh.read(length), max_file_bytes if max_file_bytes is not None else 2**63)
+        header = check_header(fh.read(length), limits)
     if header.file_bytes != size:
         raise FormatError(f"is not a complete safetensors file ({size} bytes; its header describes "
                           f"{header.file_bytes})")
@@ -443,13 +471,12 @@ class StreamCheck:
     arrives: the 8-byte header length first, then the header and every tensor name in it (``classify``)
     before any of the body is passed on, then that the body is exactly as long as the header says.
 
-    Holds at most the header (``max_header_bytes``) plus one chunk in memory. Raises ``FormatError``.
+    Holds at most the header (``limits.header_bytes``) plus one chunk in memory. Raises ``FormatError``.
     """
 
-    def __init__(self, write: Callable[[bytes], object], max_header_bytes: int, max_file_bytes: int) -> None:
+    def __init__(self, write: Callable[[bytes], object], limits: Limits) -> None:
         self.write = write
-        self.max_header_bytes = max_header_bytes
-        self.max_file_bytes = max_file_bytes
+        self.limits = limits
         self.header: Header | None = None
         self.received = 0
         self._head = bytearray()
@@ -460,10 +487,10 @@ class StreamCheck:
         if self.header is None:
             self._head += chunk
             if self._length is None and len(self._head) >= 8:
-                self._length = header_length(bytes(self._head[:8]), self.max_header_bytes)
+                self._length = header_length(bytes(self._head[:8]), self.limits.header_bytes)
             if self._length is None or len(self._head) < 8 + self._length:
                 return  # nothing is written before the header has been checked
-            self.header = check_header(bytes(self._head[8 : 8 + self._length]), self.max_file_bytes)
+            self.header = check_header(bytes(self._head[8 : 8 + self._length]), self.limits)
             chunk, self._head = bytes(self._head), bytearray()
         if self.received > self.header.file_bytes:
             raise FormatError(f"is longer than its safetensors header says ({self.header.file_bytes} bytes)")
@@ -479,12 +506,13 @@ class StreamCheck:
         return self.header
 
 
-def check_header(raw: bytes, max_file_bytes: int) -> Header:
-    """``parse_header``, then the size it declares against ``max_file_bytes``, then every name
+def check_header(raw: bytes, limits: Limits) -> Header:
+    """``parse_header``, then the size it declares against ``limits.file_bytes``, then every name
     (``classify``, kept as ``Header.inventory``)."""
-    header = parse_header(raw)
-    if header.file_bytes > max_file_bytes:
-        raise FormatError(f"is larger than {max_file_bytes} bytes (its header describes {header.file_bytes})",
+    header = parse_header(raw, limits.tensors)
+    cap = limits.file_bytes
+    if cap is not None and header.file_bytes > cap:
+        raise FormatError(f"is larger than {cap} bytes (its header describes {header.file_bytes})",
                           code="fetch_failed")
     header.inventory = classify(header.tensors)
     problem = header.inventory.problem()

@@ -46,7 +46,7 @@ from .config import FetchSettings, LoraSettings, Settings
 from .errors import DarkroomError, InternalError, InvalidRequest
 from .fetch import Fetcher, FetchError
 from .filelock import locked
-from .lora_format import FormatError, StreamCheck, check_finite, read_header
+from .lora_format import FormatError, Limits, StreamCheck, check_finite, read_header
 from .lora_sources import Source, parse_source, pick_lora_file
 from .params import LoraRef
 from .single_flight import SingleFlight
@@ -150,6 +150,12 @@ class LoraStore:
     def _pin_file(self, key: str) -> Path:
         return self.directory / f".{key}.pin"
 
+    def limits(self, *, any_size: bool = False) -> Limits:
+        """What a LoRA file's header may cost to read (``loras.max_header_bytes``, ``max_tensors``), and the
+        size it may declare: ``loras.max_file_bytes`` for a download, any for a file already on this disk."""
+        return Limits(self.settings.max_header_bytes, self.settings.max_tensors,
+                      None if any_size else self.settings.max_file_bytes)
+
     @property
     def fetch_wait_s(self) -> float:
         """The longest one fetch may take: a wait for a download slot, then the download, each up to
@@ -191,7 +197,7 @@ class LoraStore:
         assert source.local is not None
         file = source.local.resolve()
         try:
-            read_header(file, self.settings.max_header_bytes)
+            read_header(file, self.limits(any_size=True))
         except FormatError as exc:
             raise format_error(source.path, exc) from None
         except OSError as exc:
@@ -253,7 +259,7 @@ class LoraStore:
         fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as out:
-                check = StreamCheck(out.write, self.settings.max_header_bytes, self.settings.max_file_bytes)
+                check = StreamCheck(out.write, self.limits())
                 # The field is the request field (it labels the fetcher's metrics); messages name the path.
                 self.fetcher.fetch_to(url, FIELD, self.settings.max_file_bytes, check)
             check_finite(Path(tmp), check.finish())

@@ -324,7 +324,7 @@ def test_job_log_line_and_metrics_show_the_loras(app: InProcessServer, origin: F
     def batches_with(count: str) -> float:
         text = app.client.get("/metrics").text
         prefix = f'darkroom_batch_loras_bucket{{le="{count}",model="darkroom/tiny-flux"}} '
-        return next(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+        return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
 
     before_one, before_none = batches_with("1.0"), batches_with("0.0")
     resp = app.generate(**body(origin, "peft", scale=0.7))

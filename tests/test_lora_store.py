@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from server.config import FetchSettings, LoraSettings
-from server.lora_format import FormatError, StreamCheck, parse_header
+from server.lora_format import FormatError, Limits, StreamCheck, parse_header
 from server.loras import LoraError, LoraStore, LoraStoreFailure, LoraUnavailable
 
 from .conftest import REPO
@@ -220,7 +220,7 @@ def test_fuzzed_headers_raise_only_the_format_error(origin: DiskOrigin,
             break
         data = _mutate(rng, base, body_len)
         files.append(data)
-        check = StreamCheck(lambda _chunk: None, 16_000_000, 10_000_000)
+        check = StreamCheck(lambda _chunk: None, Limits(file_bytes=10_000_000))
         try:
             at = 0
             while at < len(data):
@@ -321,7 +321,7 @@ def test_header_declaring_more_than_the_cap_is_refused_before_the_body(origin: D
     # the cap.
     with pytest.raises(LoraError, match=f"larger than {BIG // 2} bytes"):
         store.ensure(origin.url("/big/over-cap.safetensors"))
-    check = StreamCheck(lambda _c: None, 1000, 100)
+    check = StreamCheck(lambda _c: None, Limits(header_bytes=1000, file_bytes=100))
     header = json.dumps({"a.lora_A.weight": {"dtype": "F32", "shape": [100],
                                              "data_offsets": [0, 400]}}).encode()
     with pytest.raises(FormatError, match="larger than 100 bytes"):
@@ -463,3 +463,13 @@ def test_out_of_memory_while_loading_is_not_the_files_fault(make_app: Callable[.
     monkeypatch.setattr(FluxPipeline, "load_lora_weights", load)
     assert app.generate(**request).status_code == 200
     assert engine.loras.resident("darkroom/tiny-flux") == [url]
+
+
+def test_a_header_of_too_many_objects_stops_its_parse() -> None:
+    """A 16 MB header of tiny entries would cost hundreds of MB as Python objects: parsing stops at the cap."""
+    entry = '"t{i}.lora_A.weight": {{"dtype": "F32", "shape": [1], "data_offsets": [{a}, {b}]}}'
+    raw = ("{" + ", ".join(entry.format(i=i, a=4 * i, b=4 * i + 4) for i in range(50)) + "}").encode()
+    assert len(parse_header(raw, max_tensors=50).tensors) == 50
+    for cap in (49, 10):  # refused after the parse, or during it
+        with pytest.raises(FormatError, match=f"more tensors than the {cap} this server reads"):
+            parse_header(raw, max_tensors=cap)

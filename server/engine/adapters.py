@@ -379,7 +379,7 @@ class LoraManager:
         """
         label = shown_path(path)
         try:
-            header = read_header(Path(file), self.settings.max_header_bytes)
+            header = read_header(Path(file), self.store.limits(any_size=True))
         except FormatError as exc:
             raise format_error(path, exc) from None
         inventory = header.inventory
