@@ -381,6 +381,9 @@ class Inventory:
     total: int = 0
     applied: Counter[str] = field(default_factory=Counter)         # part -> weights
     modules: dict[str, set[str]] = field(default_factory=dict)     # part -> LoRA layers (raw names)
+    # part -> the diffusers layers its raw layers become (a fused qkv: three; FLUX's single-block linear1:
+    # four), which the engine finds again after diffusers' conversion
+    converted_layers: Counter[str] = field(default_factory=Counter)
     refused: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))  # group -> names
 
     @property
@@ -432,13 +435,24 @@ def classify(names: Iterable[str]) -> Inventory:
             inv.refused["unpaired"].append(name)
             continue
         inv.applied[part] += 1
-        if kind == "lora":
-            inv.modules.setdefault(part, set()).add(layer)
+        if kind == "lora" and layer not in inv.modules.setdefault(part, set()):
+            inv.modules[part].add(layer)
+            inv.converted_layers[part] += _split(layer)
     inv.refused = {k: v for k, v in inv.refused.items() if v}  # type: ignore[assignment]
     return inv
 
 
 _DOWN = re.compile(r"(?:lora_down|lora_A|down)\.weight$")
+# Fused layers of the original FLUX layout, which diffusers' converters split into their parts: qkv (kohya,
+# ComfyUI, BFL: img_attn.qkv; xlabs: processor.qkv_lora1) into to_q/to_k/to_v, a single block's linear1 into
+# to_q/to_k/to_v/proj_mlp.
+_FUSED = ((re.compile(r"(?:attn_qkv|processor_qkv_lora\d*)$"), 3),
+          (re.compile(r"single_blocks_\d+_linear1$"), 4))
+
+
+def _split(layer: str) -> int:
+    flat = layer.replace(".", "_")
+    return next((parts for pattern, parts in _FUSED if pattern.search(flat)), 1)
 
 
 def _refused_group(name: str, part: str, kind: str, layer: str, *, kohya: bool, peft_mix: bool,

@@ -425,10 +425,11 @@ class LoraManager:
             raise LoraError(f"LoRA '{label}' does not fit {model_id}: {len(bad)} of {len(state_dict)} "
                             f"weights do not match its layers (e.g. {bad[0]}): a LoRA for another model?")
         for part, comp in (("transformer", "transformer"), ("clip", "text_encoder")):
-            before, after = len(inventory.modules.get(part, ())), len(layers[comp])
-            if after < before:  # each raw layer becomes one or more (fused qkv: three)
-                raise LoraError(f"LoRA '{label}': {before - after} of its {before} {_PART_NAMES[part]} LoRA "
-                                f"layers would be dropped by diffusers' conversion for {model_id}")
+            named, converted = inventory.converted_layers[part], len(layers[comp])
+            if converted < named:
+                raise LoraError(f"LoRA '{label}': {named - converted} of the {named} {_PART_NAMES[part]} "
+                                f"LoRA layers it names would be lost in diffusers' conversion for {model_id} "
+                                "(one layer under two names?)")
         text_encoder = bool(layers["text_encoder"])
         if self.hotswap:
             if text_encoder:
