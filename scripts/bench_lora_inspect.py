@@ -31,7 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from server.lora_format import Limits, check_finite, read_header  # noqa: E402
+from server.lora_format import read_header  # noqa: E402
+from server.safetensors_header import Limits, check_finite  # noqa: E402
 
 DOUBLE = {  # sd-scripts layer -> (in, out) on FLUX.1-dev (hidden 3072)
     "img_attn_qkv": (3072, 9216), "img_attn_proj": (3072, 3072), "img_mlp_0": (3072, 12288),

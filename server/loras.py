@@ -46,7 +46,8 @@ from .config import FetchSettings, LoraSettings, Settings
 from .errors import DarkroomError, InternalError, InvalidRequest
 from .fetch import Fetcher, FetchError
 from .filelock import locked
-from .lora_format import FormatError, Limits, StreamCheck, check_finite, read_header
+from .lora_format import StreamCheck, read_header
+from .safetensors_header import FormatError, Limits, check_finite
 from .lora_sources import Source, parse_source, pick_lora_file
 from .params import LoraRef
 from .single_flight import SingleFlight

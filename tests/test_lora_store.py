@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from server.config import FetchSettings, LoraSettings
-from server.lora_format import FormatError, Limits, StreamCheck, parse_header
+from server.lora_format import StreamCheck
+from server.safetensors_header import FormatError, Limits, parse_header
 from server.loras import LoraError, LoraStore, LoraStoreFailure, LoraUnavailable
 
 from .conftest import REPO
@@ -466,7 +467,8 @@ def test_out_of_memory_while_loading_is_not_the_files_fault(make_app: Callable[.
 
 
 def test_a_header_of_too_many_objects_stops_its_parse() -> None:
-    """A 16 MB header of tiny entries would cost hundreds of MB as Python objects: parsing stops at the cap."""
+    """A 16 MB header of tiny entries would cost hundreds of MB as Python objects: the parse stops at the
+    cap (loras.max_tensors)."""
     entry = '"t{i}.lora_A.weight": {{"dtype": "F32", "shape": [1], "data_offsets": [{a}, {b}]}}'
     raw = ("{" + ", ".join(entry.format(i=i, a=4 * i, b=4 * i + 4) for i in range(50)) + "}").encode()
     assert len(parse_header(raw, max_tensors=50).tensors) == 50

@@ -47,13 +47,8 @@ import torch
 
 from .. import metrics
 from ..config import LoraSettings
-from ..lora_format import (
-    FormatError,
-    check_finite,
-    has_non_finite,
-    non_finite_message,
-    read_header,
-)
+from ..lora_format import read_header
+from ..safetensors_header import FormatError, check_finite, has_non_finite, non_finite_message
 from ..loras import LoraError, LoraStore, format_error, shown_path
 from ..params import LoraRef
 from .loading import LOAD_LOCK
