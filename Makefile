@@ -2,12 +2,19 @@
 # Both build the virtual environment on first use; torch is pinned first so pip takes the wheel for this
 # machine instead of resolving a newer (multi-GB CUDA) build through the project's looser range.
 PYTHON ?= python3
-TORCH ?= torch==2.13.0
+DEFAULT_TORCH := torch==2.13.0
+TORCH ?= $(DEFAULT_TORCH)
 VENV := .venv
 BIN := $(VENV)/bin
 T1 := .venv-together1
 
-.PHONY: serve test bench install clean
+# The venv remembers which torch requirement built it: one stamp per requirement (named by its checksum,
+# holding the requirement itself). Another TORCH (e.g. `make serve TORCH=torch` on a GPU host after a first
+# CPU build) has no stamp yet, so the venv is rebuilt with it instead of silently keeping the old wheel.
+TORCH_ID := $(firstword $(shell printf '%s' '$(TORCH)' | cksum))
+TORCH_STAMP := $(VENV)/.torch-$(TORCH_ID)
+
+.PHONY: serve test bench install docs clean
 
 serve: $(VENV)/.installed
 	$(BIN)/darkroom serve $(ARGS)
@@ -18,12 +25,32 @@ test: $(VENV)/.installed $(T1)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python scripts/bench_serving.py $(ARGS)
 
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict $(ARGS)
+
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+# A venv built before these stamps existed (it has .installed but no .torch-* stamp) was built with the
+# default requirement: keep it when TORCH is still the default, rebuild it for any other.
+$(TORCH_STAMP):
+	@if [ -e $(VENV)/.installed ] && ! ls $(VENV)/.torch-* >/dev/null 2>&1 && \
+	    [ '$(TORCH)' = '$(DEFAULT_TORCH)' ]; then \
+	    echo "$(VENV): built with $(DEFAULT_TORCH) before torch stamps existed; keeping it"; \
+	    printf '%s\n' '$(TORCH)' > $@; touch -r $(VENV)/.installed $@; \
+	    exit 0; \
+	fi; \
+	if [ -e $(VENV) ]; then \
+	    echo "$(VENV): torch requirement is now '$(TORCH)' (was '$$(cat $(VENV)/.torch-* 2>/dev/null || echo $(DEFAULT_TORCH))'): rebuilding $(VENV)"; \
+	    rm -rf $(VENV); \
+	fi; \
+	set -e; \
+	echo "building $(VENV) with $(TORCH) (first time: a few minutes)"; \
+	$(PYTHON) -m venv $(VENV); \
+	$(BIN)/python -m pip install -q --upgrade pip; \
+	$(BIN)/python -m pip install -q "$(TORCH)"; \
+	printf '%s\n' '$(TORCH)' > $@
+
+$(VENV)/.installed: pyproject.toml $(TORCH_STAMP)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
@@ -34,4 +61,4 @@ $(T1)/.installed:
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(T1) var .pytest_cache
+	rm -rf $(VENV) $(T1) var .pytest_cache site

@@ -15,7 +15,7 @@ every linear layer and both attention matmuls of the 19 double and 38 single blo
 bf16 dense peak. The weights are random (scripts/build_full_flux.py): random weights cost the same FLOPs as
 real ones. Nothing is asserted: it is a measuring tool.
 
-On the GPU machine (see the README, "Engine optimizations"):
+On the GPU machine (see docs/benchmarks.md, "Engine options on a GPU"):
 
     python scripts/build_full_flux.py --variant schnell --device cuda --out /data/flux-schnell-random
     python scripts/bench_engine.py --weights /data/flux-schnell-random --variant schnell --json out.json

@@ -8,12 +8,17 @@ alone on the Redis queue and never imports torch; ``worker`` runs Redis workers 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
+import os
 import sys
 
 import uvicorn
 
+from . import __version__
 from .config import Settings, load_settings
+
+log = logging.getLogger(__name__)
 
 
 def _logging(level: str, fmt: str = "text") -> None:
@@ -28,6 +33,10 @@ def _serve(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else settings.server.port
     settings.server.host, settings.server.port = host, port
     _logging(settings.server.log_level, settings.server.log_format)
+    refusal = listen_refusal(settings)
+    if refusal:
+        log.error("%s", refusal)
+        return 2
     if args.command == "api":
         if settings.queue.backend != "redis":
             logging.getLogger(__name__).error(
@@ -37,6 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
     elif not _weights_ready(settings):
         return 2
     else:
+        log_torch(settings)
         from .worker.wiring import serve_workers  # the engine side: torch and diffusers
 
         workers = serve_workers
@@ -44,6 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .api.runtime import Runtime
 
     app = create_app(settings, Runtime.build(settings, workers))
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    docs = f", API docs {base}/docs" if settings.server.api_docs else ""
+    log.info("darkroom %s on %s: playground %s/playground%s", __version__, base, base, docs)
     # On SIGTERM uvicorn stops accepting, finishes the in-flight responses, then shuts the app down.
     uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
     return 0
@@ -58,7 +71,60 @@ def _worker(args: argparse.Namespace) -> int:
     _logging(settings.server.log_level, settings.server.log_format)
     if not _weights_ready(settings):
         return 2
+    log_torch(settings)
     return run_worker(settings)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def listen_refusal(settings: Settings) -> str | None:
+    """Why ``darkroom serve`` / ``api`` must not start on ``settings.server.host``, or None.
+
+    Listening on an address other than loopback with no API key configured anywhere (``server.api_keys``,
+    ``auth.keys``, ``auth.keys_file``) would let anyone who reaches it generate images; that needs the
+    explicit ``server.allow_anonymous: true``. The message says how to do either.
+    """
+    server = settings.server
+    if _is_loopback(server.host) or server.api_keys or settings.auth.store_configured:
+        return None
+    if server.allow_anonymous:
+        log.warning("listening on %s without API keys (server.allow_anonymous: true): anyone who can reach "
+                    "it can generate images", server.host)
+        return None
+    return (
+        f"not starting: no API keys are configured and the server would listen on {server.host}, where "
+        "anyone who can reach it could generate images. Set keys, e.g. "
+        "DARKROOM_SERVER__API_KEYS='[\"sk-your-key\"]' in the environment (or server.api_keys, auth.keys or "
+        "auth.keys_file in the config; see docs/operations.md), or listen on loopback (--host 127.0.0.1), "
+        "or allow anonymous access knowingly with server.allow_anonymous: true in the config or "
+        "DARKROOM_SERVER__ALLOW_ANONYMOUS=true in the environment."
+    )
+
+
+def log_torch(settings: Settings) -> None:
+    """One line at start: the torch build, whether CUDA is usable, and the devices the workers get.
+
+    Only processes that run models call it (``serve``, ``worker``); an API pod never imports torch.
+    """
+    import torch
+
+    from .engine.pipelines import resolve_devices
+
+    cuda = torch.cuda.is_available()
+    count = torch.cuda.device_count() if cuda else 0
+    names = [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(count)]
+    devices = resolve_devices(settings.engine.devices)
+    fields = {"torch": torch.__version__, "cuda_available": cuda, "cuda_version": torch.version.cuda,
+              "gpus": names, "devices": devices}
+    log.info("torch %s cuda_available=%s cuda_version=%s gpus=[%s] devices=%s", torch.__version__, cuda,
+             torch.version.cuda, ", ".join(names), ",".join(devices), extra={"fields": fields})
 
 
 def _weights_ready(settings: Settings) -> bool:
@@ -69,7 +135,7 @@ def _weights_ready(settings: Settings) -> bool:
         return True
     problems = missing_weights(settings)
     for problem in problems:
-        logging.getLogger("server.cli").error("not starting: %s", problem)
+        log.error("not starting: %s", problem)
     return not problems
 
 
@@ -94,6 +160,7 @@ def _models(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="darkroom", description="Darkroom image-generation server")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     # Options several commands take, declared once.
     config = argparse.ArgumentParser(add_help=False)
@@ -121,7 +188,14 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=_models)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # The reader closed the pipe (`darkroom models --json | head -1`): it has what it asked for. Point
+        # stdout at /dev/null so the interpreter's final flush does not raise again, and exit quietly.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -137,7 +137,8 @@ def missing_weights(settings: Settings) -> list[str]:
             if weights.kind == "hub":
                 problems.append(
                     f"model {manifest.id}: the {weights.role} weights ({weights.describe()}) are {where}; "
-                    f"run `darkroom pull {manifest.id}` first (or set engine.allow_downloads: true)")
+                    f"run `darkroom pull {manifest.id}` first (or set engine.allow_downloads: true in the "
+                    "config, or DARKROOM_ENGINE__ALLOW_DOWNLOADS=true in the environment)")
             else:
                 problems.append(f"model {manifest.id}: the {weights.role} weights ({weights.describe()}) are "
                                 f"missing: {where}")

@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from server.cli import listen_refusal
 from server.config import load_settings
 
 from .conftest import REPO
@@ -65,6 +66,8 @@ def test_config_map_loads_as_settings_with_the_secret(tmp_path: Path,
     assert settings.queue.backend == "redis" and settings.storage.backend == "s3"
     assert settings.queue.redis_url.startswith("redis://:")  # the Secret's URL, with its password
     assert [k.get_secret_value() for k in settings.server.api_keys] == ["change-me-key-1", "change-me-key-2"]
+    # The API pods listen on 0.0.0.0: they start because the Secret gives them keys (server/cli.py).
+    assert settings.server.host == "0.0.0.0" and listen_refusal(settings) is None
 
     api, worker = objects[("Deployment", "darkroom-api")], objects[("Deployment", "darkroom-worker")]
     assert container(api)["args"][0] == "api" and container(worker)["args"][0] == "worker"

@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from .. import metrics
+from .. import __version__, metrics
 from ..config import Settings
-from . import images, operator, service
+from . import docs, images, operator, service
 from .errors import install_error_handlers
 from .observe import ObserveMiddleware
 from .runtime import Runtime
@@ -44,7 +44,8 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
             sweeper.cancel()
             await run_in_threadpool(runtime.stop)
 
-    app = FastAPI(title="Darkroom", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # /openapi.json and /docs (public, server.api_docs): server/api/docs.py.
+    app = docs.make_app(settings, title="Darkroom", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(images.router)
     app.include_router(service.router)

@@ -28,6 +28,7 @@ def _model_card(runtime: Runtime, manifest: Any, created: int) -> dict[str, Any]
         "created": created,
         "owned_by": manifest.owned_by,
         "type": "image",
+        "description": manifest.description,
         "aliases": manifest.aliases,
         "capabilities": manifest.capabilities.model_dump(),
         "defaults": manifest.defaults.model_dump(),

@@ -24,6 +24,11 @@ class ServerSettings(BaseModel):
     public_url: str | None = None
     # Bearer keys. Empty means any key is accepted (the SDKs refuse to start without one).
     api_keys: list[SecretStr] = Field(default_factory=list)
+    # Without any key (api_keys, auth.keys, auth.keys_file), `darkroom serve` / `api` refuse to listen on
+    # an address other than loopback unless this is true (server/cli.py).
+    allow_anonymous: bool = False
+    # GET /openapi.json and the Swagger UI at /docs, served without a key; false: neither route exists.
+    api_docs: bool = True
     # A job that has not started by this many seconds after arrival is answered 504 and never runs.
     request_timeout_s: float = 300.0
     max_body_bytes: int = 1_000_000
