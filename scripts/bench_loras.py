@@ -91,7 +91,7 @@ def main() -> None:
     engine.warmup()
     if args.compile:
         # After the hotswap slots exist, as diffusers requires; only the text-to-image pipe is benchmarked.
-        pipe = engine._pipes[manifest.id]
+        pipe = engine.pipeline(manifest.id)
         pipe.transformer = torch.compile(pipe.transformer)
 
     def params(*paths: str, seed: int = 0) -> GenerationParams:

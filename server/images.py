@@ -1,8 +1,8 @@
 """Image bytes in and out, and the few geometric operations on them: pure Pillow, no torch, no network.
 
 Both processes import it: the API decodes the images a request names (``decode_image``, through the guarded
-fetcher) and sizes them for their use (``fit_cover``, ``fit_within``); the engine sets Kontext inputs side by
-side (``stitch``); the worker encodes finished images (``encode_image``).
+fetcher) and sizes them for their use (``fit_cover``, ``fit_within``, ``fit_area``); the engine sets Kontext
+inputs side by side (``stitch``); the worker encodes finished images (``encode_image``).
 """
 
 from __future__ import annotations
@@ -91,6 +91,20 @@ def fit_within(image: Image.Image, side: int) -> Image.Image:
     scale = side / max(image.size)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def fit_area(image: Image.Image, max_pixels: int, multiple: int = 1) -> Image.Image:
+    """Scale down (aspect ratio kept) to at most ``max_pixels`` pixels, then crop the centre so each side is a
+    multiple of ``multiple`` (FLUX.2 references: 16, a token per 16 x 16 pixels). Never scales up."""
+    if image.width * image.height > max_pixels:
+        scale = (max_pixels / (image.width * image.height)) ** 0.5
+        size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    width, height = image.width // multiple * multiple, image.height // multiple * multiple
+    if (width, height) == image.size or not (width and height):
+        return image
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
 
 
 def stitch(images: list[Image.Image]) -> Image.Image:

@@ -5,10 +5,12 @@ Both processes use it (no torch): the LoRA store checks a file while it download
 engine checks it again before loading (server/engine/adapters.py).
 
 The header is read strictly (server/safetensors_header.py: anything else a header can hold is a
-``FormatError``, never another exception). Every tensor name is then classified as diffusers 0.42 converts
-FLUX LoRAs (``FluxLoraLoaderMixin.lora_state_dict`` and ``_convert_kohya_flux_lora_to_diffusers`` /
-``_convert_xlabs_flux_lora_to_diffusers`` / ``_convert_bfl_flux_control_lora_to_diffusers`` in
-``diffusers/loaders/lora_conversion_utils.py``): into the part it is for (transformer, CLIP-L, T5, ...) and its kind (a LoRA matrix, alpha, DoRA magnitude, LoHa, ...).
+``FormatError``, never another exception). Every tensor name is then classified as diffusers 0.42's loader
+of the model (``Loader``: ``FluxLoraLoaderMixin`` for FLUX.1, ``Flux2LoraLoaderMixin`` for FLUX.2) converts
+it (``lora_state_dict`` and ``_convert_kohya_flux_lora_to_diffusers``, ``_convert_xlabs_...``,
+``_convert_bfl_flux_control_...``, ``_convert_kohya_flux2_...`` in ``diffusers/loaders/
+lora_conversion_utils.py``): into the part it is for (transformer, CLIP-L, T5, ...) and its kind (a LoRA
+matrix, alpha, DoRA magnitude, LoHa, ...).
 What diffusers would drop, with at most a log line, is refused here by name and count
 (``"12 T5 weights (lora_te2_...) cannot be applied"``) instead of loading part of a LoRA.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 from .safetensors_header import NOT_SAFETENSORS, FormatError, Header, Limits, cut, header_length, parse_header
 
 
-def read_header(path: Path, limits: Limits) -> Header:
+def read_header(path: Path, limits: Limits, loader: Loader | None = None) -> Header:
     """The header of a local file, checked as ``check_header`` checks it; the file's size must be exactly
     what the header declares. ``FormatError`` for the file's content; ``OSError`` if it cannot be read."""
     size = path.stat().st_size
@@ -32,7 +34,7 @@ def read_header(path: Path, limits: Limits) -> Header:
         length = header_length(fh.read(8), limits.header_bytes)
         if length > size - 8:
             raise FormatError(NOT_SAFETENSORS)
-        header = check_header(fh.read(length), limits)
+        header = check_header(fh.read(length), limits, loader)
     if header.file_bytes != size:
         raise FormatError(f"is not a complete safetensors file ({size} bytes; its header describes "
                           f"{header.file_bytes})")
@@ -71,20 +73,53 @@ _NORM_LAYER = re.compile(r"norm(?:\d+|_q|_k|_added_q|_added_k)?$")
 _NORM_WEIGHT = ("scale", "weight", "bias", "diff", "diff_b")
 _EMBEDDING = re.compile(r"(?:token|position)[._]?embedding|^bundle_emb|^emb_params|^string_to_param")
 
-# The kohya/sd-scripts FLUX layers diffusers' converter consumes (``_convert_sd_scripts_to_ai_toolkit``);
-# any other ``lora_unet_`` layer would be left over and dropped with a warning.
+@dataclass(frozen=True)
+class Loader:
+    """What one diffusers LoRA loader applies, and how its kohya/sd-scripts converter names layers: a kohya
+    layer it does not know, or a key without one of its prefixes, is left over and dropped with a warning."""
+
+    name: str
+    parts: tuple[str, ...]                  # the parts it loads weights into
+    kohya_prefixes: tuple[str, ...]         # the key prefixes its kohya converter keeps
+    kohya_layers: re.Pattern[str]           # the sd-scripts layers it converts (groups d, s: block numbers)
+    kohya_blocks: tuple[tuple[str, int], ...]  # (group, blocks it converts) for the numbered layers
+    fused: tuple[tuple[re.Pattern[str], int], ...]  # raw layers it splits into several, and into how many
+    mixes: bool                             # FLUX.1's special files (kohya beside peft names, "mixture")
+
+
+_QKV = re.compile(r"(?:attn_qkv|processor_qkv_lora\d*)$")  # kohya, ComfyUI, BFL img_attn.qkv; xlabs qkv_lora1
 _KOHYA_DOUBLE = ("img_attn_proj", "img_attn_qkv", "img_mlp_0", "img_mlp_2", "img_mod_lin", "txt_attn_proj",
                  "txt_attn_qkv", "txt_mlp_0", "txt_mlp_2", "txt_mod_lin")
-_KOHYA_LAYER = re.compile(
-    r"^(?:double_blocks_(?P<d>\d+)_(?:" + "|".join(_KOHYA_DOUBLE) + r")"
-    r"|single_blocks_(?P<s>\d+)_(?:linear1|linear2|modulation_lin)"
-    r"|guidance_in_(?:in|out)_layer|img_in|txt_in|time_in_(?:in|out)_layer|vector_in_(?:in|out)_layer"
-    r"|final_layer_adaLN_modulation_1|final_layer_linear)$"
+
+# FluxLoraLoaderMixin (FLUX.1, Kontext, Canny/Depth): the transformer and CLIP-L; kohya layers of
+# ``_convert_sd_scripts_to_ai_toolkit`` (19 double, 38 single blocks); a fused qkv becomes to_q/to_k/to_v,
+# a single block's linear1 to_q/to_k/to_v/proj_mlp.
+FLUX1 = Loader(
+    name="FLUX.1", parts=("transformer", "clip"),
+    kohya_prefixes=("lora_unet_", "diffusion_model.", "lora_te_", "lora_te1_",
+                    "text_encoders.clip_l.transformer."),
+    kohya_layers=re.compile(
+        r"^(?:double_blocks_(?P<d>\d+)_(?:" + "|".join(_KOHYA_DOUBLE) + r")"
+        r"|single_blocks_(?P<s>\d+)_(?:linear1|linear2|modulation_lin)"
+        r"|guidance_in_(?:in|out)_layer|img_in|txt_in|time_in_(?:in|out)_layer|vector_in_(?:in|out)_layer"
+        r"|final_layer_adaLN_modulation_1|final_layer_linear)$"),
+    kohya_blocks=(("d", 19), ("s", 38)),
+    fused=((_QKV, 3), (re.compile(r"single_blocks_\d+_linear1$"), 4)),
+    mixes=True,
 )
-_KOHYA_BLOCKS = {"d": 19, "s": 38}
-# What the kohya path keeps: these prefixes (after ComfyUI's are renamed), down/up matrices and alphas.
-_KOHYA_PREFIXES = ("lora_unet_", "diffusion_model.", "lora_te_", "lora_te1_",
-                   "text_encoders.clip_l.transformer.")
+# Flux2LoraLoaderMixin (FLUX.2 [dev], [klein]): the transformer only; kohya layers of
+# ``_convert_kohya_flux2_lora_to_diffusers`` (any number of blocks; modulation is shared, not per block);
+# a fused qkv becomes three layers, a single block's linear1 stays one (to_qkv_mlp_proj).
+FLUX2 = Loader(
+    name="FLUX.2", parts=("transformer",), kohya_prefixes=("lora_unet_",),
+    kohya_layers=re.compile(
+        r"^(?:double_blocks_(?P<d>\d+)_(?:img|txt)_(?:attn_proj|attn_qkv|mlp_0|mlp_2)"
+        r"|single_blocks_(?P<s>\d+)_(?:linear1|linear2)"
+        r"|img_in|txt_in|time_in_(?:in|out)_layer|final_layer_linear)$"),
+    kohya_blocks=(), fused=((_QKV, 3),), mixes=False,
+)
+# A manifest's family -> the loader its pipeline uses (server/registry.py lists the families).
+LOADERS = {"flux": FLUX1, "flux-kontext": FLUX1, "flux-control": FLUX1, "flux2": FLUX2, "flux2-klein": FLUX2}
 _KOHYA_SUFFIX = re.compile(r"\.(?:lora_down\.weight|lora_up\.weight|alpha)$")
 
 
@@ -121,11 +156,11 @@ def _kohya_layer(layer: str) -> str | None:
     return None
 
 
-def _known_kohya_layer(layer: str) -> bool:
-    match = _KOHYA_LAYER.match(layer)
+def _known_kohya_layer(layer: str, loader: Loader) -> bool:
+    match = loader.kohya_layers.match(layer)
     if match is None:
         return False
-    return all(match[g] is None or int(match[g]) < n for g, n in _KOHYA_BLOCKS.items())
+    return all(match[g] is None or int(match[g]) < n for g, n in loader.kohya_blocks)
 
 
 APPLIED_KINDS = ("lora", "lora_bias", "dora", "alpha")
@@ -135,6 +170,8 @@ REFUSALS: dict[str, tuple[str, str]] = {
     "t5": ("T5 weights", "this LoRA has T5 text-encoder weights, which Darkroom cannot apply "
                          "(diffusers loads FLUX LoRAs into the transformer and the CLIP text encoder only)"),
     "other_te": ("weights of another text encoder", "FLUX has a CLIP-L and a T5 text encoder only"),
+    "text_encoder": ("text-encoder weights", "diffusers loads LoRAs for this model into its transformer "
+                                             "only"),
     "unet": ("UNet weights", "FLUX has no UNet: a LoRA for another architecture (Stable Diffusion?)"),
     "dora_scale": ("DoRA magnitudes", "DoRA LoRAs are not supported in kohya/LyCORIS form (dora_scale); "
                                       "diffusers/peft DoRA (lora_magnitude_vector) is"),
@@ -196,18 +233,20 @@ class Inventory:
         return FormatError("; ".join(parts) + tail, code="unsupported_lora")
 
 
-def classify(names: Iterable[str]) -> Inventory:
-    """Account for every tensor name of a FLUX LoRA file before any conversion (see the module docstring)."""
+def classify(names: Iterable[str], loader: Loader = FLUX1) -> Inventory:
+    """Account for every tensor name of a LoRA file before any conversion, as ``loader`` would convert it
+    (see the module docstring)."""
     names = list(names)
     inv = Inventory(total=len(names))
-    # diffusers' FLUX loader picks a converter from the whole file (FluxLoraLoaderMixin.lora_state_dict).
+    # diffusers' loaders pick a converter from the whole file (``lora_state_dict``).
     kohya = any(n.endswith(".lora_down.weight") for n in names)
-    peft_mix = kohya and any(n.startswith("transformer.") for n in names)
-    mixture = kohya and any(n.startswith("lora_transformer_") for n in names)
+    peft_mix = loader.mixes and kohya and any(n.startswith("transformer.") for n in names)
+    mixture = loader.mixes and kohya and any(n.startswith("lora_transformer_") for n in names)
     kept: list[tuple[str, str, str, str]] = []  # name, part, kind, layer
     for name in names:
         part, (kind, layer) = part_of(name), _kind_and_layer(name)
-        group = _refused_group(name, part, kind, layer, kohya=kohya, peft_mix=peft_mix, mixture=mixture)
+        group = _refused_group(name, part, kind, layer, loader, kohya=kohya, peft_mix=peft_mix,
+                               mixture=mixture)
         if group:
             inv.refused[group].append(name)
         else:
@@ -225,41 +264,35 @@ def classify(names: Iterable[str]) -> Inventory:
         inv.applied[part] += 1
         if kind == "lora" and layer not in inv.modules.setdefault(part, set()):
             inv.modules[part].add(layer)
-            inv.converted_layers[part] += _split(layer)
+            flat = layer.replace(".", "_")
+            inv.converted_layers[part] += next((n for pattern, n in loader.fused if pattern.search(flat)), 1)
     inv.refused = {k: v for k, v in inv.refused.items() if v}  # type: ignore[assignment]
     return inv
 
 
 _DOWN = re.compile(r"(?:lora_down|lora_A|down)\.weight$")
-# Fused layers of the original FLUX layout, which diffusers' converters split into their parts: qkv (kohya,
-# ComfyUI, BFL: img_attn.qkv; xlabs: processor.qkv_lora1) into to_q/to_k/to_v, a single block's linear1 into
-# to_q/to_k/to_v/proj_mlp.
-_FUSED = ((re.compile(r"(?:attn_qkv|processor_qkv_lora\d*)$"), 3),
-          (re.compile(r"single_blocks_\d+_linear1$"), 4))
 
 
-def _split(layer: str) -> int:
-    flat = layer.replace(".", "_")
-    return next((parts for pattern, parts in _FUSED if pattern.search(flat)), 1)
-
-
-def _refused_group(name: str, part: str, kind: str, layer: str, *, kohya: bool, peft_mix: bool,
-                   mixture: bool) -> str | None:
+def _refused_group(name: str, part: str, kind: str, layer: str, loader: Loader, *, kohya: bool,
+                   peft_mix: bool, mixture: bool) -> str | None:
     if part in ("t5", "other_te", "unet"):
         return part
     if kind not in APPLIED_KINDS:
         return kind
     if part == "unknown":
         return "unknown_part"
+    if part not in loader.parts:
+        return "text_encoder"
     if peft_mix and not name.startswith("transformer."):
         return "dropped"  # diffusers keeps transformer.* only from such a file
     if mixture and name.startswith("lora_unet_"):
         return "dropped"
     if kohya and not peft_mix and not mixture:
-        if not name.startswith(_KOHYA_PREFIXES) or not _KOHYA_SUFFIX.search(name):
+        if not name.startswith(loader.kohya_prefixes) or not _KOHYA_SUFFIX.search(name):
             return "dropped"
         kohya_layer = _kohya_layer(layer)
-        if (kohya_layer is not None and not _known_kohya_layer(kohya_layer)) or "text_projection" in name:
+        if (kohya_layer is not None and not _known_kohya_layer(kohya_layer, loader)) \
+                or "text_projection" in name:
             return "unknown_layer"
     return None
 
@@ -270,11 +303,14 @@ class StreamCheck:
     before any of the body is passed on, then that the body is exactly as long as the header says.
 
     Holds at most the header (``limits.header_bytes``) plus one chunk in memory. Raises ``FormatError``.
+    ``loader``: the loader of the model the file is for (None: refuse only what no loader applies).
     """
 
-    def __init__(self, write: Callable[[bytes], object], limits: Limits) -> None:
+    def __init__(self, write: Callable[[bytes], object], limits: Limits,
+                 loader: Loader | None = None) -> None:
         self.write = write
         self.limits = limits
+        self.loader = loader
         self.header: Header | None = None
         self.received = 0
         self._head = bytearray()
@@ -288,7 +324,7 @@ class StreamCheck:
                 self._length = header_length(bytes(self._head[:8]), self.limits.header_bytes)
             if self._length is None or len(self._head) < 8 + self._length:
                 return  # nothing is written before the header has been checked
-            self.header = check_header(bytes(self._head[8 : 8 + self._length]), self.limits)
+            self.header = check_header(bytes(self._head[8 : 8 + self._length]), self.limits, self.loader)
             chunk, self._head = bytes(self._head), bytearray()
         if self.received > self.header.file_bytes:
             raise FormatError(f"is longer than its safetensors header says ({self.header.file_bytes} bytes)")
@@ -304,15 +340,17 @@ class StreamCheck:
         return self.header
 
 
-def check_header(raw: bytes, limits: Limits) -> Header:
+def check_header(raw: bytes, limits: Limits, loader: Loader | None = None) -> Header:
     """``parse_header``, then the size it declares against ``limits.file_bytes``, then every name
-    (``classify``, kept as ``Header.inventory``)."""
+    (``classify`` for ``loader``, kept as ``Header.inventory``; for None, refused only if every loader
+    refuses it)."""
     header = parse_header(raw, limits.tensors)
     cap = limits.file_bytes
     if cap is not None and header.file_bytes > cap:
         raise FormatError(f"is larger than {cap} bytes (its header describes {header.file_bytes})",
                           code="fetch_failed")
-    header.inventory = classify(header.tensors)
+    inventories = [classify(header.tensors, one) for one in ((loader,) if loader else (FLUX1, FLUX2))]
+    header.inventory = next((inv for inv in inventories if inv.problem() is None), inventories[0])
     problem = header.inventory.problem()
     if problem is not None:
         raise problem

@@ -46,7 +46,7 @@ from .config import FetchSettings, LoraSettings, Settings
 from .errors import DarkroomError, InternalError, InvalidRequest
 from .fetch import Fetcher, FetchError
 from .filelock import locked
-from .lora_format import StreamCheck, read_header
+from .lora_format import Loader, StreamCheck, read_header
 from .safetensors_header import FormatError, Limits, check_finite
 from .lora_sources import Source, parse_source, pick_lora_file
 from .params import LoraRef
@@ -168,37 +168,40 @@ class LoraStore:
     # -- use --------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def use(self, path: str) -> Iterator[Path]:
+    def use(self, path: str, loader: Loader | None = None) -> Iterator[Path]:
         """The local file of a LoRA (fetched if needed), kept from eviction, by this process and any other
-        sharing the folder, while the block runs. Raises ``LoraError`` (400: the file's fault),
-        ``LoraUnavailable`` (503) or ``LoraStoreFailure`` (500)."""
+        sharing the folder, while the block runs. A file is checked as ``loader`` (the model's diffusers
+        LoRA loader, server/lora_format.py) would convert it; None: refused only if no loader applies it.
+        Raises ``LoraError`` (400: the file's fault), ``LoraUnavailable`` (503) or ``LoraStoreFailure``
+        (500)."""
         source = parse_source(path, self.settings)
         if source.local is not None:
-            yield self._registered(source)
+            yield self._registered(source, loader)
             return
         key = self.key(path)
         self._mkdir()
         pin = locked(self._pin_file(key), exclusive=False, wait_s=None)  # an evictor holds it an instant
         assert pin is not None  # waited for
         try:
-            yield self._ensure(source)
+            yield self._ensure(source, loader)
         finally:
             os.close(pin)
             self._remove_unheld(self._pin_file(key))  # unless another user holds it now
 
-    def ensure(self, path: str) -> Path:
-        with self.use(path) as file:
+    def ensure(self, path: str, loader: Loader | None = None) -> Path:
+        with self.use(path, loader) as file:
             return file
 
-    def prefetch(self, refs: Sequence[LoraRef]) -> None:
+    def prefetch(self, refs: Sequence[LoraRef], loader: Loader | None = None) -> None:
+        """Each LoRA fetched into the cache and checked (for ``loader``'s model, when given)."""
         for ref in refs:
-            self.ensure(ref.path)
+            self.ensure(ref.path, loader)
 
-    def _registered(self, source: Source) -> Path:
+    def _registered(self, source: Source, loader: Loader | None) -> Path:
         assert source.local is not None
         file = source.local.resolve()
         try:
-            read_header(file, self.limits(any_size=True))
+            read_header(file, self.limits(any_size=True), loader)
         except FormatError as exc:
             raise format_error(source.path, exc) from None
         except OSError as exc:
@@ -207,7 +210,7 @@ class LoraStore:
                                    "be read; see the server log") from None
         return file
 
-    def _ensure(self, source: Source) -> Path:
+    def _ensure(self, source: Source, loader: Loader | None) -> Path:
         key, file = self.key(source.path), self.file_for(source.path)
 
         def cached() -> Path | None:
@@ -220,13 +223,13 @@ class LoraStore:
 
         # Another request fetching the same LoRA at this moment: share its outcome.
         try:
-            return self._flights.run(key, lambda: self._fetch_locked(source, file), self.fetch_wait_s,
-                                     cached=cached)
+            return self._flights.run(key, lambda: self._fetch_locked(source, file, loader),
+                                     self.fetch_wait_s, cached=cached)
         except FutureTimeout:
             raise LoraUnavailable(f"LoRA '{shown_path(source.path)}' is still being fetched for another "
                                   f"request after {self.fetch_wait_s:g} s; retry shortly") from None
 
-    def _fetch_locked(self, source: Source, file: Path) -> Path:
+    def _fetch_locked(self, source: Source, file: Path, loader: Loader | None) -> Path:
         """Download under a per-file lock, so processes sharing the cache folder fetch it once too."""
         self._mkdir()
         lock_file = self.directory / f".{file.stem}.lock"
@@ -239,7 +242,7 @@ class LoraStore:
             if file.is_file():
                 _touch(file)
                 return file
-            size = self._download_to(source, file)
+            size = self._download_to(source, file, loader)
             with self._lock:
                 self.downloads += 1
             metrics.LORA_CACHE_MISSES.labels(cache="disk").inc()
@@ -252,7 +255,7 @@ class LoraStore:
         self.evict()
         return file
 
-    def _download_to(self, source: Source, file: Path) -> int:
+    def _download_to(self, source: Source, file: Path, loader: Loader | None) -> int:
         """Stream the LoRA into a temporary file beside ``file``, checking its header before its body
         (server/lora_format.py ``StreamCheck``), then rename it into place. Returns its size in bytes."""
         url = source.url or self._pick_from_repo(source)
@@ -260,7 +263,7 @@ class LoraStore:
         fd, tmp = tempfile.mkstemp(prefix=f".{file.stem}.", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as out:
-                check = StreamCheck(out.write, self.limits())
+                check = StreamCheck(out.write, self.limits(), loader)
                 # The field is the request field (it labels the fetcher's metrics); messages name the path.
                 self.fetcher.fetch_to(url, FIELD, self.settings.max_file_bytes, check)
             check_finite(Path(tmp), check.finish())

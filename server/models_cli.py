@@ -1,8 +1,9 @@
 """Model weights on disk: ``darkroom models`` (what is there), ``darkroom pull MODEL`` (fetch it), and the
 start-up check that refuses to serve a model whose weights are missing.
 
-A manifest's weights are its ``source``, its ``redux_prior`` and its image safety checker (the config's
-``safety.image_checker`` when set, else the manifest's), plus the config's prompt classifier. Each is:
+A manifest's weights are its ``source``, its ``redux_prior``, its ``control.depth_model`` and its image safety
+checker (the config's ``safety.image_checker`` when set, else the manifest's), plus the config's prompt
+classifier. Each is:
 
 - ``builtin``: built offline on first use into ``engine.cache_dir``; always available (``pull`` builds it);
 - ``path``: a local folder, present when it exists (``pull`` cannot fetch it);
@@ -33,7 +34,7 @@ _UNUSED = ["*.msgpack", "*.h5", "*.onnx", "*.onnx_data", "*.ckpt", "*.gguf", "*.
 class Weights:
     """One set of weights a model needs."""
 
-    role: str  # model, redux prior, image checker, prompt classifier
+    role: str  # model, redux prior, depth model, image checker, prompt classifier
     source: WeightsSource
     # Folders of a repo that are used (None: the whole repo).
     subfolders: tuple[str, ...] | None = None
@@ -55,6 +56,8 @@ def manifest_weights(manifest: ModelManifest, settings: Settings) -> list[Weight
     weights = [Weights("model", manifest.source)]
     if manifest.redux_prior is not None:
         weights.append(Weights("redux prior", manifest.redux_prior))
+    if manifest.control is not None and manifest.control.depth_model is not None:
+        weights.append(Weights("depth model", manifest.control.depth_model))
     checker = settings.safety.image_checker or manifest.safety.image_checker
     if settings.safety.enabled and checker is not None and checker.source is not None:
         subs = tuple(s for s in (checker.source.subfolder, checker.source.processor_subfolder) if s)

@@ -14,8 +14,10 @@ if TYPE_CHECKING:
     from PIL import Image
 
 # What besides the prompt steers a request: nothing, an input image (FLUX.1 img2img or Kontext editing),
-# Redux reference embeddings, or both of the first with the second.
-Conditioning = Literal["text", "img2img", "kontext", "redux", "img2img+redux"]
+# Redux reference embeddings, or both of the first with the second; FLUX.2's reference images (image_url and
+# reference_images, all in ``references``); a FLUX.1 Canny/Depth control image (``image``, the user's photo:
+# the worker computes the edges or depth).
+Conditioning = Literal["text", "img2img", "kontext", "redux", "img2img+redux", "references", "control"]
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,10 @@ class GenerationParams:
             self.conditioning,
             self.strength,
             self.image is not None,
-            len(self.references),
+            # FLUX.2 turns each reference into (width / 16) x (height / 16) tokens, and the rows of a call
+            # need equal token counts: its references batch by size; elsewhere by count.
+            tuple((r.width, r.height) for r in self.references) if self.conditioning == "references"
+            else len(self.references),
             # The LoRA set and its scales are one per call.
             self.loras,
         )

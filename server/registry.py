@@ -22,7 +22,46 @@ log = logging.getLogger(__name__)
 class ModelSource(WeightsSource):
     """A model's weights: exactly one of a Hub repo id, a local diffusers folder, or a builtin built offline."""
 
-    builtin: Literal["tiny-flux", "tiny-flux-edit", "tiny-redux"] | None = None
+    builtin: Literal[
+        "tiny-flux", "tiny-flux-edit", "tiny-redux", "tiny-flux2", "tiny-flux2-klein", "tiny-flux-canny",
+        "tiny-flux-depth", "tiny-depth-anything",
+    ] | None = None
+
+# The pipeline families (server/engine/families.py runs each):
+# flux: FLUX.1 text-to-image (FluxPipeline; image_url → img2img, reference_images → Redux tokens);
+# flux-kontext: FLUX.1 Kontext (FluxKontextPipeline; image_url → the image to edit, references beside it);
+# flux2 / flux2-klein: FLUX.2 [dev] / [klein] (Flux2Pipeline / Flux2KleinPipeline; image_url and
+#   reference_images → the pipeline's reference images, Together's meaning);
+# flux-control: FLUX.1 Canny / Depth [dev] (FluxControlPipeline; image_url → the control image).
+Family = Literal["flux", "flux-kontext", "flux2", "flux2-klein", "flux-control"]
+# Families whose text encoder is T5 (sequence buckets bound T5 token counts).
+T5_FAMILIES = ("flux", "flux-kontext", "flux-control")
+
+
+class ControlSpec(BaseModel):
+    """How a flux-control model turns the user's image (``image_url``) into its control image.
+
+    canny: OpenCV's Canny edges with these hysteresis thresholds (diffusers' FLUX.1 Canny example: 50, 200);
+    depth: a depth-estimation model (transformers' ``pipeline("depth-estimation")``), loaded once per worker
+    (BFL's and diffusers' FLUX.1 Depth examples: Depth Anything, ``LiheYoung/depth-anything-large-hf``).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    preprocessor: Literal["canny", "depth"]
+    canny_low: int = Field(default=50, ge=0, le=255)
+    canny_high: int = Field(default=200, ge=0, le=255)
+    depth_model: ModelSource | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ControlSpec:
+        if self.preprocessor == "depth" and self.depth_model is None:
+            raise ValueError("control.preprocessor depth needs control.depth_model")
+        if self.preprocessor == "canny" and self.depth_model is not None:
+            raise ValueError("control.depth_model is for preprocessor depth only")
+        if self.canny_low > self.canny_high:
+            raise ValueError("control.canny_low must not exceed control.canny_high")
+        return self
 
 
 class Capabilities(BaseModel):
@@ -125,6 +164,9 @@ class ModelLimits(LimitSettings):
     min_size: int = 64
     size_multiple: int = 16
     max_reference_images: int = 4
+    # FLUX.2 reference images are scaled down (aspect kept) to at most this many pixels, as
+    # Flux2Pipeline does beyond 1024 x 1024; each costs (width / 16) x (height / 16) tokens.
+    max_reference_pixels: int = Field(default=1024 * 1024, ge=64 * 64)
 
 
 class ModelManifest(BaseModel):
@@ -133,11 +175,12 @@ class ModelManifest(BaseModel):
     id: str
     aliases: list[str] = Field(default_factory=list)
     description: str = ""
-    # flux: FLUX.1 text-to-image (image_url → img2img); flux-kontext: FLUX.1 Kontext (image_url → editing).
-    family: Literal["flux", "flux-kontext"] = "flux"
+    family: Family = "flux"
     source: ModelSource
     # FLUX.1 Redux prior (SigLIP + ReduxImageEncoder) that turns reference_images into prompt tokens.
     redux_prior: ModelSource | None = None
+    # flux-control: how image_url becomes the control image.
+    control: ControlSpec | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     owned_by: str = "darkroom"
     capabilities: Capabilities = Field(default_factory=Capabilities)
@@ -148,8 +191,24 @@ class ModelManifest(BaseModel):
 
     @model_validator(mode="after")
     def _conditioning_is_servable(self) -> ModelManifest:
-        if self.capabilities.reference_images and self.family == "flux" and self.redux_prior is None:
+        caps, family = self.capabilities, self.family
+        if caps.reference_images and family == "flux" and self.redux_prior is None:
             raise ValueError(f"{self.id}: reference_images needs a redux_prior for family flux")
+        if self.redux_prior is not None and family != "flux":
+            raise ValueError(f"{self.id}: redux_prior is for family flux only")
+        if (self.control is None) != (family != "flux-control"):
+            raise ValueError(f"{self.id}: control is required for family flux-control, and for it only")
+        if family == "flux-control" and (caps.reference_images or not caps.image_to_image):
+            raise ValueError(f"{self.id}: a flux-control model takes its control image from image_url "
+                             "(image_to_image: true) and no reference_images")
+        # Flux2Pipeline (guidance-distilled) and FluxControlPipeline have no negative conditioning; a
+        # distilled FLUX.2 [klein] has none either (the engine checks the weights' is_distilled).
+        if caps.negative_prompt and family in ("flux2", "flux-control"):
+            raise ValueError(f"{self.id}: family {family} has no negative conditioning; set "
+                             "capabilities.negative_prompt: false")
+        if family in ("flux2", "flux2-klein") and caps.image_to_image != caps.reference_images:
+            raise ValueError(f"{self.id}: on FLUX.2, image_url is one more reference image: "
+                             "image_to_image and reference_images go together")
         return self
 
     @model_validator(mode="after")
@@ -160,6 +219,9 @@ class ModelManifest(BaseModel):
                 "projections); turn off capabilities.loras or engine.fuse_qkv"
             )
         buckets = self.engine.sequence_buckets
+        if buckets and self.family not in T5_FAMILIES:
+            raise ValueError(f"{self.id}: engine.sequence_buckets bound T5 token counts; family "
+                             f"{self.family} has another text encoder")
         if buckets != sorted(set(buckets)) or any(b < 1 for b in buckets):
             raise ValueError(f"{self.id}: engine.sequence_buckets must be positive and increasing")
         if buckets and buckets[-1] > self.defaults.max_sequence_length:

@@ -19,7 +19,7 @@ import yaml
 from .conftest import REPO
 from .support.launch import REDIS_SERVER, RedisProcess, free_port, stop, wait_ready
 
-HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate", "cv2")
 
 
 def test_import_contracts_hold() -> None:

@@ -372,3 +372,34 @@ def test_hotswap_slots_refuse_what_they_cannot_hold(origin: FormatOrigin, tiny_c
                 with pytest.raises(LoraError, match=fragment):
                     manager.inspect("darkroom/tiny-flux", pipe, file, url)
     store.close()
+
+
+def test_each_loader_is_accounted_for_as_it_converts() -> None:
+    """The same names under FLUX.1's loader and FLUX.2's: FLUX.2 loads the transformer only, knows its own
+    kohya layers (any number of blocks, no per-block modulation) and keeps linear1 fused; a check for no
+    particular model (None: a prefetch that does not know it) refuses only what no loader applies."""
+    from server.lora_format import FLUX1, FLUX2, check_header, classify
+    from server.safetensors_header import FormatError, Limits
+
+    clip = {**tiny_flux_lora(11),
+            **{f"text_encoder.{n}.lora_A.weight": torch.zeros(4, 32) for n in CLIP_LAYERS},
+            **{f"text_encoder.{n}.lora_B.weight": torch.zeros(32, 4) for n in CLIP_LAYERS}}
+    assert classify(clip, FLUX1).problem() is None
+    assert "8 text-encoder weights (text_encoder." in classify(clip, FLUX2).problem().message
+    deep = kohya_lora({"single_blocks.40.linear1": (32, 224), "double_blocks.0.img_attn.qkv": (32, 96)},
+                      "lora_unet_", 50)
+    assert classify(deep, FLUX2).problem() is None
+    assert classify(deep, FLUX2).converted_layers["transformer"] == 4  # qkv: three; linear1: one
+    assert "3 weights of layers FLUX does not have (lora_unet_single_blocks_40_linear1" in \
+        classify(deep, FLUX1).problem().message
+    mod = kohya_lora({"double_blocks.0.img_mod.lin": (32, 192)}, "lora_unet_", 51)
+    assert classify(mod, FLUX1).problem() is None and classify(mod, FLUX2).problem() is not None
+
+    def header(state: dict[str, torch.Tensor]) -> bytes:
+        raw = lora_file_bytes(state)
+        return raw[8 : 8 + int.from_bytes(raw[:8], "little")]
+
+    for state in (clip, deep):  # each applies on one of the two
+        check_header(header(state), Limits())
+    with pytest.raises(FormatError, match="12 T5 weights"):  # and T5 on neither
+        check_header(header({**tiny_flux_lora_kohya(33), **kohya_lora(T5, "lora_te2_", 45)}), Limits())

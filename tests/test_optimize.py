@@ -67,7 +67,7 @@ def test_compiled_transformer_and_vae_match_eager(plain: Engine, tiny_cache: Pat
     for a, b in zip(eager_images, compiled_images):
         assert mean_abs_diff(a, b) < 1.0
     # The blocks really run compiled, and inductor wrote its cache where the manifest said.
-    blocks = compiled._pipes[MODEL].transformer.transformer_blocks
+    blocks = compiled.pipeline(MODEL).transformer.transformer_blocks
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert any((tmp_path / "inductor").iterdir())
 
@@ -76,7 +76,7 @@ def test_fused_qkv_matches_unfused(plain: Engine, tiny_cache: Path) -> None:
     fused = engine_for(
         manifest({"fuse_qkv": True}, capabilities={**TINY["capabilities"], "loras": False}), tiny_cache
     )
-    attn = fused._pipes[MODEL].transformer.transformer_blocks[0].attn
+    attn = fused.pipeline(MODEL).transformer.transformer_blocks[0].attn
     assert attn.fused_projections and hasattr(attn, "to_qkv")
     for a, b in zip(plain.generate([params()]).images[0], fused.generate([params()]).images[0]):
         assert mean_abs_diff(a, b) < 1.0

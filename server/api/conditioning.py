@@ -1,15 +1,27 @@
 """``image_url`` and ``reference_images``: which conditioning a request gets, and its images, fetched.
 
-The API half of conditioning (the engine's half, using the prepared images, is server/engine/pipelines.py).
+The API half of conditioning (the engine's half, using the prepared images, is server/engine/families.py).
 Runs in the API process, before a job is queued: a bad URL or a model without the capability is a 400
-that costs no GPU work. Images travel in the job as plain RGB bytes (``ConditioningImage``), already
-sized for their use, so the worker does no network I/O and little image work:
+that costs no GPU work. What the two fields mean depends on the model's family:
 
-- the input image (img2img or Kontext editing) is scaled to cover the requested width x height and
-  centre-cropped to it, so the output has the request's size and the input's framing;
+| family | ``image_url`` | ``reference_images`` |
+|---|---|---|
+| flux (FLUX.1) | img2img input | FLUX.1 Redux references (appearance/style tokens) |
+| flux-kontext | the image to edit | more images beside it |
+| flux2, flux2-klein (FLUX.2) | one more reference image, first | the pipeline's reference images, in order |
+| flux-control (Canny/Depth) | the photo the control image is computed from (required) | refused |
+
+Images travel in the job as plain RGB bytes (``ConditioningImage``), already sized for their use, so the
+worker does no network I/O and little image work:
+
+- the input image (img2img, Kontext editing, the control photo) is scaled to cover the requested
+  width x height and centre-cropped to it, so the output has the request's size and the input's framing;
 - Kontext references are prepared the same way; the engine sets them side by side after the input image;
 - Redux references keep their aspect ratio, bounded to ``REDUX_MAX_SIDE`` (the SigLIP encoder resizes
-  them again to its own input size).
+  them again to its own input size);
+- FLUX.2 references keep their aspect ratio, scaled down to at most ``limits.max_reference_pixels`` and
+  cropped to multiples of 16 (what ``Flux2Pipeline`` does itself); they must be at least 64 pixels a side
+  with an aspect ratio of at most 8 (``Flux2ImageProcessor.check_image_input``).
 """
 
 from __future__ import annotations
@@ -23,17 +35,22 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidRequest, Unsupported
 from ..fetch import Fetcher
-from ..images import fit_cover, fit_within
+from ..images import fit_area, fit_cover, fit_within
 from ..params import Conditioning, ConditioningImage, GenerationParams
 from ..registry import ModelManifest
 
 REDUX_MAX_SIDE = 768
+# Flux2ImageProcessor.check_image_input: each side at least 64 px, aspect ratio at most 8.
+FLUX2_MIN_SIDE = 64
+FLUX2_MAX_ASPECT = 8
+FLUX2_MULTIPLE = 16  # VAE scale factor 8 x the 2 x 2 patch
 
 
 def conditioning_kind(
     image_url: str | None, reference_images: list[str] | None, manifest: ModelManifest
 ) -> tuple[Conditioning, float | None]:
-    """The conditioning a request asks for (and its img2img strength); 400 if the model can't."""
+    """The conditioning a request asks for (and its img2img strength); 400 naming the field if the model
+    can't take it."""
     caps = manifest.capabilities
     refs = reference_images or []
     if image_url and not caps.image_to_image:
@@ -42,9 +59,20 @@ def conditioning_kind(
         raise Unsupported(f"'reference_images' is not supported by model {manifest.id}",
                           param="reference_images")
     most = manifest.limits.max_reference_images
-    if len(refs) > most:
-        raise InvalidRequest(f"'reference_images' may hold at most {most} images for {manifest.id}",
+    # On FLUX.2 image_url is one more reference image: it counts against the same limit.
+    given = len(refs) + (1 if image_url and manifest.family in ("flux2", "flux2-klein") else 0)
+    if given > most:
+        what = "'image_url' and 'reference_images' together" if len(refs) < given else "'reference_images'"
+        raise InvalidRequest(f"{what} may hold at most {most} images for {manifest.id}",
                              param="reference_images")
+    if manifest.family in ("flux2", "flux2-klein"):
+        return ("references" if given else "text"), None
+    if manifest.family == "flux-control":
+        if not image_url:
+            raise InvalidRequest(f"'image_url' is required by model {manifest.id}: the image its "
+                                 f"{manifest.control.preprocessor if manifest.control else 'control'} "
+                                 "control image is computed from", param="image_url")
+        return "control", None
     if manifest.family == "flux-kontext":
         return ("kontext" if image_url or refs else "text"), None
     if image_url:
@@ -53,29 +81,47 @@ def conditioning_kind(
 
 
 def _load(fetcher: Fetcher, url: str, field: str,
-          prepare: Callable[[Image.Image], Image.Image]) -> ConditioningImage:
-    return ConditioningImage.from_pil(prepare(fetcher.fetch_image(url, field)))
+          prepare: Callable[[Image.Image, str], Image.Image]) -> ConditioningImage:
+    return ConditioningImage.from_pil(prepare(fetcher.fetch_image(url, field), field))
+
+
+def flux2_reference(image: Image.Image, field: str, max_pixels: int) -> Image.Image:
+    """A FLUX.2 reference image as the pipeline will read it; 400 naming ``field`` if it can't be one."""
+    small, large = sorted(image.size)
+    if large > FLUX2_MAX_ASPECT * small:
+        raise InvalidRequest(f"'{field}' is {image.width}x{image.height}: an aspect ratio of at most "
+                             f"{FLUX2_MAX_ASPECT}:1 is accepted", param=field)
+    image = fit_area(image, max_pixels, FLUX2_MULTIPLE)
+    if min(image.size) < FLUX2_MIN_SIDE:
+        raise InvalidRequest(f"'{field}' must be at least {FLUX2_MIN_SIDE}x{FLUX2_MIN_SIDE} pixels "
+                             f"(got {image.width}x{image.height})", param=field)
+    return image
 
 
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
-    fetcher: Fetcher,
+    fetcher: Fetcher, manifest: ModelManifest,
 ) -> GenerationParams:
     """Fetch, decode and size a request's conditioning images into its params (concurrently)."""
     if params.conditioning == "text":
         return params
     w, h = params.width, params.height
+    ref_pixels = manifest.limits.max_reference_pixels
 
-    def cover(image: Image.Image) -> Image.Image:
+    def cover(image: Image.Image, _field: str) -> Image.Image:
         return fit_cover(image, w, h)
 
-    def bounded(image: Image.Image) -> Image.Image:
+    def bounded(image: Image.Image, _field: str) -> Image.Image:
         return fit_within(image, REDUX_MAX_SIDE)
 
-    ref_prepare = cover if params.conditioning == "kontext" else bounded
-    jobs: list[tuple[str, str, Callable[[Image.Image], Image.Image]]] = []
+    def reference(image: Image.Image, field: str) -> Image.Image:
+        return flux2_reference(image, field, ref_pixels)
+
+    flux2 = params.conditioning == "references"
+    ref_prepare = reference if flux2 else cover if params.conditioning == "kontext" else bounded
+    jobs: list[tuple[str, str, Callable[[Image.Image, str], Image.Image]]] = []
     if image_url:
-        jobs.append((image_url, "image_url", cover))
+        jobs.append((image_url, "image_url", reference if flux2 else cover))
     jobs += [(url, f"reference_images[{i}]", ref_prepare)
              for i, url in enumerate(reference_images or [])]
     results = await asyncio.gather(
@@ -87,5 +133,7 @@ async def attach_images(
         if isinstance(result, BaseException):
             raise result
         images.append(result)
+    if flux2:  # image_url is the first reference
+        return dataclasses.replace(params, references=tuple(images))
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))

@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import metrics
 from ..errors import InvalidRequest, PayloadTooLarge, ServiceUnavailable
 from ..jobs import ClientGone, Job, JobResult
+from ..lora_format import LOADERS
 from ..queue.submit import run_job
 from .auth import check_api_key
 from .conditioning import attach_images
@@ -72,10 +73,11 @@ async def create_image(request: Request) -> JSONResponse:
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
     # Conditioning images are fetched here, through the guarded fetcher: a bad URL is a 400 before
     # the job is queued.
-    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher)
-    # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
+    params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, manifest)
+    # LoRA files are fetched into the disk cache and checked here too, as the model's diffusers loader would
+    # convert them (the worker fetches any it lacks).
     if params.loras and settings.loras.prefetch and runtime.lora_store is not None:
-        await run_in_threadpool(runtime.lora_store.prefetch, params.loras)
+        await run_in_threadpool(runtime.lora_store.prefetch, params.loras, LOADERS.get(manifest.family))
 
     job = Job.create(params, settings.server.request_timeout_s)
     job.request_id = request_id(request)

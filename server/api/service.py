@@ -30,6 +30,8 @@ def _model_card(runtime: Runtime, manifest: Any, created: int) -> dict[str, Any]
         "type": "image",
         "description": manifest.description,
         "aliases": manifest.aliases,
+        # The pipeline family: what image_url and reference_images mean here (README: Model families).
+        "family": manifest.family,
         "capabilities": manifest.capabilities.model_dump(),
         "defaults": manifest.defaults.model_dump(),
         "limits": limits.model_dump(),

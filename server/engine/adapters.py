@@ -47,7 +47,7 @@ import torch
 
 from .. import metrics
 from ..config import LoraSettings
-from ..lora_format import read_header
+from ..lora_format import FLUX1, FLUX2, Loader, read_header
 from ..safetensors_header import FormatError, check_finite, has_non_finite, non_finite_message
 from ..loras import LoraError, LoraStore, format_error, shown_path
 from ..params import LoraRef
@@ -205,7 +205,7 @@ class LoraManager:
             metrics.LORA_CACHE_HITS.labels(cache="adapter").inc()
             return state.resident[ref.path]
         metrics.LORA_CACHE_MISSES.labels(cache="adapter").inc()
-        with self.store.use(ref.path) as file:
+        with self.store.use(ref.path, _loader(state.pipe)) as file:
             info = self.inspect(model_id, state.pipe, file, ref.path)
             while len(state.resident) >= self.settings.max_resident:
                 victim = next((p for p in state.resident if p not in keep), None)
@@ -251,7 +251,7 @@ class LoraManager:
             metrics.LORA_CACHE_MISSES.labels(cache="adapter").inc()
             if slots[i] is not None:
                 metrics.LORA_CACHE_EVICTIONS.labels(cache="adapter").inc()
-            with self.store.use(ref.path) as file:
+            with self.store.use(ref.path, _loader(state.pipe)) as file:
                 info = self.inspect(model_id, state.pipe, file, ref.path)
                 state.active = None  # hotswap resets the slot's scale
                 started = time.perf_counter()
@@ -374,7 +374,7 @@ class LoraManager:
         """
         label = shown_path(path)
         try:
-            header = read_header(Path(file), self.store.limits(any_size=True))
+            header = read_header(Path(file), self.store.limits(any_size=True), _loader(pipe))
         except FormatError as exc:
             raise format_error(path, exc) from None
         inventory = header.inventory
@@ -384,7 +384,7 @@ class LoraManager:
         except FormatError as exc:
             raise format_error(path, exc) from None
         try:
-            state_dict, alphas = pipe.lora_state_dict(str(file), return_alphas=True)
+            state_dict, alphas, _ = _read_lora(pipe, str(file))
         except _INTERNAL:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes diffusers' converters raise
@@ -393,7 +393,7 @@ class LoraManager:
         _check_finite(state_dict, label, " after conversion (its alphas overflow)")
         # A torch.compile'd component is a wrapper: its layers are those of the module it wraps.
         modules = {c: dict(getattr(getattr(pipe, c), "_orig_mod", getattr(pipe, c)).named_modules())
-                   for c in _COMPONENTS if getattr(pipe, c, None) is not None}
+                   for c in _lora_components(pipe) if getattr(pipe, c, None) is not None}
         bad: list[str] = []
         layers: dict[str, set[str]] = {c: set() for c in _COMPONENTS}
         rank, extras = 0, set()
@@ -475,6 +475,34 @@ def _peft_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     renamed = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te))
     return {**{k: v for k, v in state_dict.items() if not k.startswith(prefix)},
             **{prefix + k: v for k, v in renamed.items()}}
+
+
+def _loader(pipe: Any) -> Loader:
+    """How the pipeline's diffusers LoRA loader converts files (server/lora_format.py)."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    return FLUX1 if isinstance(pipe, FluxLoraLoaderMixin) else FLUX2
+
+
+def _lora_components(pipe: Any) -> tuple[str, ...]:
+    """The components the pipeline's diffusers LoRA loader loads into (its ``_lora_loadable_modules``):
+    FLUX.1's transformer and CLIP text encoder; FLUX.2's transformer only."""
+    return tuple(c for c in _COMPONENTS if c in type(pipe)._lora_loadable_modules)
+
+
+def _read_lora(pipe: Any, file: str) -> tuple[dict[str, torch.Tensor], Any, Any]:
+    """``(state_dict, network alphas, adapter metadata)`` of a LoRA file, converted by the pipeline's loader.
+
+    FLUX.1 pipelines (``FluxLoraLoaderMixin``: kohya, xlabs, BFL control, diffusers/peft formats) return
+    network alphas; FLUX.2's ``Flux2LoraLoaderMixin`` (kohya, ai-toolkit, LoKr, diffusers/peft) folds kohya
+    alphas into the weights on conversion and returns none.
+    """
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    if isinstance(pipe, FluxLoraLoaderMixin):
+        return pipe.lora_state_dict(file, return_alphas=True, return_lora_metadata=True)
+    state_dict, metadata = pipe.lora_state_dict(file, return_lora_metadata=True)
+    return state_dict, None, metadata
 
 
 def _lora_layers(module: torch.nn.Module) -> dict[str, Any]:

@@ -2,16 +2,16 @@
 
 The same loading code serves the tiny built-in model, a local folder and a Hub id: only where the
 weights come from differs. A batch is one pipeline call with one prompt and one generator per image,
-so an image depends on its own seed and prompt, not on what it was batched with.
+so an image depends on its own seed and prompt, not on what it was batched with. What differs between the
+model families (pipeline class, conditioning inputs, negative prompts) is each family's runner
+(server/engine/families.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,17 +19,17 @@ from PIL import Image
 
 from ..config import EngineSettings, SafetySettings
 from ..errors import DarkroomError
-from ..images import stitch
 from ..loras import LoraStore
 from ..metrics import SafetyCounters
-from ..params import ConditioningImage, GenerationParams
-from ..registry import ModelManifest, Registry
+from ..params import GenerationParams
+from ..registry import Registry
 from . import optimize
 from .adapters import LoraManager
+from .families import load_runner
 from .loading import LOAD_LOCK
+from .runner import FamilyRunner, SharedModels, per_image
 from .safety import ImageChecker, load_image_checkers, screen_batch
 from .timing import Generation, stage_timer
-from .weights import resolve_dtype, source_location
 
 log = logging.getLogger(__name__)
 
@@ -47,53 +47,6 @@ def resolve_devices(requested: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(devices))
 
 
-def weights_location(manifest: ModelManifest, cache_dir: Path) -> tuple[str, dict[str, Any]]:
-    """Where ``from_pretrained`` reads a model's weights, and the keyword arguments that go with it."""
-    return source_location(manifest.source, cache_dir)
-
-
-def load_pipeline(manifest: ModelManifest, settings: EngineSettings, device: str) -> Any:
-    from diffusers import FluxKontextPipeline, FluxPipeline
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    # Progress bars belong in a terminal session, not in a server's log.
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-
-    location, kwargs = weights_location(manifest, settings.cache_dir)
-    dtype = resolve_dtype(manifest.dtype, device)
-    started = time.perf_counter()
-    # FLUX.1 Kontext has FLUX.1's components; only the pipeline (how the input image enters) differs.
-    cls = FluxKontextPipeline if manifest.family == "flux-kontext" else FluxPipeline
-    pipe = cls.from_pretrained(location, dtype=dtype, **kwargs)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    log.info(
-        "model loaded model=%s device=%s dtype=%s from=%s seconds=%.2f",
-        manifest.id, device, str(dtype).removeprefix("torch."), location,
-        time.perf_counter() - started,
-    )
-    return pipe
-
-
-def load_redux_prior(manifest: ModelManifest, settings: EngineSettings, device: str) -> Any:
-    """The FLUX.1 Redux prior (SigLIP image encoder + ReduxImageEncoder) a manifest names."""
-    from diffusers import FluxPriorReduxPipeline
-
-    assert manifest.redux_prior is not None
-    location, kwargs = source_location(manifest.redux_prior, settings.cache_dir)
-    dtype = resolve_dtype(manifest.dtype, device)
-    # Only the image side: the prompt is encoded by the model's own pipeline.
-    prior = FluxPriorReduxPipeline.from_pretrained(
-        location, dtype=dtype, text_encoder=None, tokenizer=None, text_encoder_2=None,
-        tokenizer_2=None, **kwargs,
-    )
-    prior.to(device)
-    log.info("redux prior loaded model=%s from=%s", manifest.id, location)
-    return prior
-
-
 class Engine:
     """The pipelines of one device. Called from that device's worker thread only."""
 
@@ -103,10 +56,9 @@ class Engine:
         self.settings = settings
         self.device = device
         self.safety = safety or SafetySettings()
-        self._pipes: dict[str, Any] = {}
-        # Per model: FluxImg2ImgPipeline sharing the text pipeline's modules; the Redux prior.
-        self._img2img: dict[str, Any] = {}
-        self._redux: dict[str, Any] = {}
+        # Per model: its family's runner (the pipeline and what its conditioning needs; engine/runner.py).
+        self._runners: dict[str, FamilyRunner] = {}
+        self._shared = SharedModels(settings, device)
         self._checkers: dict[str, ImageChecker | None] = {}
         self.safety_counters = SafetyCounters()
         # image_loras: the store (shared with the API in `darkroom serve`) and this device's adapters.
@@ -119,14 +71,14 @@ class Engine:
     def load(self) -> None:
         for manifest in self.registry.models:
             with LOAD_LOCK:  # see loading.py: concurrent from_pretrained calls corrupt each other
-                self._pipes[manifest.id] = load_pipeline(manifest, self.settings, self.device)
+                runner = self._runners[manifest.id] = load_runner(manifest, self.settings, self.device)
                 # Attention backend, fused QKV, fp8: before the LoRA slots and the img2img pipeline.
-                optimize.prepare(manifest, self._pipes[manifest.id], self.device)
-                self._load_conditioning(manifest)
+                optimize.prepare(manifest, runner.pipe, self.device)
+                runner.attach(self._shared)
             if manifest.capabilities.loras:
-                self.loras.prepare(manifest.id, self._pipes[manifest.id])
+                self.loras.prepare(manifest.id, runner.pipe)
             # Last, so the compiled graphs already hold the LoRA slots (switching LoRAs: no recompile).
-            optimize.compile_modules(manifest, self._pipes[manifest.id], self.settings.cache_dir)
+            optimize.compile_modules(manifest, runner.pipe, self.settings.cache_dir)
         self._checkers = load_image_checkers(
             self.registry, self.safety, self.settings.cache_dir, self.device
         )
@@ -138,13 +90,14 @@ class Engine:
         calls it ran."""
         calls = 0
         for manifest in self.registry.models:
+            runner = self._runners[manifest.id]
             for width, height, steps, length in optimize.warmup_plan(manifest):
                 started = time.perf_counter()
-                params = GenerationParams(
+                params = runner.warm_request(GenerationParams(
                     model=manifest.id, prompt="warm-up", width=width, height=height, steps=steps,
                     guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
                     max_sequence_length=length,
-                )
+                ))
                 images = self.generate([params]).images
                 calls += 1
                 log.info(
@@ -156,11 +109,18 @@ class Engine:
                 guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
                 max_sequence_length=manifest.defaults.max_sequence_length,
             )
-            calls += self._warm_conditioning(params)
+            # One call per further conditioning path, with a plain grey image.
+            for variant in runner.warm_variants(params):
+                self.generate([variant])
+                calls += 1
             checker = self._checkers.get(manifest.id)
             if checker is not None:
                 checker.check(images[0])
         return calls
+
+    def pipeline(self, model_id: str) -> Any:
+        """A loaded model's main pipeline (benchmarks and tests inspect its modules)."""
+        return self._runners[model_id].pipe
 
     def generate(self, batch: Sequence[GenerationParams]) -> Generation:
         """Run compatible requests as one pipeline call: each request's images in order, and the call's
@@ -169,120 +129,34 @@ class Engine:
         keys = {p.batch_key() for p in batch}
         if len(keys) != 1:
             raise ValueError("a batch must hold compatible requests only")
-        pipe = self._pipes[first.model]
+        runner = self._runners[first.model]
 
-        prompts = [p.prompt for p in batch for _ in p.seeds]
         seeds = [seed for p in batch for seed in p.seeds]
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        kwargs: dict[str, Any] = {"prompt": prompts}
-        if first.negative_prompt is not None:
-            kwargs["negative_prompt"] = [p.negative_prompt for p in batch for _ in p.seeds]
-            kwargs["true_cfg_scale"] = first.true_cfg_scale
+        kwargs: dict[str, Any] = {"prompt": per_image(batch, [p.prompt for p in batch])}
         # The batch's LoRA set (one per batch: it is in the batch key), or none: nothing else stays active.
         self.loras.activate(first.model, first.loras)
-        pipe = self._conditioned(pipe, batch, kwargs)
-
-        with torch.inference_mode(), stage_timer(pipe, self.device) as stage_times:
-            if first.conditioning in ("redux", "img2img+redux"):
-                self._add_redux_tokens(pipe, batch, kwargs)
-            images = pipe(
-                height=first.height,
-                width=first.width,
-                num_inference_steps=first.steps,
-                guidance_scale=first.guidance_scale,
-                generator=generators,
-                max_sequence_length=first.max_sequence_length,
-                output_type="pil",
-                **kwargs,
-            ).images
+        with torch.inference_mode():
+            # The family's inputs: conditioning images (control images computed here), negative prompts.
+            pipe = runner.route(batch, kwargs)
+            with stage_timer(pipe, self.device) as stage_times:
+                runner.embed(pipe, batch, kwargs)
+                images = pipe(
+                    height=first.height,
+                    width=first.width,
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance_scale,
+                    generator=generators,
+                    max_sequence_length=first.max_sequence_length,
+                    output_type="pil",
+                    **kwargs,
+                ).images
         out: list[list[Image.Image]] = []
         start = 0
         for params in batch:
             out.append(images[start : start + params.n])
             start += params.n
         return Generation(out, stage_times.as_dict())
-
-    # -- image conditioning (image_url, reference_images) --------------------------------------------
-
-    def _load_conditioning(self, manifest: ModelManifest) -> None:
-        pipe = self._pipes[manifest.id]
-        if manifest.family == "flux" and manifest.capabilities.image_to_image:
-            from diffusers import FluxImg2ImgPipeline
-
-            # Same modules, no copy: img2img is another way of calling the loaded model.
-            img2img = FluxImg2ImgPipeline.from_pipe(pipe)
-            img2img.set_progress_bar_config(disable=True)
-            self._img2img[manifest.id] = img2img
-        if manifest.redux_prior is not None:
-            self._redux[manifest.id] = load_redux_prior(manifest, self.settings, self.device)
-
-    def _warm_conditioning(self, text: GenerationParams) -> int:
-        """One call per conditioning path a model has, with a plain grey image; returns how many."""
-        from PIL import Image as PILImage
-
-        grey = ConditioningImage.from_pil(PILImage.new("RGB", (text.width, text.height), (128, 128, 128)))
-        manifest = self.registry.get(text.model)
-        variants: list[dict[str, Any]] = []
-        if text.model in self._img2img:
-            variants.append({"conditioning": "img2img", "image": grey,
-                             "strength": manifest.defaults.img2img_strength})
-        if manifest.family == "flux-kontext":
-            variants.append({"conditioning": "kontext", "image": grey})
-        if text.model in self._redux:
-            variants.append({"conditioning": "redux", "references": (grey,)})
-        for changes in variants:
-            self.generate([dataclasses.replace(text, **changes)])
-        return len(variants)
-
-    def _conditioned(self, pipe: Any, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> Any:
-        """The pipeline for the batch's conditioning, with its per-image input images in ``kwargs``."""
-        first = batch[0]
-        if first.conditioning in ("img2img", "img2img+redux"):
-            inputs: list[Image.Image] = []
-            for p in batch:
-                assert p.image is not None  # img2img is in the batch key: every request has its input image
-                inputs += [p.image.to_pil()] * p.n
-            kwargs["image"] = inputs
-            # diffusers runs the last int(steps x strength) steps; skip at least one, or the input image
-            # would be fully re-noised (e.g. strength 0.8 at 4 steps) and silently ignored.
-            strength = first.strength or 1.0
-            if first.steps >= 2:
-                strength = min(strength, (first.steps - 1 - 1e-6) / first.steps)
-            kwargs["strength"] = strength
-            return self._img2img[first.model]
-        if self.registry.get(first.model).family == "flux-kontext":
-            # Kontext rescales its output to max_area unless told the requested size is the area.
-            kwargs["max_area"] = first.width * first.height
-        if first.conditioning == "kontext":
-            # The input image, then the references, side by side: one conditioning image per prompt,
-            # all of the output's height (prepared so by the API), never resized again here.
-            per_job = [stitch([i.to_pil() for i in ([p.image] if p.image else []) + list(p.references)])
-                       for p in batch]
-            kwargs["image"] = [img for p, img in zip(batch, per_job) for _ in p.seeds]
-            kwargs["_auto_resize"] = False
-        return pipe
-
-    def _add_redux_tokens(self, pipe: Any, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> None:
-        """Replace the prompts by their embeddings with each request's Redux image tokens appended."""
-        first = batch[0]
-        prior = self._redux[first.model]
-        device = pipe._execution_device
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=kwargs.pop("prompt"), prompt_2=None, device=device,
-            max_sequence_length=first.max_sequence_length,
-        )
-        # One SigLIP call for every reference in the batch; each request's tokens, in order, follow
-        # its prompt tokens (several references: their tokens one after another).
-        refs = [r.to_pil() for p in batch for r in p.references]
-        tokens = prior.image_embedder(prior.encode_image(refs, device, 1)).image_embeds
-        tokens = tokens.to(device=device, dtype=prompt_embeds.dtype)
-        per_ref = len(first.references)
-        rows = []
-        for j, p in enumerate(batch):
-            job_tokens = tokens[j * per_ref : (j + 1) * per_ref].reshape(1, -1, tokens.shape[-1])
-            rows += [job_tokens] * p.n
-        kwargs["prompt_embeds"] = torch.cat([prompt_embeds, torch.cat(rows, dim=0)], dim=1)
-        kwargs["pooled_prompt_embeds"] = pooled
 
     def screen(
         self, batch: Sequence[GenerationParams], outputs: Sequence[Sequence[Image.Image]]

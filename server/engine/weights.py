@@ -2,8 +2,8 @@
 dtype: the one place that turns a ``WeightsSource`` (server/config/safety.py) into a location.
 
 A builtin source is a tiny random-weight model, built offline on first use into ``engine.cache_dir``
-(server/engine/tiny.py, server/engine/tiny_safety.py); a path is made absolute (diffusers and transformers
-take a relative one for a Hub id); a Hub id goes with its revision.
+(server/engine/tiny.py, tiny_flux2.py, tiny_control.py, tiny_safety.py); a path is made absolute (diffusers
+and transformers take a relative one for a Hub id); a Hub id goes with its revision.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 
 from ..config import WeightsSource
 from .tiny import ensure_tiny_flux, ensure_tiny_flux_edit, ensure_tiny_redux
+from .tiny_control import ensure_tiny_depth_model, ensure_tiny_flux_canny, ensure_tiny_flux_depth
+from .tiny_flux2 import ensure_tiny_flux2, ensure_tiny_flux2_klein
 from .tiny_safety import TINY_CHECKERS, ensure_tiny_checker
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -24,6 +26,11 @@ _BUILTINS: dict[str, Callable[[Path], Path]] = {
     "tiny-flux": ensure_tiny_flux,
     "tiny-flux-edit": ensure_tiny_flux_edit,
     "tiny-redux": ensure_tiny_redux,
+    "tiny-flux2": ensure_tiny_flux2,
+    "tiny-flux2-klein": ensure_tiny_flux2_klein,
+    "tiny-flux-canny": ensure_tiny_flux_canny,
+    "tiny-flux-depth": ensure_tiny_flux_depth,
+    "tiny-depth-anything": ensure_tiny_depth_model,
     **{name: (lambda cache, name=name: ensure_tiny_checker(name, cache)) for name in TINY_CHECKERS},
 }
 

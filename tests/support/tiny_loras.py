@@ -1,6 +1,7 @@
 """Random-weight LoRAs for the tiny FLUX (server/engine/tiny.py), for tests and benchmarks of ``image_loras``.
 
-Test fixtures, not server code: diffusers/peft format (``tiny_flux_lora``), kohya format with the original
+Test fixtures, not server code: diffusers/peft format (``tiny_flux_lora``; FLUX.2: ``tiny_flux2_lora``, and
+``tiny_flux2_lora_ai_toolkit`` in BFL names), kohya format with the original
 FLUX layer names (``tiny_flux_lora_kohya``), a CLIP text-encoder LoRA (``tiny_clip_lora``), and a Stable
 Diffusion UNet LoRA that a FLUX server must refuse (``sd_unet_lora``); ``lora_file_bytes`` makes a
 .safetensors file.
@@ -134,3 +135,58 @@ def tiny_clip_lora(seed: int, rank: int = 4, gain: float = 2.0) -> dict[str, tor
         state[f"{key}.lora_A.weight"] = torch.randn(rank, TEXT_DIM, generator=gen) / TEXT_DIM**0.5
         state[f"{key}.lora_B.weight"] = torch.randn(TEXT_DIM, rank, generator=gen) * gain
     return state
+
+
+# -- FLUX.2 (server/engine/tiny_flux2.py: the tiny [dev] and [klein] transformers have the same layers) --
+
+TINY_FLUX2_LORA_LAYERS: dict[str, tuple[int, int]] = {
+    **{f"transformer_blocks.0.attn.{n}": (32, 32) for n in (
+        "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")},
+    "transformer_blocks.0.ff.linear_in": (32, 128),  # SwiGLU: gate and value halves
+    "transformer_blocks.0.ff.linear_out": (64, 32),
+    "transformer_blocks.0.ff_context.linear_in": (32, 128),
+    "transformer_blocks.0.ff_context.linear_out": (64, 32),
+    # The single-stream block's fused projections: q, k, v (3 x 32) and the MLP's SwiGLU input (2 x 64).
+    "single_transformer_blocks.0.attn.to_qkv_mlp_proj": (32, 224),
+    "single_transformer_blocks.0.attn.to_out": (96, 32),
+}
+
+
+def tiny_flux2_lora(seed: int, rank: int = 4, gain: float = 1.0) -> dict[str, torch.Tensor]:
+    """A random LoRA for the tiny FLUX.2 transformers in diffusers/peft format."""
+    gen = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, (fan_in, fan_out) in TINY_FLUX2_LORA_LAYERS.items():
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(fan_out, rank, generator=gen) * gain
+    return state
+
+
+def tiny_flux2_lora_ai_toolkit(seed: int, rank: int = 4, gain: float = 1.0
+                               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A random LoRA for the tiny FLUX.2 in ai-toolkit format (BFL's layer names under ``diffusion_model.``,
+    the format of most FLUX.2 LoRAs on the Hub), and the same LoRA in diffusers format (what diffusers'
+    converter must make of it: a fused qkv's A shared by q, k and v, its B split in three)."""
+    gen = torch.Generator().manual_seed(seed)
+    original: dict[str, torch.Tensor] = {}
+    diffusers: dict[str, torch.Tensor] = {}
+
+    def pair(name: str, fan_in: int, fan_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+        b = torch.randn(fan_out, rank, generator=gen) * gain
+        original[f"diffusion_model.{name}.lora_A.weight"] = a
+        original[f"diffusion_model.{name}.lora_B.weight"] = b
+        return a, b
+
+    for stream, projections in (("img_attn", ("to_q", "to_k", "to_v")),
+                                ("txt_attn", ("add_q_proj", "add_k_proj", "add_v_proj"))):
+        a, b = pair(f"double_blocks.0.{stream}.qkv", 32, 96)
+        for projection, part in zip(projections, b.chunk(3)):
+            diffusers[f"transformer.transformer_blocks.0.attn.{projection}.lora_A.weight"] = a.clone()
+            diffusers[f"transformer.transformer_blocks.0.attn.{projection}.lora_B.weight"] = part.clone()
+    for name, target, fan_in, fan_out in (("linear1", "to_qkv_mlp_proj", 32, 224),
+                                          ("linear2", "to_out", 96, 32)):
+        a, b = pair(f"single_blocks.0.{name}", fan_in, fan_out)
+        diffusers[f"transformer.single_transformer_blocks.0.attn.{target}.lora_A.weight"] = a
+        diffusers[f"transformer.single_transformer_blocks.0.attn.{target}.lora_B.weight"] = b
+    return original, diffusers
