@@ -51,6 +51,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         workers = serve_workers
     from .api.app import create_app
+    from .api.http import uvicorn_options
     from .api.runtime import Runtime
 
     app = create_app(settings, Runtime.build(settings, workers))
@@ -58,7 +59,8 @@ def _serve(args: argparse.Namespace) -> int:
     docs = f", API docs {base}/docs" if settings.server.api_docs else ""
     log.info("darkroom %s on %s: playground %s/playground%s", __version__, base, base, docs)
     # On SIGTERM uvicorn stops accepting, finishes the in-flight responses, then shuts the app down.
-    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False)
+    uvicorn.run(app, host=host, port=port, log_config=None, access_log=False,
+                **uvicorn_options(settings.server))
     return 0
 
 

@@ -8,12 +8,15 @@ the server. So, for every fetch:
   connection then goes to a checked address, never through a second lookup (the URL's host is replaced
   by the address; ``Host`` and, for https, the TLS server name and certificate check keep the real name);
 - redirects are followed by hand, each hop checked the same way, at most ``max_redirects``;
-- the body is streamed and cut at ``max_bytes``; the whole fetch has one deadline (``timeout_s``);
-  compressed transfer encodings are refused (no decompression bombs on the wire); at most
-  ``max_concurrent`` fetches run at once;
-- images are recognised from their bytes (never from headers), their pixel count is checked from the
-  header before any pixel is decoded, EXIF orientation is applied and the result is plain RGB
-  (server/images.py ``decode_image``).
+- the body is streamed and cut at ``max_bytes``; the whole fetch has one deadline (``timeout_s``), the
+  origin may fall silent for at most ``read_timeout_s`` at a time and must keep ``min_bytes_per_s`` on
+  average after ``rate_grace_s``; compressed transfer encodings are refused (no decompression bombs on the
+  wire); at most ``max_concurrent`` fetches run at once, and a fetch waits at most ``slot_wait_s`` for a
+  slot (then 429 ``fetch_busy``);
+- images are recognised from their bytes (never from headers), their pixel count and the memory their
+  decoding takes are checked from the header before any pixel is decoded, at most
+  ``max_concurrent_decodes`` decode at once (``data:`` URLs too), EXIF orientation is applied and the
+  result is plain RGB (server/images.py ``decode_image``).
 
 Operators may exempt hosts (``allow_hosts``) and networks (``allow_cidrs``). Decoded images are kept
 in a small LRU keyed by URL, so n images, a batch, or a retry do not fetch again, and concurrent requests
@@ -42,7 +45,7 @@ from . import metrics
 from .addresses import AddressGuard, IPAddress
 from .config import FetchSettings
 from .errors import DarkroomError, FetchError
-from .images import decode_image
+from .images import decode_image, stored_bytes
 from .single_flight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -82,7 +85,7 @@ class _ImageCache:
             return item[0]
 
     def put(self, key: str, image: Image.Image) -> None:
-        size = image.width * image.height * len(image.getbands())
+        size = stored_bytes(image.mode, image.width, image.height)
         if self.entries <= 0 or size > self.max_bytes // 4:
             return
         with self._lock:
@@ -136,6 +139,7 @@ class Fetcher:
         self.settings = settings
         self._addresses = AddressGuard(settings)
         self._slots = threading.BoundedSemaphore(max(1, settings.max_concurrent))
+        self._decodes = threading.BoundedSemaphore(max(1, settings.max_concurrent_decodes))
         self._cache = _ImageCache(settings.cache_entries, settings.cache_bytes, settings.cache_ttl_s)
         self._flights: SingleFlight[str, Image.Image] = SingleFlight()
         # No connection reuse: a pooled connection to one address must never serve another host name.
@@ -160,11 +164,10 @@ class Fetcher:
         """The RGB image at ``url`` (cached by URL). The result is shared: do not modify it."""
         scheme = self._scheme(url, field)
         if scheme == "data":
-            data = parse_data_url(url, field, self.settings.max_bytes)
-            return decode_image(data, field, self.settings.max_pixels)
+            return self.decode(parse_data_url(url, field, self.settings.max_bytes), field)
 
         def download() -> Image.Image:
-            image = decode_image(self.fetch_bytes(url, field), field, self.settings.max_pixels)
+            image = self.decode(self.fetch_bytes(url, field), field)
             self._cache.put(url, image)  # before it leaves the in-flight table: no second download
             return image
 
@@ -179,6 +182,19 @@ class Fetcher:
             raise FetchError(message, param=field, code=exc.code) from None
         except FutureTimeout:
             raise FetchError(f"'{field}' timed out", param=field) from None
+
+    def decode(self, data: bytes, field: str) -> Image.Image:
+        """Image bytes from a client → RGB, under the decode limits (``max_pixels``, ``max_decode_bytes``)
+        and in one of ``max_concurrent_decodes`` slots (429 ``fetch_busy`` when none frees within
+        ``timeout_s``)."""
+        if not self._decodes.acquire(timeout=self.settings.timeout_s):
+            metrics.FETCH_FAILURES.labels(field=field, code=FetchBusy.code).inc()
+            raise FetchBusy("too many images being decoded; retry shortly", param=field,
+                            headers={"Retry-After": "1"})
+        try:
+            return decode_image(data, field, self.settings.max_pixels, self.settings.max_decode_bytes)
+        finally:
+            self._decodes.release()
 
     # -- bytes ----------------------------------------------------------------------------------
 
@@ -203,7 +219,7 @@ class Fetcher:
 
     def _fetch(self, url: str, field: str, limit: int, sink: Callable[[bytes], None]) -> int:
         deadline = time.monotonic() + self.settings.timeout_s
-        if not self._slots.acquire(timeout=self.settings.timeout_s):
+        if not self._slots.acquire(timeout=min(self.settings.slot_wait_s, self.settings.timeout_s)):
             metrics.FETCH_FAILURES.labels(field=field, code=FetchBusy.code).inc()
             raise FetchBusy("too many image downloads in progress; retry shortly", param=field,
                             headers={"Retry-After": "1"})
@@ -287,9 +303,10 @@ class Fetcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
+            idle = min(remaining, self.settings.read_timeout_s)  # silence allowed while connecting/reading
             request = self._client.build_request(
                 "GET", target.copy_with(host=str(ip)), headers=headers, extensions=extensions,
-                timeout=httpx.Timeout(remaining),
+                timeout=httpx.Timeout(idle, pool=remaining),
             )
             try:
                 return self._client.send(request, stream=True)
@@ -307,8 +324,13 @@ class Fetcher:
                          param=field, code="fetch_failed")
 
     def _timed_out(self, field: str) -> FetchError:
-        return FetchError(f"'{field}' timed out after {self.settings.timeout_s:g} s", param=field,
-                          code="fetch_failed")
+        limits = f"{self.settings.timeout_s:g} s in all, {self.settings.read_timeout_s:g} s of silence"
+        return FetchError(f"'{field}' timed out (at most {limits})", param=field, code="fetch_failed")
+
+    def _too_slow(self, field: str, received: int, elapsed: float) -> FetchError:
+        return FetchError(
+            f"'{field}' arrived too slowly ({received} bytes in {elapsed:.1f} s; at least "
+            f"{self.settings.min_bytes_per_s} bytes/s are required)", param=field, code="fetch_failed")
 
     def _read_body(self, response: httpx.Response, field: str, limit: int, deadline: float,
                    sink: Callable[[bytes], None]) -> int:
@@ -317,18 +339,25 @@ class Fetcher:
             raise FetchError(f"'{field}': the origin sent a {encoding}-encoded body; refused",
                              param=field, code="fetch_failed")
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             raise FetchError(f"'{field}' is larger than {limit} bytes", param=field,
                              code="fetch_failed")
         received = 0
+        started = time.monotonic()
+        min_rate, grace = self.settings.min_bytes_per_s, self.settings.rate_grace_s
         try:
-            for chunk in response.iter_raw():  # as it arrives, so the deadline is checked often
+            # As it arrives, so the deadline and the rate are checked often; a silent origin is cut by the
+            # read timeout (read_timeout_s).
+            for chunk in response.iter_raw():
                 received += len(chunk)
                 if received > limit:
                     raise FetchError(f"'{field}' is larger than {limit} bytes", param=field,
                                      code="fetch_failed")
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     raise self._timed_out(field)
+                if min_rate and now - started > grace and received < min_rate * (now - started):
+                    raise self._too_slow(field, received, now - started)
                 sink(chunk)
         except httpx.TimeoutException:
             raise self._timed_out(field) from None

@@ -8,6 +8,9 @@ Tests point ``image_url`` / ``reference_images`` (and the fetcher itself) at it.
   /slow                                             waits ``slow_s`` before answering
   /pause                                            waits 0.1 s, then serves a good PNG (``peak`` counts overlap)
   /drip                                             sends a valid header, then one byte every 0.2 s
+  /stall?s=S                                        headers and the first 40 bytes of a good PNG, then
+                                                    silence for S seconds (none: until ``release()``),
+                                                    then the rest; ``stalled`` counts those in silence
   /huge /huge-declared                              more bytes than the test cap (chunked / Content-Length)
   /bomb.png                                         a tiny PNG whose header declares 50000x50000
   /truncated.jpg /not-image.png                     half a JPEG / HTML served as image/png
@@ -62,6 +65,15 @@ def png_bomb(width: int = 50_000, height: int = 50_000) -> bytes:
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     idat = zlib.compress(b"\x00" * 1024)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def palette_bomb(side: int) -> bytes:
+    """A palette PNG with transparency of a few KB that decodes to ``side`` x ``side`` pixels (on its way to
+    RGB, the old decoder made several full-size RGBA copies of it)."""
+    image = Image.new("P", (side, side), 0)
+    image.putpalette([0, 0, 0, 10, 200, 10] + [0] * (254 * 3))
+    image.paste(1, (side // 4, side // 4, side // 2, side // 2))
+    return _encode(image, "PNG", transparency=0)
 
 
 def rotated_jpeg() -> bytes:
@@ -132,6 +144,8 @@ class ImageOrigin:
         self.hits: dict[str, int] = {}
         self.active = 0
         self.peak = 0  # most /pause requests inside their pause at once
+        self.stalled = 0  # /stall requests in their silence now
+        self._released = threading.Event()
         self._lock = threading.Lock()
         origin = self
 
@@ -160,7 +174,12 @@ class ImageOrigin:
         self._thread.start()
         return self
 
+    def release(self) -> None:
+        """End the silence of every /stall request (now and later)."""
+        self._released.set()
+
     def stop(self) -> None:
+        self.release()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -218,6 +237,22 @@ class ImageOrigin:
                     h.wfile.write(body[i : i + 1])
                     h.wfile.flush()
                     time.sleep(0.2)
+            elif path == "/stall":
+                body = self.files["/red.png"][0]
+                h.send_response(200)
+                h.send_header("Content-Type", "image/png")
+                h.send_header("Content-Length", str(len(body)))
+                h.end_headers()
+                h.wfile.write(body[:40])
+                h.wfile.flush()
+                with self._lock:
+                    self.stalled += 1
+                try:
+                    self._released.wait(float(query["s"][0]) if "s" in query else 120.0)
+                finally:
+                    with self._lock:
+                        self.stalled -= 1
+                h.wfile.write(body[40:])
             elif path == "/huge-declared":
                 h.send_response(200)
                 h.send_header("Content-Type", "image/png")

@@ -12,6 +12,7 @@ import base64
 import io
 import ipaddress
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,11 +20,11 @@ from PIL import Image
 
 from server.addresses import blocked_reason
 from server.config import FetchSettings
-from server.fetch import Fetcher, FetchError
+from server.fetch import Fetcher, FetchBusy, FetchError
 from server.images import decode_image
 
 from .conftest import free_port
-from .image_origin import HUGE_BYTES, ImageOrigin, png_bomb
+from .image_origin import HUGE_BYTES, ImageOrigin, palette_bomb, png_bomb
 
 FIELD = "image_url"
 
@@ -328,3 +329,127 @@ def test_public_addresses_pass(address: str) -> None:
                                      "2001:db8::1", "::127.0.0.1", "2001:0:4136:e378:8000:63bf:80ff:fffe"])
 def test_special_purpose_addresses_are_blocked(address: str) -> None:
     assert blocked_reason(ipaddress.ip_address(address)) is not None
+
+
+# -- slow origins, busy slots, decode memory (issue 12, items 1 and 2) ------------------------------
+
+
+def test_a_silent_origin_is_cut_by_the_read_timeout(origin: ImageOrigin) -> None:
+    # Headers and 40 bytes, then 3 s of silence, then the rest: well inside the whole-fetch deadline, but
+    # a silence longer than read_timeout_s ends the download (before, it waited and succeeded).
+    fetcher = make_fetcher(timeout_s=30.0, read_timeout_s=0.5)
+    error = refused(fetcher, origin.url("/stall?s=3"))
+    assert "timed out" in error.message and "0.5 s of silence" in error.message
+
+
+def test_a_dripping_origin_is_cut_by_the_minimum_rate(origin: ImageOrigin) -> None:
+    # One byte every 0.2 s never falls silent for long, so only the average rate catches it.
+    fetcher = make_fetcher(timeout_s=120.0, read_timeout_s=5.0, min_bytes_per_s=100, rate_grace_s=0.5)
+    assert "arrived too slowly" in refused(fetcher, origin.url("/drip")).message
+
+
+def test_a_full_download_pool_answers_busy_at_once(origin: ImageOrigin) -> None:
+    fetcher = make_fetcher(max_concurrent=1, slot_wait_s=0.1, timeout_s=10.0)
+    before = origin.hits.get("/stall", 0)
+    holder = threading.Thread(target=lambda: fetcher.fetch_bytes(origin.url("/stall?s=2"), FIELD))
+    holder.start()
+    try:
+        deadline = time.monotonic() + 10
+        while origin.hits.get("/stall", 0) == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # The one slot is held by a stalled download: a second one is refused now, not after timeout_s
+        # (before, it waited for the slot and then downloaded).
+        with pytest.raises(FetchBusy) as info:
+            fetcher.fetch_bytes(origin.url("/red.png"), FIELD)
+        assert holder.is_alive()  # refused while the other download was still stalled
+        assert info.value.status == 429 and info.value.code == "fetch_busy"
+        assert info.value.headers.get("Retry-After") == "1"
+    finally:
+        holder.join()
+
+
+def _png(image: Image.Image, **save: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def test_data_urls_take_a_decode_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    import server.fetch as fetch_module
+
+    active, peak, lock = [0], [0], threading.Lock()
+    real = fetch_module.decode_image
+
+    def counting(*args: object, **kwargs: object) -> Image.Image:
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        try:
+            time.sleep(0.1)
+            return real(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(fetch_module, "decode_image", counting)
+    fetcher = make_fetcher(max_concurrent_decodes=1, timeout_s=30.0)
+    url = "data:image/png;base64," + base64.b64encode(_png(Image.new("RGB", (8, 8)))).decode()
+    threads = [threading.Thread(target=fetcher.fetch_image, args=(url, FIELD)) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 1  # six data: URLs decoded one at a time (before: all six at once, no slot)
+
+
+def test_decode_memory_is_checked_before_decoding() -> None:
+    data = palette_bomb(3000)  # 9 MP: under max_pixels, but ~45 MB to decode
+    assert len(data) < 20_000
+    fetcher = make_fetcher(max_pixels=16_000_000, max_decode_bytes=30_000_000)
+    url = "data:image/png;base64," + base64.b64encode(data).decode()
+    error = refused(fetcher, url)
+    assert error.code == "invalid_image" and "decoding it would take" in error.message
+    assert make_fetcher(max_pixels=16_000_000, max_decode_bytes=60_000_000).fetch_image(url, FIELD).size == (
+        3000, 3000)
+
+
+# The peak RSS of this process alone (VmHWM; ru_maxrss would carry the parent's peak across exec).
+DECODE_PEAK = r"""
+import io, sys
+from PIL import Image
+sys.path.insert(0, sys.argv[1])
+from server.images import decode_image
+
+def peak():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+
+data = sys.stdin.buffer.read()
+Image.open(io.BytesIO(data)).load()  # Pillow's decoders and tables paged in before measuring
+before = peak()
+image = decode_image(data, "image_url", 1 << 30)
+print(image.mode, image.size[0], image.size[1], peak() - before)
+"""
+
+
+def test_transparency_is_composited_without_full_size_rgba_copies() -> None:
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    side = 3000  # 9 MP; the source takes 1 byte a pixel, the RGB result 4 (as Pillow stores it)
+    proc = subprocess.run([sys.executable, "-c", DECODE_PEAK, str(REPO)], input=palette_bomb(side),
+                          capture_output=True, timeout=120, check=True)
+    mode, width, height, grown = proc.stdout.decode().split()
+    assert (mode, int(width), int(height)) == ("RGB", side, side)
+    # Source + result + one band, plus slack for the allocator; the old path took ~17 bytes a pixel
+    # (an RGBA copy, an RGBA background, their composite, then RGB).
+    assert int(grown) < side * side * (1 + 4) + 40_000_000, int(grown) / (side * side)
+
+
+def test_default_pixel_cap_fits_the_largest_output() -> None:
+    from server.config import LimitSettings
+
+    # Four times the largest output a request may ask for, no more (a 12 MP phone photo still fits).
+    assert 12_000_000 < FetchSettings().max_pixels <= 4 * LimitSettings().max_pixels

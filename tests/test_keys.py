@@ -5,6 +5,7 @@ re-read on change), the SDKs' view of a 429, and limits shared by two API proces
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import shutil
 import time
@@ -289,28 +290,37 @@ def test_sliding_window_all_or_nothing(backend: str, tmp_path: Path) -> None:
         from .support.launch import RedisProcess
 
         redis_proc = RedisProcess(tmp_path).start()
-        limiter: Any = RedisLimiter(redis_proc.url, "dr-unit", window_s=0.8)
-    else:
-        limiter = MemoryLimiter(window_s=0.8)
-    try:
-        def asks(images: int) -> list[Any]:
-            return [Ask("requests", 2, 1), Ask("images", 3, images)]
 
-        first = limiter.acquire("k", asks(2))
-        assert first.allowed and [q.remaining for q in first.quotas] == [1, 1]
-        assert all(0 < q.reset_s <= 0.8 + 1e-6 for q in first.quotas)
-        # Images would overflow: refused, and nothing (not even the request) is charged.
-        refused = limiter.acquire("k", asks(2))
-        assert not refused.allowed and [q.remaining for q in refused.quotas] == [1, 1]
-        assert 0 < refused.retry_after_s <= 0.8 + 1e-6
-        assert limiter.acquire("k", asks(1)).allowed
-        full = limiter.acquire("k", asks(1))
-        assert not full.allowed and [q.remaining for q in full.quotas] == [0, 0]
-        assert limiter.acquire("other", asks(3)).allowed  # keys are independent
-        time.sleep(full.retry_after_s + 0.1)
-        later = limiter.acquire("k", asks(1))
-        assert later.allowed, later
+    def asks(images: int) -> list[Any]:
+        return [Ask("requests", 2, 1), Ask("images", 3, images)]
+
+    async def scenario() -> None:
+        limiter: Any = (RedisLimiter(redis_proc.url, "dr-unit", window_s=0.8) if redis_proc is not None
+                        else MemoryLimiter(window_s=0.8))
+        try:
+            first = await limiter.acquire("k", asks(2))
+            assert first.allowed and [q.remaining for q in first.quotas] == [1, 1]
+            assert all(0 < q.reset_s <= 0.8 + 1e-6 for q in first.quotas)
+            # Images would overflow: refused, and nothing (not even the request) is charged.
+            refused = await limiter.acquire("k", asks(2))
+            assert not refused.allowed and [q.remaining for q in refused.quotas] == [1, 1]
+            assert 0 < refused.retry_after_s <= 0.8 + 1e-6
+            # A charge given back (the request was refused before its job was queued) counts no more.
+            taken = await limiter.acquire("k", asks(1))
+            assert taken.allowed and taken.charge
+            await limiter.refund("k", asks(1), taken.charge)
+            assert (await limiter.acquire("k", asks(1))).allowed
+            full = await limiter.acquire("k", asks(1))
+            assert not full.allowed and [q.remaining for q in full.quotas] == [0, 0]
+            assert (await limiter.acquire("other", asks(3))).allowed  # keys are independent
+            await asyncio.sleep(full.retry_after_s + 0.1)
+            later = await limiter.acquire("k", asks(1))
+            assert later.allowed, later
+        finally:
+            await limiter.aclose()
+
+    try:
+        asyncio.run(scenario())
     finally:
-        limiter.close()
         if redis_proc is not None:
             redis_proc.stop()

@@ -481,6 +481,32 @@ def test_stale_job_is_never_run_and_admission_is_shared(cluster: Cluster) -> Non
     assert client.xlen(cluster.keys.stream) == 0
 
 
+def test_redis_restart_with_jobs_in_flight_loses_none(cluster: Cluster) -> None:
+    # No worker runs: the jobs wait in the stream when Redis restarts empty (issue 12 item 9).
+    for worker in cluster.workers:
+        worker.signal(signal.SIGTERM)
+        assert worker.wait_exit() == 0
+    api = cluster.apis[0]
+    seeds = [20, 21, 22]
+    with ThreadPoolExecutor(len(seeds)) as pool:
+        futures = [pool.submit(api.generate, prompt=f"in flight {seed}", width=64, height=64, steps=1,
+                               seed=seed) for seed in seeds]
+        wait_for(lambda: cluster.redis.client().xlen(cluster.keys.stream) == len(seeds), 30,
+                 "the jobs to queue")
+        cluster.redis.stop()
+        cluster.redis.start()  # same port, empty
+        # The API pod still holds the jobs: it enqueues them again (before: each client waited for its
+        # deadline, then 504, and nothing was logged).
+        wait_for(lambda: "redis data lost" in api.log(), 30, "the API pod to notice the loss")
+        worker = cluster.spawn("worker")
+        cluster.workers = [worker]
+        responses = [f.result() for f in futures]
+    for seed, response in zip(seeds, responses, strict=True):
+        valid_images(response, 64, [seed])
+    assert "re-enqueued=3 failed=0" in api.log()
+    worker.wait_ready()
+
+
 def test_api_sigterm_finishes_in_flight_responses(cluster: Cluster) -> None:
     api, worker = cluster.apis[1], cluster.workers[0].wait_ready()
     consumer = worker.consumer()

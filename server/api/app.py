@@ -21,6 +21,8 @@ from .. import __version__, metrics
 from ..config import Settings
 from . import docs, images, operator, service
 from .errors import install_error_handlers
+from .hosts import HostGuard
+from .http import BodyGuard
 from .observe import ObserveMiddleware
 from .runtime import Runtime
 
@@ -43,6 +45,7 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
         finally:
             sweeper.cancel()
             await run_in_threadpool(runtime.stop)
+            await runtime.aclose()
 
     # /openapi.json and /docs (public, server.api_docs): server/api/docs.py.
     app = docs.make_app(settings, title="Darkroom", version=__version__, lifespan=lifespan)
@@ -50,6 +53,11 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     app.include_router(images.router)
     app.include_router(service.router)
     app.include_router(operator.router)
+    server = settings.server
+    # Added last is outermost: the request log sees every answer, the host check's too.
+    app.add_middleware(BodyGuard, read_timeout_s=server.body_read_timeout_s,
+                       total_timeout_s=server.body_timeout_s)
+    app.add_middleware(HostGuard, allowed=server.allowed_hosts)
     app.add_middleware(ObserveMiddleware)
     return app
 

@@ -31,13 +31,13 @@ import dataclasses
 from collections.abc import Callable
 
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from ..errors import InvalidRequest, Unsupported
 from ..fetch import Fetcher
 from ..images import fit_area, fit_cover, fit_within
 from ..params import Conditioning, ConditioningImage, GenerationParams
 from ..registry import ModelManifest
+from .lanes import Lane, Lanes
 
 REDUX_MAX_SIDE = 768
 # Flux2ImageProcessor.check_image_input: each side at least 64 px, aspect ratio at most 8.
@@ -100,9 +100,13 @@ def flux2_reference(image: Image.Image, field: str, max_pixels: int) -> Image.Im
 
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
-    fetcher: Fetcher, manifest: ModelManifest,
+    fetcher: Fetcher, manifest: ModelManifest, lanes: Lanes, key: str,
 ) -> GenerationParams:
-    """Fetch, decode and size a request's conditioning images into its params (concurrently)."""
+    """Fetch, decode and size a request's conditioning images into its params (concurrently).
+
+    Downloads run in the downloads lane (counted against the API key ``key``), ``data:`` URLs in the decodes
+    lane (server/api/lanes.py): a full lane is a 429 ``fetch_busy`` within ``server.slot_wait_s``.
+    """
     if params.conditioning == "text":
         return params
     w, h = params.width, params.height
@@ -125,7 +129,8 @@ async def attach_images(
     jobs += [(url, f"reference_images[{i}]", ref_prepare)
              for i, url in enumerate(reference_images or [])]
     results = await asyncio.gather(
-        *(run_in_threadpool(_load, fetcher, url, field, prep) for url, field, prep in jobs),
+        *(_lane(lanes, url).run(_load, fetcher, url, field, prep, lane_key=key)
+          for url, field, prep in jobs),
         return_exceptions=True,
     )
     images: list[ConditioningImage] = []
@@ -137,3 +142,8 @@ async def attach_images(
         return dataclasses.replace(params, references=tuple(images))
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))
+
+
+def _lane(lanes: Lanes, url: str) -> Lane:
+    """A ``data:`` URL downloads nothing: it only decodes (the fetcher refuses whatever is not a URL)."""
+    return lanes.decodes if isinstance(url, str) and url[:5].lower() == "data:" else lanes.downloads

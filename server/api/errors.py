@@ -6,8 +6,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import DarkroomError, error_body
 
@@ -33,6 +34,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DarkroomError)
     async def _darkroom(request: Request, exc: DarkroomError) -> JSONResponse:
         return error_response(exc)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> Response:
+        # The client left while its body was read: nobody reads an answer; 499 is what proxies log for it.
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

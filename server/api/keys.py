@@ -7,7 +7,9 @@ all, any bearer key is accepted (the SDKs refuse to start without one) and gets 
 
 Limits (requests and images per sliding minute) are checked when a generation request has been
 validated, before it is queued: over a limit is a 429 with ``retry-after``; every answer to a limited key
-carries Together's lowercase ``x-ratelimit-*`` headers (``-images`` for the images quota).
+carries Together's lowercase ``x-ratelimit-*`` headers (``-images`` for the images quota). Only admitted work
+counts: a request refused after its charge (flagged prompt, bad image URL, queue full, Redis unreachable)
+gets the charge back (``Charge.refund``).
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Any
 import yaml
 from fastapi import Request
 from pydantic import TypeAdapter, ValidationError
-from starlette.concurrency import run_in_threadpool
 
 from ..config import ApiKeySpec, AuthSettings, Settings
 from ..errors import DarkroomError, Forbidden, InvalidRequest, ServiceUnavailable, Unauthorized
@@ -188,7 +189,9 @@ class KeyStore:
 def open_limiter(settings: Settings) -> Limiter:
     """Redis when the queue is on Redis (limits hold across every API process), else this process only."""
     if settings.queue.backend == "redis":
-        return RedisLimiter(settings.queue.redis_url, settings.queue.key_prefix)
+        return RedisLimiter(settings.queue.redis_url, settings.queue.key_prefix,
+                            timeout_s=settings.queue.redis_timeout_s,
+                            max_connections=settings.queue.redis_max_connections)
     return MemoryLimiter()
 
 
@@ -243,20 +246,50 @@ def ratelimit_headers(decision: Decision) -> dict[str, str]:
     return headers
 
 
-async def charge(request: Request, key: ApiKey, images: int) -> None:
-    """Charge one request of ``images`` images to the key's limits; 429 (nothing charged) when over."""
+@dataclass
+class Charge:
+    """What ``charge`` took from a key's limits; ``refund`` gives it back once (the request was refused
+    before its job was queued, so it is not admitted work)."""
+
+    request: Request | None = None
+    limiter: Limiter | None = None
+    key_id: str = ""
+    asks: tuple[Ask, ...] = ()
+    id: str = ""
+
+    async def refund(self) -> None:
+        if self.limiter is None or self.request is None or not self.id:
+            return
+        charge_id, self.id = self.id, ""
+        try:
+            await self.limiter.refund(self.key_id, list(self.asks), charge_id)
+        except Exception as exc:  # noqa: BLE001 - the refusal itself is what the client needs to hear
+            log.warning("rate limit refund failed: %s", type(exc).__name__)
+            return
+        # The x-ratelimit-remaining* headers on the refusal count the refund too.
+        headers = getattr(self.request.state, "response_headers", {})
+        for ask in self.asks:
+            name = "x-ratelimit-remaining" + ("" if ask.kind == "requests" else f"-{ask.kind}")
+            if name in headers:
+                headers[name] = str(min(ask.limit, int(headers[name]) + ask.cost))
+
+
+async def charge(request: Request, key: ApiKey, images: int) -> Charge:
+    """Charge one request of ``images`` images to the key's limits; 429 (nothing charged) when over, 503
+    when the limiter (Redis) does not answer within ``queue.redis_timeout_s``."""
     asks = key.asks(images)
     if not asks:
-        return
+        return Charge()
     for ask in asks:
         if ask.cost > ask.limit:
             raise InvalidRequest(
                 f"n={images} is more than this API key's limit of {ask.limit} {ask.kind} per minute",
                 param="n", code="over_key_limit")
     limiter: Limiter = request.app.state.runtime.limiter
+    key_id = key.bucket or key.name
     try:
-        decision = await run_in_threadpool(limiter.acquire, key.bucket or key.name, asks)
-    except Exception as exc:  # noqa: BLE001 - Redis down: no one can be admitted fairly
+        decision = await limiter.acquire(key_id, asks)
+    except Exception as exc:  # noqa: BLE001 - Redis down or hung: no one can be admitted fairly
         log.warning("rate limiter unavailable: %s", type(exc).__name__)
         raise ServiceUnavailable("the rate limiter is unavailable; retry later", code="ratelimit_unavailable",
                                  headers={"retry-after": "1"}) from None
@@ -274,6 +307,7 @@ async def charge(request: Request, key: ApiKey, images: int) -> None:
             f"this API key is over its limit of {' and '.join(_describe(key, over))}; retry in {retry}s",
             headers={**headers, "retry-after": str(retry)},
         )
+    return Charge(request, limiter, key_id, tuple(asks), decision.charge)
 
 
 def _describe(key: ApiKey, kinds: list[str]) -> list[str]:

@@ -6,10 +6,15 @@ counts until a minute after it was made, so there is no burst of twice the limit
 
 Redis keeps one sorted set per key and quota, of charges scored by the Redis server's own clock (API
 processes on several hosts need not agree on the time); one Lua script checks and charges atomically.
+
+A charge is for admitted work: a request refused after it was charged (its prompt flagged, a bad image URL,
+the queue full or unreachable) gets it back with ``refund``. The methods are coroutines: the Redis limiter
+talks to Redis from the event loop (``redis.asyncio``), each call bounded by ``queue.redis_timeout_s``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import threading
 import time
@@ -45,15 +50,21 @@ class Decision:
     quotas: list[Quota]
     # When refused: seconds until every quota would fit; math.inf when a cost exceeds its limit outright.
     retry_after_s: float = 0.0
+    # When allowed: the charge's id, for ``Limiter.refund``.
+    charge: str = ""
 
 
 class Limiter(Protocol):
-    def acquire(self, key_id: str, asks: list[Ask]) -> Decision: ...
+    async def acquire(self, key_id: str, asks: list[Ask]) -> Decision:
+        """Charge every ask, or none: all of them fit the window, or the decision says when they would."""
 
-    def close(self) -> None: ...
+    async def refund(self, key_id: str, asks: list[Ask], charge: str) -> None:
+        """Take back the charge ``charge`` (``Decision.charge``) of ``asks``: the request was not admitted."""
+
+    async def aclose(self) -> None: ...
 
 
-def _wait_for(charges: list[tuple[float, int]], used: int, ask: Ask, now: float, window: float) -> float:
+def _wait_for(charges: list[tuple[float, int, str]], used: int, ask: Ask, now: float, window: float) -> float:
     """Seconds until enough of ``charges`` (oldest first) expire for ``ask`` to fit."""
     need = used + ask.cost - ask.limit
     if need <= 0:
@@ -61,7 +72,7 @@ def _wait_for(charges: list[tuple[float, int]], used: int, ask: Ask, now: float,
     if ask.cost > ask.limit:
         return math.inf
     freed = 0
-    for at, cost in charges:
+    for at, cost, _charge in charges:
         freed += cost
         if freed >= need:
             return max(0.0, at + window - now)
@@ -74,29 +85,42 @@ class MemoryLimiter:
     def __init__(self, window_s: float = WINDOW_S) -> None:
         self.window_s = window_s
         self._lock = threading.Lock()
-        self._charges: dict[tuple[str, str], deque[tuple[float, int]]] = {}
+        self._charges: dict[tuple[str, str], deque[tuple[float, int, str]]] = {}
 
-    def acquire(self, key_id: str, asks: list[Ask]) -> Decision:
+    async def acquire(self, key_id: str, asks: list[Ask]) -> Decision:
+        return self._acquire(key_id, asks)
+
+    def _acquire(self, key_id: str, asks: list[Ask]) -> Decision:
         now = time.monotonic()
+        charge = uuid.uuid4().hex
         with self._lock:
             states = []
             for ask in asks:
                 charges = self._charges.setdefault((key_id, ask.kind), deque())
                 while charges and charges[0][0] <= now - self.window_s:
                     charges.popleft()
-                used = sum(cost for _, cost in charges)
+                used = sum(cost for _, cost, _ in charges)
                 states.append((charges, used, _wait_for(list(charges), used, ask, now, self.window_s)))
             allowed = all(wait == 0.0 for _, _, wait in states)
             quotas = []
             for ask, (charges, used, _) in zip(asks, states, strict=True):
                 if allowed:
-                    charges.append((now, ask.cost))
+                    charges.append((now, ask.cost, charge))
                     used += ask.cost
                 reset = charges[0][0] + self.window_s - now if charges else 0.0
                 quotas.append(Quota(ask.kind, ask.limit, max(0, ask.limit - used), max(0.0, reset)))
             retry = 0.0 if allowed else max(wait for _, _, wait in states)
             self._forget(now)
-            return Decision(allowed, quotas, retry)
+            return Decision(allowed, quotas, retry, charge if allowed else "")
+
+    async def refund(self, key_id: str, asks: list[Ask], charge: str) -> None:
+        with self._lock:
+            for ask in asks:
+                charges = self._charges.get((key_id, ask.kind))
+                if charges:
+                    kept = [c for c in charges if c[2] != charge]
+                    charges.clear()
+                    charges.extend(kept)
 
     def _forget(self, now: float) -> None:
         """Drop keys with nothing in their window, so idle keys cost no memory."""
@@ -105,7 +129,7 @@ class MemoryLimiter:
         for name in [k for k, q in self._charges.items() if not q or q[-1][0] <= now - self.window_s]:
             del self._charges[name]
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
         pass
 
 
@@ -168,29 +192,43 @@ return {allowed, out}
 
 
 class RedisLimiter:
-    """Limits shared by every API process using the same Redis and key prefix."""
+    """Limits shared by every API process using the same Redis and key prefix (``redis.asyncio``: use it
+    from one event loop). A call that takes longer than ``timeout_s`` raises ``TimeoutError``."""
 
-    def __init__(self, url: str, prefix: str, window_s: float = WINDOW_S, client: Any = None) -> None:
-        if client is None:
-            from ..queue.redis_keys import connect
+    def __init__(self, url: str, prefix: str, window_s: float = WINDOW_S, timeout_s: float = 2.0,
+                 max_connections: int = 64) -> None:
+        from ..queue.redis_keys import connect_async
 
-            client = connect(url)
-        self.client = client
+        self.client = connect_async(url, timeout_s, max_connections)
+        self.timeout_s = timeout_s
         self.prefix = f"{prefix}:ratelimit"
         self.window_ms = int(window_s * 1000)
-        self._script = client.register_script(_ACQUIRE)
+        self._script = self.client.register_script(_ACQUIRE)
 
-    def acquire(self, key_id: str, asks: list[Ask]) -> Decision:
-        keys = [f"{self.prefix}:{{{key_id}}}:{ask.kind}" for ask in asks]
-        args: list[Any] = [self.window_ms, uuid.uuid4().hex]
+    def _keys(self, key_id: str, asks: list[Ask]) -> list[str]:
+        return [f"{self.prefix}:{{{key_id}}}:{ask.kind}" for ask in asks]
+
+    async def acquire(self, key_id: str, asks: list[Ask]) -> Decision:
+        charge = uuid.uuid4().hex
+        args: list[Any] = [self.window_ms, charge]
         for ask in asks:
             args += [ask.limit, ask.cost]
-        allowed, rows = self._script(keys=keys, args=args)
+        allowed, rows = await asyncio.wait_for(self._script(keys=self._keys(key_id, asks), args=args),
+                                               self.timeout_s)
         quotas, waits = [], []
         for ask, (used, wait_ms, reset_ms) in zip(asks, rows, strict=True):
             quotas.append(Quota(ask.kind, ask.limit, max(0, ask.limit - int(used)), int(reset_ms) / 1000))
             waits.append(math.inf if int(wait_ms) < 0 else int(wait_ms) / 1000)
-        return Decision(bool(allowed), quotas, 0.0 if allowed else max(waits))
+        return Decision(bool(allowed), quotas, 0.0 if allowed else max(waits), charge if allowed else "")
 
-    def close(self) -> None:
-        self.client.close()
+    async def refund(self, key_id: str, asks: list[Ask], charge: str) -> None:
+        async def remove() -> None:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, ask in zip(self._keys(key_id, asks), asks, strict=True):
+                    pipe.zrem(key, f"{charge}:{ask.cost}")
+                await pipe.execute()
+
+        await asyncio.wait_for(remove(), self.timeout_s)
+
+    async def aclose(self) -> None:
+        await self.client.aclose(close_connection_pool=True)

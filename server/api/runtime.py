@@ -23,6 +23,7 @@ from ..queue.protocol import BatchSource, JobQueue
 from ..queue.submit import fail_waiting
 from ..registry import Registry
 from .keys import KeyStore, open_limiter
+from .lanes import Lanes
 from .ratelimit import Limiter
 from .safety import PromptGuard
 from .storage import LocalStorage
@@ -64,6 +65,8 @@ class Runtime:
     # API keys and their rate limiter (server/api/keys.py, server/api/ratelimit.py).
     keys: KeyStore | None = None
     limiter: Limiter | None = None
+    # The bounded executors of blocking work a request may bring (server/api/lanes.py).
+    lanes: Lanes | None = None
     _watchdog: threading.Thread | None = None
 
     def __post_init__(self) -> None:
@@ -77,6 +80,8 @@ class Runtime:
             self.keys = KeyStore(self.settings, self.registry)
         if self.limiter is None:
             self.limiter = open_limiter(self.settings)
+        if self.lanes is None:
+            self.lanes = Lanes(self.settings)
 
     @classmethod
     def build(cls, settings: Settings, workers: WorkerFactory | None = None) -> Runtime:
@@ -127,8 +132,14 @@ class Runtime:
             self.fetcher.close()
         if self.lora_store is not None:
             self.lora_store.close()
+        if self.lanes is not None:
+            self.lanes.close()
+
+    async def aclose(self) -> None:
+        """Release what the event loop holds (Redis connections of the queue and the limiter)."""
+        await self.queue.aclose()
         if self.limiter is not None:
-            self.limiter.close()
+            await self.limiter.aclose()
 
     @property
     def guard(self) -> PromptGuard:

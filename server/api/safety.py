@@ -133,7 +133,8 @@ class PromptGuard:
         elif self.needs_classifier:
             if not self.loaded.wait(wait_s) or self._classifier is None:
                 raise ServiceUnavailable(
-                    f"the prompt classifier is not available ({self.state()}); retry later"
+                    f"the prompt classifier is not available ({self.state()}); retry later",
+                    headers={"retry-after": "5"},
                 )
             with self._classifier_lock:
                 flagged, score = self._classifier.flags(prompt)

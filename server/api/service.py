@@ -73,8 +73,11 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/v1/files/{key}")
 async def stored_image(request: Request, key: str, expires: str = "", signature: str = "") -> FileResponse:
-    """A stored image behind its signed URL (no API key: the signature is the credential)."""
-    if not expires.isdigit() or not signature:
-        raise InvalidRequest("this URL needs its 'expires' and 'signature' parameters")
+    """A stored image behind its signed URL (no API key: the signature is the credential).
+
+    ``expires`` is a unix time in ASCII digits (``isdigit`` alone would pass "²", which ``int`` refuses, and a
+    number too long for ``int`` to convert)."""
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or not signature:
+        raise InvalidRequest("this URL needs its 'expires' (a unix time) and 'signature' parameters")
     path = _runtime(request).storage.open(key, int(expires), signature)
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lstrip(".")])

@@ -65,7 +65,9 @@ class LocalStorage:
         """The file behind a signed URL: 403 when the signature is wrong or expired, 404 when gone."""
         if not _KEY.match(key):
             raise NotFound("no such file", code="file_not_found")
-        if not hmac.compare_digest(self._signature(key, expires), signature):
+        # As bytes: compare_digest refuses str with non-ASCII characters (a TypeError, not a refusal).
+        supplied = signature.encode("utf-8", "replace")
+        if not hmac.compare_digest(self._signature(key, expires).encode(), supplied):
             raise Forbidden("invalid URL signature", code="invalid_signature")
         if (now if now is not None else time.time()) > expires:
             raise Forbidden("this URL has expired", code="url_expired")

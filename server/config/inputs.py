@@ -22,10 +22,27 @@ class FetchSettings(BaseModel):
     max_bytes: int = 20_000_000
     # Whole fetch, redirects included (DNS, connect, headers, body).
     timeout_s: float = 15.0
+    # Longest silence from the origin (connecting, waiting for headers, between body reads).
+    read_timeout_s: float = 10.0
+    # Average body rate an origin must keep once rate_grace_s have passed (a drip of a byte a second is
+    # cut long before timeout_s); 0: no minimum.
+    min_bytes_per_s: int = 16_384
+    rate_grace_s: float = 5.0
     max_redirects: int = 3
-    max_concurrent: int = 8
-    # Width x height of a fetched image, checked from its header before it is decoded.
-    max_pixels: int = 40_000_000
+    # Downloads at once in a process (in the API: image_url, reference_images and LoRA prefetches together,
+    # in their own threads); when all are busy a request waits at most slot_wait_s, then 429 fetch_busy.
+    max_concurrent: int = 16
+    slot_wait_s: float = 1.0
+    # Downloads one API key may have in progress at once in the API; more: 429 fetch_busy at once.
+    max_per_key: int = 8
+    # Width x height of a fetched image, checked from its header before it is decoded: 4096 x 4096, four
+    # times the largest output (limits.max_pixels), so a phone photo fits.
+    max_pixels: int = 16_777_216
+    # Memory one decode may take: pixels x bytes per pixel (as Pillow stores the mode) x the copies its
+    # conversion to RGB makes, checked before decoding; decodes run at most max_concurrent_decodes at once
+    # (data: URLs included), so decoding takes at most about their product.
+    max_decode_bytes: int = 160_000_000
+    max_concurrent_decodes: int = 2
     # In-memory LRU of decoded images keyed by URL (data: URLs are not cached).
     cache_entries: int = 64
     cache_bytes: int = 256_000_000

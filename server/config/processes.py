@@ -37,6 +37,37 @@ class ServerSettings(BaseModel):
     log_level: str = "INFO"
     # text: one human-readable line per event; json: one JSON object per line (server/logs.py).
     log_format: Literal["text", "json"] = "text"
+    # -- where image URLs point (server/api/hosts.py); the Host header never goes into a URL --
+    # Host names this server answers to ("*.example.com" matches subdomains); others get 400. Empty: any.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    # Reverse proxies (addresses or CIDRs) whose X-Forwarded-Proto/-Host/-Port set the image URLs' base when
+    # public_url is unset; from anyone else these headers are ignored and the bound address is used.
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # -- the HTTP layer (uvicorn with h11, server/api/http.py); a reverse proxy should enforce these too --
+    # Request line + headers; more: 431.
+    max_header_bytes: int = 32_768
+    # To receive a request's line and headers (from the connection's start, or the previous response);
+    # then 408 and the connection is closed.
+    header_timeout_s: float = 10.0
+    # Longest silence while a request body arrives, and the whole body; then 408 and close.
+    body_read_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    # Idle keep-alive connections are closed after this (uvicorn's timeout_keep_alive).
+    keep_alive_timeout_s: float = 5.0
+    # Connections and requests at once (uvicorn's limit_concurrency); past it, 503 at once.
+    max_connections: int = 1024
+    # Longest a request waits for a slot in one of the API's bounded executors (downloads, image decodes,
+    # the prompt classifier) before 429 with retry-after.
+    slot_wait_s: float = 1.0
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _valid_networks(cls, value: list[str]) -> list[str]:
+        import ipaddress
+
+        for network in value:
+            ipaddress.ip_network(network, strict=False)
+        return value
 
 class LimitSettings(BaseModel):
     """Server-wide ceilings; a model manifest can only lower them (its ``limits``, server/registry.py
@@ -67,11 +98,16 @@ class QueueSettings(BaseModel):
     max_attempts: int = 2
     # An API pod stops waiting for a started job this long after its start deadline (all workers gone).
     max_run_s: float = 600.0
+    # Longest an API request waits on Redis (enqueue, withdrawal, the rate limiter); then 503 + retry-after.
+    redis_timeout_s: float = 2.0
+    # Connections an API process opens to Redis for requests; past it, 503 at once.
+    redis_max_connections: int = 64
 
     @model_validator(mode="after")
     def _positive(self) -> QueueSettings:
-        if self.max_attempts < 1 or self.visibility_timeout_s <= 0:
-            raise ValueError("queue.max_attempts must be >= 1 and queue.visibility_timeout_s > 0")
+        if self.max_attempts < 1 or self.visibility_timeout_s <= 0 or self.redis_timeout_s <= 0:
+            raise ValueError("queue.max_attempts must be >= 1, queue.visibility_timeout_s and "
+                             "queue.redis_timeout_s > 0")
         return self
 
 class SchedulerSettings(BaseModel):

@@ -29,7 +29,11 @@ class MemoryQueue:
     def start(self) -> None:
         pass
 
+    async def admit(self, job: Job) -> None:
+        self.put(job)
+
     def put(self, job: Job) -> None:
+        """``admit`` for callers on a thread (the worker tests); never blocks."""
         with self._cond:
             if len(self._jobs) >= self.max_jobs:
                 raise QueueFull(
@@ -39,10 +43,10 @@ class MemoryQueue:
             self._jobs.append(job)
             self._cond.notify_all()
 
-    def reserve_withdrawal(self, job: Job) -> bool:
+    async def reserve_withdrawal(self, job: Job) -> bool:
         return True  # no other process may have started it: the job's own state decides
 
-    def remove(self, job: Job) -> bool:
+    async def remove(self, job: Job) -> bool:
         with self._cond:
             try:
                 self._jobs.remove(job)
@@ -61,6 +65,9 @@ class MemoryQueue:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    async def aclose(self) -> None:
+        pass
 
     def drain(self) -> list[Job]:
         """Take every waiting job out (used when no worker is left to run them)."""

@@ -13,23 +13,24 @@ from ..jobs import Job
 
 
 class JobQueue(Protocol):
-    """What the API needs from a queue backend."""
+    """What the API needs from a queue backend. The coroutines run on the event loop and never block it (a
+    Redis backend bounds each by ``queue.redis_timeout_s``); the plain methods return at once."""
 
     def start(self) -> None:
-        """Begin background work (the Redis replies listener); nothing for the in-process queue."""
+        """Begin background work (the Redis listener and prober); never waits for the backend."""
 
-    def put(self, job: Job) -> None:
+    async def admit(self, job: Job) -> None:
         """Admit and enqueue a job: ``QueueFull`` (429) when too many wait, ``ServiceUnavailable`` (503)
-        when the backend is unreachable."""
+        when the backend is unreachable or does not answer in time."""
 
-    def reserve_withdrawal(self, job: Job) -> bool:
+    async def reserve_withdrawal(self, job: Job) -> bool:
         """Claim a queued job back before any worker starts it; False once a worker has (let it finish)."""
 
-    def remove(self, job: Job) -> bool:
+    async def remove(self, job: Job) -> bool:
         """Take a withdrawn job out of the queue; False when it was no longer there."""
 
     def depth(self) -> int:
-        """Jobs waiting for a worker (not yet running)."""
+        """Jobs waiting for a worker (not yet running); for Redis, as last seen (at most ~1 s old)."""
 
     def drain(self) -> list[Job]:
         """Take out every waiting job this process alone can run (none on a shared queue)."""
@@ -39,6 +40,9 @@ class JobQueue(Protocol):
 
     def close(self) -> None:
         """Stop; jobs still waiting on this process's side are answered."""
+
+    async def aclose(self) -> None:
+        """Release what the event loop holds (connections); after ``close``."""
 
 
 class BatchSource(Protocol):

@@ -35,7 +35,9 @@ import socket
 import time
 
 import redis
-from redis.backoff import ExponentialBackoff
+import redis.asyncio as redis_async
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -72,17 +74,35 @@ return n
 """
 
 
-def connect(url: str, retries: int = 4) -> redis.Redis:
-    """A client that reconnects by itself (a Redis restart costs the calls in flight, not the process)."""
+def connect(url: str, retries: int = 4, timeout_s: float = 10.0) -> redis.Redis:
+    """A client that reconnects by itself (a Redis restart costs the calls in flight, not the process);
+    ``timeout_s``: the longest wait for one reply (longer than any blocking command's own timeout)."""
     return redis.Redis.from_url(
         url,
-        socket_connect_timeout=2,
-        socket_timeout=10,
+        socket_connect_timeout=min(2.0, timeout_s),
+        socket_timeout=timeout_s,
         socket_keepalive=True,
         health_check_interval=15,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
     )
+
+
+def connect_async(url: str, timeout_s: float, max_connections: int) -> redis_async.Redis:
+    """The asyncio client of an API process's request path: every connect and reply within ``timeout_s``,
+    one retry on a fresh connection (a pooled one may have died with a Redis restart; callers bound the
+    whole call by ``timeout_s`` too), at most ``max_connections`` (a call waits for a free one)."""
+    pool = redis_async.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        socket_timeout=timeout_s,
+        socket_keepalive=True,
+        health_check_interval=15,
+        retry=AsyncRetry(NoBackoff(), 1),
+    )
+    return redis_async.Redis(connection_pool=pool)
 
 
 class Keys:
@@ -129,9 +149,11 @@ class Outage:
         self.what = what
         self.since: float | None = None
         self.last: float = 0.0
+        self.reason = ""
 
     def failed(self, exc: BaseException) -> None:
         self.last = time.monotonic()
+        self.reason = type(exc).__name__
         if self.since is None:
             self.since = self.last
             log.warning("redis unreachable (%s): %s: %s", self.what, type(exc).__name__, exc)

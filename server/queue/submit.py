@@ -21,7 +21,7 @@ async def run_job(
 
     Raises ``QueueFull`` (admission), ``DeadlineExceeded``, ``ClientGone`` or the job's own error.
     """
-    queue.put(job)
+    await queue.admit(job)
     waiter = asyncio.wrap_future(job.future)
     try:
         while True:
@@ -31,27 +31,27 @@ async def run_job(
             if job.state is not JobState.QUEUED:
                 continue  # running: it finishes whatever the client does
             if job.expired():
-                withdraw(queue, job, DeadlineExceeded(
+                await withdraw(queue, job, DeadlineExceeded(
                     "the job did not start before its deadline; the server is overloaded"
                 ))
             elif await is_disconnected():
-                withdraw(queue, job, ClientGone(job.id))
+                await withdraw(queue, job, ClientGone(job.id))
     finally:
         if not waiter.done():
-            withdraw(queue, job, ClientGone(job.id))
+            await withdraw(queue, job, ClientGone(job.id))
 
 
-def withdraw(queue: JobQueue, job: Job, error: DarkroomError | ClientGone) -> None:
+async def withdraw(queue: JobQueue, job: Job, error: DarkroomError | ClientGone) -> None:
     """Withdraw a job that has not started, answering it with ``error``.
 
     A queue whose workers live in other processes (Redis) must first take the job back from them; one a
     worker has started meanwhile is left to finish, as a running local job is.
     """
-    if not queue.reserve_withdrawal(job):
+    if not await queue.reserve_withdrawal(job):
         job.try_start()
         return
     if job.withdraw(error):
-        queue.remove(job)
+        await queue.remove(job)
 
 
 def fail_waiting(queue: JobQueue, reason: str) -> None:

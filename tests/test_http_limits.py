@@ -1,0 +1,168 @@
+"""The HTTP layer's limits (issue 12 item 5), over real sockets: the in-process app (stand-in engine) served
+by uvicorn with the options ``darkroom serve`` uses (server/api/http.py ``uvicorn_options``), in a thread.
+
+Oversized headers get 431, malformed requests (CL+TE, TLS bytes, absurd lengths) 400, slow heads and slow
+bodies 408 and a closed connection, all in Together's error shape; a client that leaves mid-body is logged
+as 499 without a traceback; connections past ``server.max_connections`` get 503.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import uvicorn
+
+from server.api.http import uvicorn_options
+
+from .support.inprocess import InProcessServer
+from .support.launch import free_port
+
+MAX_CONNECTIONS = 12
+
+
+class Served:
+    def __init__(self, app: InProcessServer, port: int) -> None:
+        self.app = app
+        self.port = port
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=15)
+        return sock
+
+
+@pytest.fixture(scope="module")
+def served(make_app: Callable[..., InProcessServer]) -> Iterator[Served]:
+    app = make_app({"server": {"default_response_format": "base64", "header_timeout_s": 1.0,
+                               "body_read_timeout_s": 1.0, "body_timeout_s": 3.0, "max_header_bytes": 8192,
+                               "max_connections": MAX_CONNECTIONS}}, engine="stand-in")
+    port = free_port()
+    # The app's lifespan already runs (make_app): uvicorn only serves it.
+    config = uvicorn.Config(app.app, host="127.0.0.1", port=port, lifespan="off", log_config=None,
+                            access_log=False, **uvicorn_options(app.settings.server))
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.02)
+    yield Served(app, port)
+    server.should_exit = True
+    thread.join(10)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
+    """(status, headers, body, closed): one response, and whether the server closed the connection after."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"connection closed before a response: {data!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    try:
+        closed = sock.recv(1) == b""
+    except (ConnectionResetError, TimeoutError):
+        closed = True
+    return status, headers, rest[:length], closed
+
+
+def error_code(body: bytes) -> str:
+    error = json.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return str(error["code"])
+
+
+def exchange(served: Served, raw: bytes) -> tuple[int, dict[str, str], bytes, bool]:
+    with served.connect() as sock:
+        sock.sendall(raw)
+        return read_response(sock)
+
+
+def test_a_plain_request_still_works(served: Served) -> None:
+    request = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    status, headers, body, _ = exchange(served, request)
+    assert status == 200 and json.loads(body) == {"status": "ok"}
+
+
+def test_oversized_headers_get_431(served: Served) -> None:
+    raw = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n"
+    try:
+        status, _, body, closed = exchange(served, raw)
+    except ConnectionResetError:
+        pytest.fail("the connection was reset instead of answered 431")
+    assert status == 431 and error_code(body) == "headers_too_large" and closed
+
+
+@pytest.mark.parametrize("raw", [
+    # Content-Length and Transfer-Encoding together (request smuggling's ingredient).
+    b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    # A TLS ClientHello on the plain port.
+    bytes.fromhex("160301012c010001280303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00",
+    # A length no integer parser should be asked to hold.
+    b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+    b"GET /\x00health HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_malformed_requests_get_400_in_the_error_shape(served: Served, raw: bytes) -> None:
+    status, _, body, closed = exchange(served, raw)
+    assert status == 400 and closed
+    assert error_code(body) == "invalid_http_request"
+
+
+def test_a_slow_body_gets_408_and_the_connection_closes(served: Served) -> None:
+    with served.connect() as sock:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        status, headers, body, closed = read_response(sock)  # before: no answer, ever
+    assert status == 408 and error_code(body) == "request_timeout"
+    assert headers["connection"] == "close" and closed
+
+
+def test_a_slow_head_gets_408_and_the_connection_closes(served: Served) -> None:
+    with served.connect() as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        status, _, body, closed = read_response(sock)
+    assert status == 408 and error_code(body) == "request_timeout" and closed
+
+
+def test_a_client_leaving_mid_body_is_logged_as_499(served: Served) -> None:
+    with served.connect() as sock:
+        sock.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nX-Request-Id: leaver-1\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\"")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while "request_id=leaver-1" not in served.app.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(x for x in served.app.log().splitlines() if "request_id=leaver-1" in x)
+    assert "status=499" in line
+    assert "Traceback" not in served.app.log() and "internal_error" not in served.app.log()
+
+
+def test_connections_past_the_limit_get_503(served: Served) -> None:
+    held = [served.connect() for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.1)  # accepted by the server
+        status, _, _, _ = exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)
+    status, _, _, _ = exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert status == 200
