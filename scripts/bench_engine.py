@@ -15,13 +15,15 @@ every linear layer and both attention matmuls of the 19 double and 38 single blo
 bf16 dense peak. The weights are random (scripts/build_full_flux.py): random weights cost the same FLOPs as
 real ones. Nothing is asserted: it is a measuring tool.
 
-On the GPU machine (see docs/benchmarks.md, "Engine options on a GPU"):
+The device proof (docs/gpu.md, "The GPU run"): the full-size architecture with random weights built in
+memory, no disk (scripts/bench_engine_random.py has the phases: baseline, ready, HTTP rows, LoRA switches):
 
-    python scripts/build_full_flux.py --variant schnell --device cuda --out /data/flux-schnell-random
+    python scripts/bench_engine.py --random schnell --json out.json
+    python scripts/bench_engine.py --device cpu --random schnell --scale-down --lora-switch 3 --iterations 1
+
+On weights saved to disk (scripts/build_full_flux.py) or the tiny built-in model (tests run both):
+
     python scripts/bench_engine.py --weights /data/flux-schnell-random --variant schnell --json out.json
-
-Anywhere, on the tiny built-in model (what tests/test_bench_engine.py runs):
-
     python scripts/bench_engine.py --device cpu --tiny --iterations 2
 """
 
@@ -52,6 +54,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_serving import cpu_name, percentile  # noqa: E402
 from server.registry import ModelManifest  # noqa: E402
@@ -161,12 +164,14 @@ def timed(call: Callable[[int], None], count: int, concurrency: int) -> tuple[li
     return latencies, time.perf_counter() - started
 
 
-def bench_baseline(args: argparse.Namespace, weights: Path, dtype: torch.dtype) -> dict[str, Any]:
-    from diffusers import FluxPipeline
-
+def bench_baseline(args: argparse.Namespace, load: Callable[[], Any], warmup: int) -> dict[str, Any]:
+    """Plain diffusers: ``load()`` gives the pipeline on the device; ``warmup`` untimed calls, then
+    ``args.iterations`` timed ones; then the pipeline is freed (the device's memory goes back)."""
     with PeakMemory(args.device, os.getpid()) as memory:
-        pipe = FluxPipeline.from_pretrained(str(weights), dtype=dtype).to(args.device)
+        started = time.perf_counter()
+        pipe = load()
         pipe.set_progress_bar_config(disable=True)
+        load_s = time.perf_counter() - started
 
         def call(i: int) -> None:
             pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
@@ -175,7 +180,7 @@ def bench_baseline(args: argparse.Namespace, weights: Path, dtype: torch.dtype) 
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        for i in range(args.warmup):
+        for i in range(warmup):
             call(10_000 + i)
         latencies, wall = timed(call, args.iterations, 1)
     config = dict(pipe.transformer.config)
@@ -184,8 +189,14 @@ def bench_baseline(args: argparse.Namespace, weights: Path, dtype: torch.dtype) 
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return {"name": "diffusers baseline (eager, SDPA)", "concurrency": 1, "latencies": latencies,
-            "images_per_s": len(latencies) / wall, "peak_bytes": memory.peak,
+            "images_per_s": len(latencies) / wall, "peak_bytes": memory.peak, "load_s": load_s,
             "text_tokens": args.max_sequence_length, "config": config}
+
+
+def load_folder(args: argparse.Namespace, weights: Path, dtype: torch.dtype) -> Any:
+    from diffusers import FluxPipeline
+
+    return FluxPipeline.from_pretrained(str(weights), dtype=dtype).to(args.device)
 
 
 def darkroom_manifest(args: argparse.Namespace, weights: Path, engine: dict[str, Any]) -> dict[str, Any]:
@@ -202,29 +213,37 @@ def darkroom_manifest(args: argparse.Namespace, weights: Path, engine: dict[str,
     }
 
 
-def bench_darkroom(args: argparse.Namespace, weights: Path, engine: dict[str, Any],
-                   workdir: Path) -> list[dict[str, Any]]:
+def start_darkroom(args: argparse.Namespace, workdir: Path, manifest: dict[str, Any], log_file: Path,
+                   **sections: dict[str, Any]) -> tuple[subprocess.Popen[bytes], str]:
+    """``darkroom serve`` serving ``manifest`` alone on ``args.device`` (config sections: ``sections`` over the
+    benchmark's defaults), its output in ``log_file``; returns the process and its base URL."""
     models = workdir / "models"
     models.mkdir()
-    manifest = darkroom_manifest(args, weights, engine)
     ModelManifest.model_validate(manifest)  # refuse a bad --engine here, not in the server's log
     (models / "bench.yaml").write_text(yaml.safe_dump(manifest))
-    config = {
-        "models_dir": str(models), "models": [MODEL_ID],
+    config: dict[str, Any] = {
+        "models_dir": str(models), "models": [manifest["id"]],
         "engine": {"devices": [args.device], "cache_dir": str(args.cache_dir),
                    **({"cpu_threads": args.cpu_threads} if args.cpu_threads else {})},
         "storage": {"directory": str(workdir / "images")},
         "server": {"default_response_format": "base64"},
         "limits": {"max_n": 1},
         "queue": {"max_jobs": 1000},
+        **sections,
     }
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log_file = workdir / "server.log"
     with log_file.open("wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "server", "serve", "--config", str(workdir / "config.yaml"),
                                  "--port", str(port)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def bench_darkroom(args: argparse.Namespace, weights: Path, engine: dict[str, Any],
+                   workdir: Path) -> list[dict[str, Any]]:
+    manifest = darkroom_manifest(args, weights, engine)
+    log_file = workdir / "server.log"
+    proc, url = start_darkroom(args, workdir, manifest, log_file)
     rows: list[dict[str, Any]] = []
     try:
         with PeakMemory(args.device, proc.pid) as memory:
@@ -257,74 +276,10 @@ def bench_darkroom(args: argparse.Namespace, weights: Path, engine: dict[str, An
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, help="a diffusers FLUX folder (scripts/build_full_flux.py)")
-    parser.add_argument("--tiny", action="store_true", help="the tiny built-in model (any device)")
-    parser.add_argument("--variant", choices=sorted(VARIANTS), default="schnell")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", type=int, help="width = height (default 1024; --tiny: 64)")
-    parser.add_argument("--steps", type=int, help="default: 4 for schnell, 28 for dev; --tiny: 1")
-    parser.add_argument("--guidance", type=float)
-    parser.add_argument("--max-sequence-length", type=int, help="default 256 schnell, 512 dev; --tiny 64")
-    parser.add_argument("--iterations", type=int, default=10, help="timed calls per configuration")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
-    parser.add_argument("--concurrency", default="1,4,16", help="darkroom levels, comma-separated")
-    parser.add_argument("--engine", help="the manifest's engine: block as JSON (default: the optimized set)")
-    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/darkroom").expanduser())
-    parser.add_argument("--cpu-threads", type=int, default=0)
-    parser.add_argument("--peak-tflops", type=float, help="bf16 dense peak of the device, if not known here")
-    parser.add_argument("--ready-timeout", type=float, default=1800.0)
-    parser.add_argument("--skip-baseline", action="store_true")
-    parser.add_argument("--json", type=Path, help="write the rows here too")
-    args = parser.parse_args(argv)
-    args.concurrency = [int(c) for c in args.concurrency.split(",")]
-
-    variant = VARIANTS[args.variant]
-    args.size = args.size or (64 if args.tiny else 1024)
-    args.steps = args.steps or (1 if args.tiny else variant["steps"])
-    args.guidance = variant["guidance"] if args.guidance is None else args.guidance
-    args.max_sequence_length = args.max_sequence_length or (64 if args.tiny else variant["max_sequence_length"])
-    if args.tiny:
-        from server.engine.tiny import ensure_tiny_flux
-
-        weights = ensure_tiny_flux(args.cache_dir)
-    elif args.weights is None:
-        parser.error("give --weights FOLDER or --tiny")
-    else:
-        weights = args.weights.expanduser().resolve()
-    cuda = args.device.startswith("cuda")
-    args.dtype = "bfloat16" if cuda else "float32"
-    if args.engine:
-        engine = json.loads(args.engine)
-    elif cuda:
-        engine = {**CUDA_ENGINE, "sequence_buckets": [b for b in CUDA_ENGINE["sequence_buckets"]
-                                                      if b < args.max_sequence_length]}
-    else:
-        engine = {"sequence_buckets": [args.max_sequence_length // 2]}
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    name = device_name(args.device)
-    peak = peak_tflops(name, args.peak_tflops)
-
-    print("random weights: same FLOPs as real ones" + (" (tiny model)" if args.tiny else ""))
-    print(f"device      {args.device} ({name}); bf16 dense peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}")
-    print(f"weights     {weights}")
-    print(f"request     {args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, dtype {args.dtype}")
-    print(f"darkroom    engine: {json.dumps(engine, sort_keys=True)}")
-    sys.stdout.flush()
-
-    rows: list[dict[str, Any]] = []
-    if not args.skip_baseline:
-        rows.append(bench_baseline(args, weights, getattr(torch, args.dtype)))
-    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-        rows += bench_darkroom(args, weights, engine, Path(tmp))
-
-    config = rows[0].get("config") or json.loads((weights / "transformer" / "config.json").read_text())
-    base = rows[0]["images_per_s"] if not args.skip_baseline else None
+def print_table(rows: list[dict[str, Any]], config: dict[str, Any], args: argparse.Namespace,
+                peak: float | None) -> None:
+    """The table: one row per configuration, ratios to the first (baseline) row when there is one."""
+    base = rows[0]["images_per_s"] if rows and rows[0]["name"].startswith("diffusers") else None
     print()
     header = (f"{'configuration':34s} {'conc':>4s} {'n':>4s} {'p50 s':>8s} {'p90 s':>8s} {'img/s':>8s} "
               f"{'peak GiB':>9s} {'vs base':>8s} {'TFLOP/s':>8s} {'% peak':>7s}")
@@ -341,15 +296,112 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{row['vs_baseline']:.2f}x" if base else "n/a"
         pct = f"{row['percent_of_peak']:.1f}" if peak else "n/a"
         print(f"{row['name']:34s} {row['concurrency']:4d} {len(row['latencies']):4d} {row['p50_s']:8.3f} "
-              f"{row['p90_s']:8.3f} {row['images_per_s']:8.2f} {row['peak_bytes'] / 2**30:9.2f} {ratio:>8s} "
-              f"{row['tflops']:8.3g} {pct:>7s}")
+              f"{row['p90_s']:8.3f} {row['images_per_s']:8.2f} {row.get('peak_bytes', 0) / 2**30:9.2f} "
+              f"{ratio:>8s} {row['tflops']:8.3g} {pct:>7s}")
     print()
     print(f"transformer FLOPs per image: {rows[0]['transformer_tflop_per_image']:.4g} TFLOP at "
-          f"{rows[0]['text_tokens']} text tokens (baseline row); T5, CLIP and the VAE are not counted")
+          f"{rows[0]['text_tokens']} text tokens (first row); T5, CLIP and the VAE are not counted")
     darkroom = [r for r in rows if r["name"].startswith("darkroom")]
     if darkroom:
         print(f"darkroom ready after {darkroom[0]['ready_s']:.1f}s (load, compile, warm-up); "
               f"text tokens {darkroom[0]['text_tokens']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", type=Path, help="a diffusers FLUX folder (scripts/build_full_flux.py)")
+    parser.add_argument("--tiny", action="store_true", help="the tiny built-in model (any device)")
+    parser.add_argument("--random", choices=sorted(VARIANTS),
+                        help="the full-size architecture with random weights built in memory (the device proof)")
+    parser.add_argument("--scale-down", action="store_true", help="--random: one block of each kind, narrow")
+    parser.add_argument("--lora-switch", type=int, default=3, help="--random: random LoRAs to register (0-3)")
+    parser.add_argument("--lora-rank", type=int, default=16, help="--random: their rank")
+    parser.add_argument("--compile-backend", help="--random: torch.compile backend (inductor; eager on CPU)")
+    parser.add_argument("--fp8", action="store_true", help="--random: add engine.quantize: fp8")
+    parser.add_argument("--server-log", type=Path, help="--random: where the server's log goes")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="schnell")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--size", type=int, help="width = height (default 1024; --tiny 64; --scale-down 128)")
+    parser.add_argument("--steps", type=int, help="default: 4 for schnell, 28 for dev; --tiny: 1")
+    parser.add_argument("--guidance", type=float)
+    parser.add_argument("--max-sequence-length", type=int, help="default 256 schnell, 512 dev; --tiny 64")
+    parser.add_argument("--iterations", type=int, help="timed calls per configuration (default 10; --random 8)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls before timing")
+    parser.add_argument("--concurrency", default="1,4,16", help="darkroom levels, comma-separated")
+    parser.add_argument("--engine", help="the manifest's engine: block as JSON (default: the optimized set)")
+    parser.add_argument("--cache-dir", type=Path, default=Path("~/.cache/darkroom").expanduser())
+    parser.add_argument("--cpu-threads", type=int, default=1,
+                        help="torch threads on CPU, for the baseline and the server alike (0: torch's default)")
+    parser.add_argument("--peak-tflops", type=float, help="bf16 dense peak of the device, if not known here")
+    parser.add_argument("--ready-timeout", type=float, default=330.0)
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--json", type=Path, help="write the rows here too")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.concurrency = [int(c) for c in args.concurrency.split(",")]
+
+    if args.random:
+        args.variant = args.random
+        if not 0 <= args.lora_switch <= 3:
+            parser.error("--lora-switch takes 0 to 3 LoRAs")
+    variant = VARIANTS[args.variant]
+    args.size = args.size or (64 if args.tiny else 128 if args.scale_down else 1024)
+    args.steps = args.steps or (1 if args.tiny else variant["steps"])
+    args.iterations = args.iterations or (8 if args.random else 10)
+    args.guidance = variant["guidance"] if args.guidance is None else args.guidance
+    args.max_sequence_length = args.max_sequence_length or (64 if args.tiny else variant["max_sequence_length"])
+    cuda = args.device.startswith("cuda")
+    args.dtype = "bfloat16" if cuda else "float32"
+    if not cuda and args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)  # the baseline's threads; the server gets engine.cpu_threads
+    args.compile_backend = args.compile_backend or ("inductor" if cuda else "eager")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    name = device_name(args.device)
+    peak = peak_tflops(name, args.peak_tflops)
+    if args.random:
+        import bench_engine_random
+
+        return bench_engine_random.main(args, name, peak)
+    if args.tiny:
+        from server.engine.tiny import ensure_tiny_flux
+
+        weights = ensure_tiny_flux(args.cache_dir)
+    elif args.weights is None:
+        parser.error("give --weights FOLDER, --tiny or --random VARIANT")
+    else:
+        weights = args.weights.expanduser().resolve()
+    if args.engine:
+        engine = json.loads(args.engine)
+    elif cuda:
+        engine = {**CUDA_ENGINE, "sequence_buckets": [b for b in CUDA_ENGINE["sequence_buckets"]
+                                                      if b < args.max_sequence_length]}
+    else:
+        engine = {"sequence_buckets": [args.max_sequence_length // 2]}
+
+    print("random weights: same FLOPs as real ones" + (" (tiny model)" if args.tiny else ""))
+    print(f"device      {args.device} ({name}); bf16 dense peak {f'{peak:.0f} TFLOP/s' if peak else 'unknown'}")
+    print(f"weights     {weights}")
+    print(f"request     {args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}, dtype {args.dtype}")
+    print(f"darkroom    engine: {json.dumps(engine, sort_keys=True)}")
+    sys.stdout.flush()
+
+    rows: list[dict[str, Any]] = []
+    if not args.skip_baseline:
+        dtype = getattr(torch, args.dtype)
+        rows.append(bench_baseline(args, lambda: load_folder(args, weights, dtype), args.warmup))
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        rows += bench_darkroom(args, weights, engine, Path(tmp))
+
+    config = rows[0].get("config") or json.loads((weights / "transformer" / "config.json").read_text())
+    print_table(rows, config, args, peak)
     if args.json:
         report = {"device": args.device, "device_name": name, "peak_tflops": peak, "size": args.size,
                   "steps": args.steps, "engine": engine, "random_weights": True,

@@ -169,6 +169,31 @@ def fit_area(image: Image.Image, max_pixels: int, multiple: int = 1) -> Image.Im
     return image.crop((left, top, left + width, top + height))
 
 
+def round_to_multiple(value: float, multiple: int) -> int:
+    """``value`` to the nearest multiple of ``multiple``, at least ``multiple``."""
+    return max(multiple, int(round(value / multiple)) * multiple)
+
+
+def resize_to(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Exactly ``width`` x ``height``, no crop (the aspect ratio changes if the shapes differ)."""
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def scale_to_area(image: Image.Image, area: int, multiple: int = 16) -> Image.Image:
+    """Scaled up or down to about ``area`` pixels, aspect ratio kept (sides to the nearest ``multiple``); no
+    crop (Kontext's input image at a requested size)."""
+    scale = (area / (image.width * image.height)) ** 0.5
+    return resize_to(image, round_to_multiple(image.width * scale, multiple),
+                     round_to_multiple(image.height * scale, multiple))
+
+
+def fit_height(image: Image.Image, height: int, multiple: int = 16) -> Image.Image:
+    """Scaled to ``height``, the width by the aspect ratio (to the nearest ``multiple``); no crop."""
+    return resize_to(image, round_to_multiple(image.width * height / image.height, multiple), height)
+
+
 def stitch(images: list[Image.Image]) -> Image.Image:
     """Images of one height side by side, left to right (Kontext's input plus references)."""
     if len(images) == 1:

@@ -151,6 +151,9 @@ class WorkerStatus(Protocol):
     @property
     def safety_counters(self) -> SafetyCounters: ...
 
+    def compile_report(self) -> dict[str, Any]:
+        """torch.compile's ``graphs`` and ``recompiles_after_ready`` (server/engine/compile_stats.py)."""
+
 
 class _Depth(Protocol):
     def depth(self) -> int: ...
@@ -240,6 +243,7 @@ class RuntimeCollector(Collector):
         for worker in workers:
             states.add_metric([worker.name], 1.0 if worker.ready.is_set() else 0.0)
         yield states
+        yield from compile_families(workers)
         memory = GaugeMetricFamily("darkroom_device_memory_bytes", "Memory of each worker device: CUDA "
                                    "allocated/reserved/total, or the process RSS for the CPU.",
                                    labels=["device", "kind"])
@@ -247,6 +251,30 @@ class RuntimeCollector(Collector):
         for device, kind, value in device_memory([d for d in devices if d]):
             memory.add_metric([device, kind], value)
         yield memory
+
+
+def compile_families(workers: Sequence[WorkerStatus]) -> Iterator[Any]:
+    """torch.compile's graph count and the graphs built after each worker became ready (each one a request
+    that waited for a compile: the warm-up missed its shape; should stay 0)."""
+    graphs = GaugeMetricFamily("darkroom_compiled_graphs", "Graphs torch.compile has built in the worker's "
+                               "process (warm-up included).", labels=["worker"])
+    after = CounterMetricFamily("darkroom_recompiles_after_ready", "Graphs torch.compile built after the "
+                                "worker became ready: requests that paid for a compile.", labels=["worker"])
+    for worker in workers:
+        report = worker.compile_report()
+        graphs.add_metric([worker.name], float(report.get("graphs", 0)))
+        after.add_metric([worker.name], float(report.get("recompiles_after_ready", 0)))
+    yield graphs
+    yield after
+
+
+def compile_summary(workers: Sequence[WorkerStatus]) -> dict[str, Any]:
+    """/ready's ``compile``: the process's graphs, the most graphs any worker saw built after its ready,
+    and the compile stance."""
+    reports = [worker.compile_report() for worker in workers]
+    return {"graphs": max((r.get("graphs", 0) for r in reports), default=0),
+            "recompiles_after_ready": max((r.get("recompiles_after_ready", 0) for r in reports), default=0),
+            "stance": next((r["stance"] for r in reports if r.get("stance", "default") != "default"), "default")}
 
 
 _attached: list[Collector] = []

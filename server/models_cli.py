@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings, WeightsSource
-from .registry import ModelManifest, load_manifests
+from .registry import ModelManifest, ModelSource, load_manifests
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,8 @@ def _complete(folder: Path, subfolders: tuple[str, ...] | None) -> bool:
 def present(weights: Weights) -> tuple[bool, str]:
     """Whether the weights are available locally, and where (or why not)."""
     source = weights.source
+    if isinstance(source, ModelSource) and source.in_memory:
+        return True, "random weights built in memory at start"
     if source.builtin is not None:
         return True, "built on first use"
     if source.path is not None:
@@ -183,7 +185,9 @@ def pull(name: str, settings: Settings, out: Any = sys.stdout) -> int:
     failures = 0
     for weights in manifest_weights(manifest, settings):
         label = f"{weights.role}: {weights.describe()}"
-        if weights.kind == "builtin":
+        if isinstance(weights.source, ModelSource) and weights.source.in_memory:
+            print(f"{label}: random weights built in memory at start; nothing to pull", file=out)
+        elif weights.kind == "builtin":
             location = _build_builtin(weights, settings)
             print(f"{label} ready at {location}", file=out)
         elif weights.kind == "path":

@@ -13,19 +13,34 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .config import ImageCheckerSpec, LimitSettings, WeightsSource
+from .config import ImageCheckerSpec, LimitSettings, LoraSettings, WeightsSource
 from .errors import ModelNotFound
 
 log = logging.getLogger(__name__)
 
 
+# Built-in weights built in memory at load time, never written to disk: full-size FLUX.1 architectures
+# with random weights (server/engine/random_flux.py), for benchmarks on a machine without the real weights;
+# the "-small" variants keep every component's structure at tiny widths, for CPU rehearsals.
+RANDOM_BUILTINS = ("flux-schnell-random", "flux-dev-random",
+                   "flux-schnell-random-small", "flux-dev-random-small")
+
+
 class ModelSource(WeightsSource):
-    """A model's weights: exactly one of a Hub repo id, a local diffusers folder, or a builtin built offline."""
+    """A model's weights: exactly one of a Hub repo id, a local diffusers folder, or a builtin (the tiny
+    models are built offline once into the cache; the random full-size ones in memory, at every start)."""
 
     builtin: Literal[
         "tiny-flux", "tiny-flux-edit", "tiny-redux", "tiny-flux2", "tiny-flux2-klein", "tiny-flux-canny",
-        "tiny-flux-depth", "tiny-depth-anything",
+        "tiny-flux-depth", "tiny-depth-anything", "flux-schnell-random", "flux-dev-random",
+        "flux-schnell-random-small", "flux-dev-random-small",
     ] | None = None
+
+    @property
+    def in_memory(self) -> bool:
+        """Built on the device at load time; nothing on disk to pull or check."""
+        return self.builtin in RANDOM_BUILTINS
+
 
 # The pipeline families (server/engine/families.py runs each):
 # flux: FLUX.1 text-to-image (FluxPipeline; image_url → img2img, reference_images → Redux tokens);
@@ -112,7 +127,21 @@ class CompileOptions(BaseModel):
     fullgraph: bool = True
     # torch.compile mode, e.g. "max-autotune-no-cudagraphs"; None: torch's default.
     mode: str | None = None
-    # Inductor's cache (TORCHINDUCTOR_CACHE_DIR), kept across restarts; None: <engine.cache_dir>/inductor.
+    # The transformer's shapes, symbolic from the first compile (torch.compile(dynamic=True)): one graph
+    # serves every image size, sequence bucket and batch size (batch 1 gets its own: torch specialises
+    # sizes of 1), so the warm-up compiles a fixed handful of graphs however many shapes it covers, and a
+    # request of a size nobody warmed usually compiles nothing either. false: one graph per shape (faster
+    # kernels, but every (size, bucket, batch) shape must be warmed, within torch._dynamo's recompile limit
+    # of 8 per block). null: torch's default (static first, dynamic from the first shape that changes).
+    # The VAE decoder always compiles static shapes: it decodes one image at a time (VAE slicing), so its
+    # only varying shape is the image size, one graph per warm-up size (up to 8), each with kernels made
+    # for that size.
+    dynamic: bool | None = True
+    # torch.compile backend: inductor (generated kernels: the point on a GPU); "eager" / "aot_eager" trace
+    # and guard exactly as inductor does (the same graphs and recompiles) without generating code, which is
+    # what CPU tests and rehearsals that count recompiles use.
+    backend: str = "inductor"
+    # Inductor's cache (TORCHINDUCTOR_CACHE_DIR), kept across restarts; None: engine.compile_cache_dir.
     cache_dir: Path | None = None
 
 
@@ -137,8 +166,20 @@ class EngineOptions(BaseModel):
     # One QKV matmul per attention instead of three. LoRAs target to_q/to_k/to_v: not with loras.
     fuse_qkv: bool = False
     compile: CompileOptions = Field(default_factory=CompileOptions)
-    # fp8: torchao dynamic float8 activations and weights for the transformer's linears (CUDA, SM 8.9+).
+    # fp8: torchao dynamic float8 activations and weights, one scale per row, for the transformer's linears
+    # (CUDA compute capability 8.9+); quantized block by block as it moves to the device (server/engine/
+    # placement.py), so the device never holds the bf16 transformer whole.
     quantize: Literal["none", "fp8"] = "none"
+    # Where the weights live between calls (diffusers' CPU offload, for cards smaller than the model):
+    # none: all on the device; model: each component moves to the device while it runs
+    # (enable_model_cpu_offload: FLUX.1 bf16 on ~24 GB with fp8, ~1-2 s more per call over PCIe);
+    # sequential: layer by layer (enable_sequential_cpu_offload: a few GB of device memory, many times
+    # slower).
+    offload: Literal["none", "model", "sequential"] = "none"
+    # The VAE decodes a batch one image at a time (always), and in overlapping tiles when width x height is
+    # above this many pixels (bounded memory at large sizes; tiles blend at their seams, so pixels change a
+    # little). Default: above 2 megapixels, so 1024x1024 and 1536x1024 decode whole and 2048x2048 is tiled.
+    vae_tiling_pixels: int = Field(default=2 * 1024 * 1024, ge=64 * 64)
     # T5 lengths a request may be padded to: the smallest that holds its prompts (a conservative token
     # count: characters after NFKC + 2); longer prompts use defaults.max_sequence_length.
     sequence_buckets: list[int] = Field(default_factory=list)
@@ -212,11 +253,25 @@ class ModelManifest(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _random_weights_are_flux1(self) -> ModelManifest:
+        if self.source.in_memory and self.family not in ("flux", "flux-kontext"):
+            raise ValueError(f"{self.id}: builtin {self.source.builtin} is a FLUX.1 architecture; family "
+                             f"{self.family} needs its own weights")
+        return self
+
+    @model_validator(mode="after")
     def _engine_options_fit(self) -> ModelManifest:
         if self.engine.fuse_qkv and self.capabilities.loras:
             raise ValueError(
                 f"{self.id}: engine.fuse_qkv cannot serve LoRAs (they target the unfused to_q/to_k/to_v "
                 "projections); turn off capabilities.loras or engine.fuse_qkv"
+            )
+        engine = self.engine
+        if engine.offload == "sequential" and (engine.quantize != "none" or engine.compile.transformer != "none"
+                                               or engine.compile.vae_decoder):
+            raise ValueError(
+                f"{self.id}: engine.offload: sequential moves weights layer by layer and cannot be combined "
+                "with engine.quantize or engine.compile; use offload: model (fp8 fits FLUX.1 on ~24 GB cards)"
             )
         buckets = self.engine.sequence_buckets
         if buckets and self.family not in T5_FAMILIES:
@@ -230,6 +285,13 @@ class ModelManifest(BaseModel):
                 f"({self.defaults.max_sequence_length})"
             )
         return self
+
+    def uses_lora_slots(self, loras: LoraSettings) -> bool:
+        """Whether this model's LoRAs go into fixed hotswap slots: with ``loras.hotswap``, and always when
+        its transformer is compiled (a named adapter per LoRA set would recompile the transformer on every
+        new set, and after dynamo's recompile limit leave it running eagerly). Then a request takes at
+        most ``loras.hotswap_slots`` LoRAs (server/engine/adapters.py, server/engine/lora_slots.py)."""
+        return self.capabilities.loras and (loras.hotswap or self.engine.compile.transformer != "none")
 
     def sequence_length(self, *texts: str | None) -> int:
         """The T5 length of a call with these prompts: the smallest bucket that holds them, else the

@@ -317,3 +317,90 @@ def test_official_client_sends_image_url(server: Server, origin: ImageOrigin) ->
                                       seed=7, image_url=origin.url("/gradient.png"),
                                       response_format="base64")
     assert response.data[0].b64_json
+
+
+# -- Kontext sizing: upstream's preferred resolutions, never a crop -----------------------------------
+
+
+class _Images:
+    """A stand-in fetcher: every URL is the image given for it."""
+
+    def __init__(self, images: dict[str, Any]) -> None:
+        self.images = images
+
+    def fetch_image(self, url: str, field: str) -> Any:
+        return self.images[url]
+
+
+def _edges(image: Any) -> tuple[float, float, float, float]:
+    """Mean red of the leftmost and rightmost columns, mean green of the top and bottom rows."""
+    import numpy as np
+
+    arr = np.asarray(image.to_pil(), dtype=np.float64)
+    return arr[:, 0, 0].mean(), arr[:, -1, 0].mean(), arr[0, :, 1].mean(), arr[-1, :, 1].mean()
+
+
+def test_kontext_sizes_follow_upstream_and_never_crop() -> None:
+    import asyncio
+
+    from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS as upstream
+
+    from server.api.conditioning import KontextSizing, attach_images
+    from server.api.kontext import PREFERRED_KONTEXT_RESOLUTIONS, preferred_size
+    from server.api.lanes import Lanes
+    from server.config import LimitSettings, Settings
+    from server.params import GenerationParams
+    from server.registry import Registry
+
+    from .image_origin import checker, gradient
+
+    assert list(PREFERRED_KONTEXT_RESOLUTIONS) == [tuple(r) for r in upstream]
+    manifest = Registry.from_settings(REPO / "models", [KONTEXT]).get(KONTEXT)
+    limits = manifest.effective_limits(LimitSettings())
+    # FLUX.1 Kontext [dev] (a 1024x1024 default) gets upstream's list itself; a limit skips what exceeds it.
+    dev = Registry.from_settings(REPO / "models", ["flux-kontext-dev"]).default
+    assert preferred_size(1500, 1000, dev, dev.effective_limits(LimitSettings())) == (1248, 832)
+    assert preferred_size(480, 1120, dev, dev.effective_limits(LimitSettings())) == (672, 1568)
+    assert preferred_size(480, 1120, dev, dev.effective_limits(LimitSettings(max_height=1390))) == (800, 1328)
+
+    fetcher = _Images({"in": gradient(96, 64), "ref": checker(64, 64)})
+    base = GenerationParams(model=KONTEXT, prompt="make it blue", width=512, height=512, steps=2,
+                            guidance_scale=2.5, seeds=(1,), conditioning="kontext")
+
+    def attach(explicit: bool, **changes: Any) -> GenerationParams:
+        params = dataclasses.replace(base, **changes)
+        lanes = Lanes(Settings())
+        try:
+            return asyncio.run(attach_images(params, "in", ["ref"], fetcher,  # type: ignore[arg-type]
+                                             manifest, lanes, "test-key",
+                                             KontextSizing(manifest, limits, explicit_size=explicit)))
+        finally:
+            lanes.close()
+
+    # No size in the request: the preferred resolution nearest 3:2 (1248x832 scaled to the tiny model's
+    # 512x512 default area), the whole input resized to it: its edges keep the gradient's extremes.
+    auto = attach(False)
+    assert (auto.width, auto.height) == (624, 416)
+    assert auto.image is not None and (auto.image.width, auto.image.height) == (624, 416)
+    left, right, top, bottom = _edges(auto.image)
+    assert left < 8 and right > 247 and top < 8 and bottom > 247
+    # References take the input's height, aspect kept.
+    assert [(r.width, r.height) for r in auto.references] == [(416, 416)]
+    # A size in the request: the output has it; the input keeps its 3:2 at about the output's area, uncropped.
+    explicit = attach(True, width=256, height=256)
+    assert (explicit.width, explicit.height) == (256, 256)
+    assert explicit.image is not None and (explicit.image.width, explicit.image.height) == (320, 208)
+    left, right, top, bottom = _edges(explicit.image)
+    assert left < 8 and right > 247 and top < 8 and bottom > 247
+    assert [(r.width, r.height) for r in explicit.references] == [(208, 208)]
+
+
+def test_kontext_request_without_a_size_gets_the_preferred_resolution(server: Server,
+                                                                      origin: ImageOrigin) -> None:
+    body = {**{k: v for k, v in BASE.items() if k not in ("width", "height")}, "steps": 1}
+    response = server.generate(**body, model=KONTEXT, image_url=origin.url("/gradient.png"))
+    (image,) = images_of(response)
+    assert image.size == (624, 416)  # /gradient.png is 96x64 (3:2)
+    # A text-only Kontext request with a size keeps it.
+    (text,) = images_of(server.generate(**{**body, "width": 64, "height": 64}, model=KONTEXT))
+    assert text.size == (64, 64)

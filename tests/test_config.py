@@ -22,9 +22,10 @@ def test_shipped_default_config_matches_the_defaults(monkeypatch: pytest.MonkeyP
     monkeypatch.chdir(REPO_ROOT)
     from_file = load_settings(REPO_ROOT / "configs" / "default.yaml")
     defaults = Settings()
-    for section in ("limits", "queue", "scheduler"):
+    for section in ("limits", "queue", "scheduler", "loras"):
         assert getattr(from_file, section) == getattr(defaults, section), section
     assert from_file.engine.cache_dir == defaults.engine.cache_dir  # "~" is expanded
+    assert from_file.engine.model_dump(exclude={"cache_dir"}) == defaults.engine.model_dump(exclude={"cache_dir"})
     assert from_file.server.port == defaults.server.port
 
 

@@ -525,3 +525,58 @@ def test_hotswap_slots_give_the_same_images_as_named_adapters(
     assert mean_abs_diff(again, named[2]) <= SAME
     # The alphas count: the alpha LoRA at 0.5 is not the same LoRA without its alphas at 0.5.
     assert mean_abs_diff(named[6], named[0]) > VISIBLE
+
+
+def test_hotswap_slots_cover_the_layers_loras_train(tmp_path: Path, tiny_cache: Path) -> None:
+    """Slots sit on the attention, feed-forward and single-block projections only (2 slots by default);
+    a LoRA reaching past them, or more LoRAs than slots, is refused before anything is swapped."""
+    MODULATION = "transformer.transformer_blocks.0.norm1.linear"  # noqa: N806
+    from peft.tuners.lora import LoraLayer
+
+    from server.engine.lora_slots import DEFAULT_TARGETS
+    from server.engine.pipelines import Engine
+    from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
+    from server.registry import Registry, load_manifests
+
+    from .conftest import REPO
+
+    files = {}
+    for name, state in (("a", tiny_flux_lora(1)), ("b", tiny_flux_lora(2)), ("c", tiny_flux_lora(3)),
+                        ("mod", {**tiny_flux_lora(4),  # and the modulation layer of the double block
+                                 f"{MODULATION}.lora_A.weight": torch.randn(4, 32),
+                                 f"{MODULATION}.lora_B.weight": torch.randn(192, 4)})):
+        files[name] = tmp_path / f"{name}.safetensors"
+        files[name].write_bytes(lora_file_bytes(state))
+    settings = LoraSettings(cache_dir=tmp_path / "loras", registered=files, hotswap=True,
+                            hotswap_target_rank=8)
+    assert (settings.hotswap_slots, settings.max_per_request()) == (2, 2)
+    assert LoraSettings().hotswap_target_rank == 32
+    store = LoraStore(settings, FetchSettings(), tmp_path)
+    manifest = load_manifests(REPO / "models")[MODEL]
+    engine = Engine(Registry([manifest]), EngineSettings(cache_dir=tiny_cache), "cpu",
+                    SafetySettings(enabled=False), loras=store)
+    engine.load()
+    transformer = engine.pipeline(MODEL).transformer
+    slotted = {n for n, m in transformer.named_modules() if isinstance(m, LoraLayer)}
+    # The tiny FLUX's double block: 8 attention projections + 4 feed-forward layers; its single block:
+    # to_q/to_k/to_v, proj_mlp, proj_out. Not the modulation (norm*.linear), embedders or final projection.
+    assert len(slotted) == 17 and all(name.split(".", 2)[2].endswith(DEFAULT_TARGETS) for name in slotted)
+    assert not any("norm" in n or n.startswith(("x_embedder", "context_embedder", "time_text", "proj_out"))
+                   for n in slotted)
+    assert all(set(transformer.get_submodule(n).lora_A) == {"slot0", "slot1"} for n in slotted)
+
+    def run(*names: str) -> Any:
+        params = GenerationParams(model=MODEL, prompt="a red barn", width=64, height=64, steps=1,
+                                  guidance_scale=3.5, seeds=(3,), max_sequence_length=32,
+                                  loras=tuple(LoraRef(n) for n in names))
+        return engine.generate([params]).images[0][0]
+
+    before = run("a", "b")
+    with pytest.raises(LoraError, match=r"outside this server's LoRA slots \(e.g. transformer_blocks.0.norm1"
+                                        r".linear\).*loras.hotswap_target_modules"):
+        run("mod")
+    with pytest.raises(LoraError, match="at most 2 LoRAs per request"):
+        run("a", "b", "c")
+    with pytest.raises(InvalidRequest, match="at most 2 LoRAs"):
+        resolve_loras([LoraRef(n) for n in "abc"], MODEL, True, settings)
+    assert mean_abs_diff(run("a", "b"), before) == 0  # the refusals left the slots as they were

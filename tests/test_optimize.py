@@ -14,30 +14,12 @@ from typing import Any
 import pytest
 import yaml
 
-from server.config import EngineSettings
 from server.engine import optimize
 from server.engine.pipelines import Engine
 from server.params import GenerationParams
-from server.registry import ModelManifest, Registry
 
-from .conftest import MODEL, REPO, images_of, mean_abs_diff
-
-TINY = yaml.safe_load((REPO / "models" / "tiny-flux.yaml").read_text())
-
-
-def manifest(engine: dict[str, Any] | None = None, **changes: Any) -> ModelManifest:
-    data = {**TINY, **changes}
-    data.pop("safety", None)  # the image checker is not what these tests look at
-    if engine is not None:
-        data["engine"] = engine
-    return ModelManifest.model_validate(data)
-
-
-def engine_for(m: ModelManifest, cache: Path) -> Engine:
-    engine = Engine(Registry([m]), EngineSettings(cache_dir=cache), "cpu")
-    engine.load()
-    return engine
-
+from .conftest import MODEL, images_of, mean_abs_diff
+from .support.engines import TINY, cpu_engine, tiny_manifest
 
 def params(**changes: Any) -> GenerationParams:
     base: dict[str, Any] = dict(model=MODEL, prompt="a red fox in the snow", width=64, height=64, steps=2,
@@ -47,20 +29,20 @@ def params(**changes: Any) -> GenerationParams:
 
 @pytest.fixture(scope="module")
 def plain(tiny_cache: Path) -> Engine:
-    return engine_for(manifest(), tiny_cache)
+    return cpu_engine(tiny_manifest(), tiny_cache)
 
 
 def test_defaults_change_nothing() -> None:
-    m = manifest()
+    m = tiny_manifest()
     assert m.engine.attention_backend is None and not m.engine.fuse_qkv
     assert m.engine.compile.transformer == "none" and not m.engine.compile.vae_decoder
     assert m.engine.quantize == "none" and m.engine.sequence_buckets == []
-    assert optimize.warmup_plan(m) == [(64, 64, 1, 64)]
+    assert optimize.warmup_plan(m, 8) == [(64, 64, 1, 64, 1)]  # eager: batch 1 only
     assert m.sequence_length("x" * 500) == 64
 
 
 def test_compiled_transformer_and_vae_match_eager(plain: Engine, tiny_cache: Path, tmp_path: Path) -> None:
-    compiled = engine_for(manifest({"compile": {"transformer": "regional", "vae_decoder": True,
+    compiled = cpu_engine(tiny_manifest({"compile": {"transformer": "regional", "vae_decoder": True,
                                                 "cache_dir": str(tmp_path / "inductor")}}), tiny_cache)
     eager_images = plain.generate([params()]).images[0]
     compiled_images = compiled.generate([params()]).images[0]
@@ -73,8 +55,9 @@ def test_compiled_transformer_and_vae_match_eager(plain: Engine, tiny_cache: Pat
 
 
 def test_fused_qkv_matches_unfused(plain: Engine, tiny_cache: Path) -> None:
-    fused = engine_for(
-        manifest({"fuse_qkv": True}, capabilities={**TINY["capabilities"], "loras": False}), tiny_cache
+    fused = cpu_engine(
+        tiny_manifest({"fuse_qkv": True}, capabilities={**TINY["capabilities"], "loras": False}),
+        tiny_cache
     )
     attn = fused.pipeline(MODEL).transformer.transformer_blocks[0].attn
     assert attn.fused_projections and hasattr(attn, "to_qkv")
@@ -84,19 +67,19 @@ def test_fused_qkv_matches_unfused(plain: Engine, tiny_cache: Path) -> None:
 
 def test_fused_qkv_refuses_loras() -> None:
     with pytest.raises(ValueError, match="fuse_qkv cannot serve LoRAs"):
-        manifest({"fuse_qkv": True})
+        tiny_manifest({"fuse_qkv": True})
 
 
 def test_attention_backend_native_matches_default(plain: Engine, tiny_cache: Path) -> None:
-    native = engine_for(manifest({"attention_backend": "native"}), tiny_cache)
+    native = cpu_engine(tiny_manifest({"attention_backend": "native"}), tiny_cache)
     for a, b in zip(plain.generate([params()]).images[0], native.generate([params()]).images[0]):
         assert mean_abs_diff(a, b) < 1.0
     with pytest.raises(optimize.EngineOptionError, match="attention_backend 'no-such-backend'"):
-        engine_for(manifest({"attention_backend": "no-such-backend"}), tiny_cache)
+        cpu_engine(tiny_manifest({"attention_backend": "no-such-backend"}), tiny_cache)
 
 
 def test_sequence_buckets_pick_the_smallest_that_fits() -> None:
-    m = manifest({"sequence_buckets": [16, 32]})
+    m = tiny_manifest({"sequence_buckets": [16, 32]})
     assert m.sequence_length("a fox") == 16  # 5 characters + "▁" + </s>
     assert m.sequence_length("x" * 14) == 16
     assert m.sequence_length("x" * 15) == 32
@@ -107,9 +90,9 @@ def test_sequence_buckets_pick_the_smallest_that_fits() -> None:
     # NFKC may lengthen text ("ﬁ" is "fi"): the bound counts the normalised form.
     assert m.sequence_length("ﬁ" * 7) == 16 and m.sequence_length("ﬁ" * 8) == 32
     with pytest.raises(ValueError, match="must not exceed"):
-        manifest({"sequence_buckets": [16, 128]})
+        tiny_manifest({"sequence_buckets": [16, 128]})
     with pytest.raises(ValueError, match="increasing"):
-        manifest({"sequence_buckets": [32, 16]})
+        tiny_manifest({"sequence_buckets": [32, 16]})
 
 
 def test_sequence_bucket_changes_images_measurably(plain: Engine) -> None:
@@ -135,10 +118,10 @@ def test_fp8_without_torchao_is_a_clear_error(tiny_cache: Path) -> None:
         pass
     else:  # pragma: no cover - an environment that has it still refuses fp8 on a CPU
         with pytest.raises(optimize.EngineOptionError, match="CUDA device"):
-            engine_for(manifest({"quantize": "fp8"}), tiny_cache)
+            cpu_engine(tiny_manifest({"quantize": "fp8"}), tiny_cache)
         return
     with pytest.raises(optimize.EngineOptionError, match=r"fp8 needs the torchao package.*pip install torchao"):
-        engine_for(manifest({"quantize": "fp8"}), tiny_cache)
+        cpu_engine(tiny_manifest({"quantize": "fp8"}), tiny_cache)
 
 
 def test_server_warms_configured_sizes_and_buckets_before_ready(make_server: Any, tmp_path: Path) -> None:
@@ -157,36 +140,3 @@ def test_server_warms_configured_sizes_and_buckets_before_ready(make_server: Any
     short = images_of(server.generate(prompt="a fox", width=64, height=64, steps=1, seed=5))
     long = images_of(server.generate(prompt="a fox " * 10, width=64, height=64, steps=1, seed=5))
     assert short[0].size == long[0].size == (64, 64)
-
-
-def test_switching_hotswapped_loras_does_not_recompile(tiny_cache: Path, tmp_path: Path) -> None:
-    import torch._dynamo.utils as dynamo_utils
-
-    from server.config import FetchSettings, LoraSettings
-    from server.loras import LoraStore
-    from server.params import LoraRef
-
-    from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
-
-    registered = {}
-    for seed, name in enumerate(("a", "b", "c"), start=1):
-        path = tmp_path / f"{name}.safetensors"
-        path.write_bytes(lora_file_bytes(tiny_flux_lora(seed)))
-        registered[name] = path
-    store = LoraStore(LoraSettings(cache_dir=tmp_path / "loras", registered=registered, hotswap=True,
-                                   hotswap_target_rank=8, max_count=1), FetchSettings(), tiny_cache)
-    m = manifest({"compile": {"transformer": "regional", "cache_dir": str(tmp_path / "inductor")}})
-    engine = Engine(Registry([m]), EngineSettings(cache_dir=tiny_cache), "cpu", loras=store)
-    engine.load()
-    # The first calls compile (and may recompile once as dynamo learns which values vary).
-    for name in (None, "a", "b"):
-        engine.generate([params(seeds=(1,), loras=(LoraRef(name),) if name else ())])
-    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
-    assert graphs > 0  # the blocks were compiled
-    images = {}
-    for name in ("a", "b", "c", None, "a"):
-        generation = engine.generate([params(seeds=(1,), loras=(LoraRef(name),) if name else ())])
-        images[name] = generation.images[0][0]
-    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs, "switching LoRAs recompiled"
-    assert engine.loras.swaps >= 4
-    assert mean_abs_diff(images["a"], images[None]) > 1.0 and mean_abs_diff(images["b"], images["c"]) > 1.0

@@ -207,3 +207,25 @@ def test_load_failure_marks_the_worker_failed_and_waiting_jobs_get_503(queue: Me
     assert isinstance(err, ServiceUnavailable) and err.status == 503
     assert queue.depth() == 0
     assert engine.calls == []
+
+
+def test_max_batch_pixels_caps_a_batch_of_large_images(queue: MemoryQueue) -> None:
+    """scheduler.max_batch_pixels in the one batch-filling rule (server/queue/batching.py): at 1024x1024 a
+    cap of 2 megapixels makes pairs; a lone request larger than the cap still runs whole; small images are
+    capped by max_batch_images only."""
+    engine = StandInEngine()
+    big = [job(params(seed=10 * i, size=1024)) for i in range(6)]
+    lone = job(params(seed=100, n=3, size=1024))
+    small = [job(params(seed=200 + i, size=64)) for i in range(4)]
+    for j in [*big, lone, *small]:
+        queue.put(j)
+    scheduler = SchedulerSettings(batch_window_ms=20, max_batch_images=8, max_batch_pixels=2 * 1024 * 1024)
+    worker = started(Worker(engine, queue, scheduler))
+    try:
+        for j in [*big, lone, *small]:
+            assert error_of(j) is None
+    finally:
+        worker.stop()
+    calls = [(call[0].width, sum(p.n for p in call)) for call in engine.calls]
+    assert calls == [(1024, 2), (1024, 2), (1024, 2), (1024, 3), (64, 4)]
+    assert SchedulerSettings().max_batch_pixels == 8 * 1024 * 1024  # 8 images at 1024x1024, 2 at 2048x2048

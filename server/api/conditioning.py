@@ -14,9 +14,13 @@ that costs no GPU work. What the two fields mean depends on the model's family:
 Images travel in the job as plain RGB bytes (``ConditioningImage``), already sized for their use, so the
 worker does no network I/O and little image work:
 
-- the input image (img2img, Kontext editing, the control photo) is scaled to cover the requested
-  width x height and centre-cropped to it, so the output has the request's size and the input's framing;
-- Kontext references are prepared the same way; the engine sets them side by side after the input image;
+- the input image of img2img and the control photo are scaled to cover the requested width x height and
+  centre-cropped to it (their latents are the output's), so the output has the request's size and the
+  input's framing;
+- Kontext follows upstream and never crops (server/api/kontext.py): without a size in the request the
+  output takes the preferred Kontext resolution nearest the input's aspect ratio and the input is resized
+  to it; with a size, the input keeps its aspect ratio at the output's area; references take the input's
+  height, and the engine sets them side by side after it;
 - Redux references keep their aspect ratio, bounded to ``REDUX_MAX_SIDE`` (the SigLIP encoder resizes
   them again to its own input size);
 - FLUX.2 references keep their aspect ratio, scaled down to at most ``limits.max_reference_pixels`` and
@@ -34,9 +38,10 @@ from PIL import Image
 
 from ..errors import InvalidRequest, Unsupported
 from ..fetch import Fetcher
-from ..images import fit_area, fit_cover, fit_within
+from ..images import fit_area, fit_cover, fit_height, fit_within, resize_to, scale_to_area
 from ..params import Conditioning, ConditioningImage, GenerationParams
-from ..registry import ModelManifest
+from ..registry import ModelLimits, ModelManifest
+from .kontext import preferred_size
 from .lanes import Lane, Lanes
 
 REDUX_MAX_SIDE = 768
@@ -101,14 +106,21 @@ def flux2_reference(image: Image.Image, field: str, max_pixels: int) -> Image.Im
 async def attach_images(
     params: GenerationParams, image_url: str | None, reference_images: list[str] | None,
     fetcher: Fetcher, manifest: ModelManifest, lanes: Lanes, key: str,
+    kontext: KontextSizing | None = None,
 ) -> GenerationParams:
     """Fetch, decode and size a request's conditioning images into its params (concurrently).
 
     Downloads run in the downloads lane (counted against the API key ``key``), ``data:`` URLs in the decodes
     lane (server/api/lanes.py): a full lane is a 429 ``fetch_busy`` within ``server.slot_wait_s``.
+    ``kontext``: for a Kontext model, whether the request named its size, and its limits (see
+    server/api/kontext.py: upstream's preferred-resolution resize, never a crop).
     """
     if params.conditioning == "text":
         return params
+    if params.conditioning == "kontext":
+        if kontext is None:
+            raise ValueError("a Kontext request's images need its KontextSizing")
+        return await _attach_kontext(params, image_url, reference_images or [], fetcher, lanes, key, kontext)
     w, h = params.width, params.height
     ref_pixels = manifest.limits.max_reference_pixels
 
@@ -122,7 +134,7 @@ async def attach_images(
         return flux2_reference(image, field, ref_pixels)
 
     flux2 = params.conditioning == "references"
-    ref_prepare = reference if flux2 else cover if params.conditioning == "kontext" else bounded
+    ref_prepare = reference if flux2 else bounded
     jobs: list[tuple[str, str, Callable[[Image.Image, str], Image.Image]]] = []
     if image_url:
         jobs.append((image_url, "image_url", reference if flux2 else cover))
@@ -147,3 +159,45 @@ async def attach_images(
 def _lane(lanes: Lanes, url: str) -> Lane:
     """A ``data:`` URL downloads nothing: it only decodes (the fetcher refuses whatever is not a URL)."""
     return lanes.decodes if isinstance(url, str) and url[:5].lower() == "data:" else lanes.downloads
+
+
+@dataclasses.dataclass(frozen=True)
+class KontextSizing:
+    """What sizing a Kontext request's images needs besides the params: the model, and its size choice."""
+
+    manifest: ModelManifest
+    limits: ModelLimits
+    explicit_size: bool
+
+
+async def _attach_kontext(params: GenerationParams, image_url: str | None, references: list[str],
+                          fetcher: Fetcher, lanes: Lanes, key: str, sizing: KontextSizing) -> GenerationParams:
+    """Kontext: without a size in the request, the output takes the preferred resolution nearest the input's
+    aspect ratio and the input is resized to it; with one, the input keeps its aspect ratio at the output's
+    area. References take the input's height. Nothing is cropped (server/api/kontext.py)."""
+    fields = ([("image_url", image_url)] if image_url else []) + [
+        (f"reference_images[{i}]", url) for i, url in enumerate(references)]
+    results = await asyncio.gather(
+        *(_lane(lanes, url).run(fetcher.fetch_image, url, field, lane_key=key) for field, url in fields),
+        return_exceptions=True,
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    pictures: list[Image.Image] = list(results)  # type: ignore[arg-type]
+    width, height = params.width, params.height
+    main: Image.Image | None = None
+    if image_url:
+        source = pictures.pop(0)
+        if sizing.explicit_size:
+            main = scale_to_area(source, width * height, sizing.limits.size_multiple)
+        else:
+            width, height = preferred_size(source.width, source.height, sizing.manifest, sizing.limits)
+            main = resize_to(source, width, height)
+    row_height = main.height if main is not None else height
+    refs = [fit_height(ref, row_height, sizing.limits.size_multiple) for ref in pictures]
+    return dataclasses.replace(
+        params, width=width, height=height,
+        image=ConditioningImage.from_pil(main) if main is not None else None,
+        references=tuple(ConditioningImage.from_pil(r) for r in refs),
+    )

@@ -21,13 +21,13 @@ from ..params import GenerationParams
 from ..queue.submit import run_job
 from ..registry import ModelManifest
 from .auth import check_api_key
-from .conditioning import attach_images
+from .conditioning import KontextSizing, attach_images
 from .hosts import public_base
 from .keys import ApiKey, authorize_model, bearer_token, charge
 from .observe import request_id
 from .runtime import Runtime
 from .safety import resolve_check
-from .schemas import ImageRequest, parse_request, resolve_params, response_kind
+from .schemas import ImageRequest, explicit_size, parse_request, resolve_params, response_kind
 
 router = APIRouter()
 
@@ -125,8 +125,9 @@ async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manife
         raise ServiceUnavailable("no worker is able to run jobs; see /ready")
     bucket = key.bucket or key.name
     assert runtime.fetcher is not None
+    kontext = KontextSizing(manifest, manifest.effective_limits(settings.limits), explicit_size(req))
     params = await attach_images(params, req.image_url, req.reference_images, runtime.fetcher, manifest,
-                                 lanes, bucket)
+                                 lanes, bucket, kontext)
     # LoRA files are fetched into the disk cache and checked here too, as the model's diffusers loader would
     # convert them (the worker fetches any it lacks).
     store, loader = runtime.lora_store, LOADERS.get(manifest.family)

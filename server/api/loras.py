@@ -17,14 +17,19 @@ from ..params import LoraRef
 
 
 def resolve_loras(specs: Sequence[Any] | None, model_id: str, supported: bool,
-                  settings: LoraSettings) -> tuple[LoraRef, ...]:
-    """``image_loras`` → plain ``LoraRef``s; what is wrong is refused with no I/O (400 naming the field)."""
+                  settings: LoraSettings, hotswap: bool | None = None) -> tuple[LoraRef, ...]:
+    """``image_loras`` → plain ``LoraRef``s; what is wrong is refused with no I/O (400 naming the field).
+
+    ``hotswap``: whether the model's LoRAs go into hotswap slots (``ModelManifest.uses_lora_slots``;
+    default ``loras.hotswap``): then at most ``loras.hotswap_slots`` LoRAs per request.
+    """
     if not specs:
         return ()
     if not supported:
         raise Unsupported(f"'{FIELD}' is not supported by model {model_id}", param=FIELD)
-    if len(specs) > settings.max_count:
-        raise InvalidRequest(f"'{FIELD}' may hold at most {settings.max_count} LoRAs (got {len(specs)})",
+    most = settings.max_per_request(hotswap)
+    if len(specs) > most:
+        raise InvalidRequest(f"'{FIELD}' may hold at most {most} LoRAs for {model_id} (got {len(specs)})",
                              param=FIELD)
     refs: list[LoraRef] = []
     for i, spec in enumerate(specs):

@@ -12,12 +12,12 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..config import Settings
 from ..fetch import Fetcher
 from ..loras import LoraStore
-from ..metrics import WorkerStatus
+from ..metrics import WorkerStatus, compile_summary
 from ..queue.memory import MemoryQueue
 from ..queue.protocol import BatchSource, JobQueue
 from ..queue.submit import fail_waiting
@@ -161,6 +161,10 @@ class Runtime:
 
     def pipeline_calls(self) -> int:
         return sum(w.calls for w in self.workers)
+
+    def compile_report(self) -> dict[str, Any]:
+        """torch.compile's graphs and recompiles after ready of this process's workers (metrics.py)."""
+        return compile_summary(self.workers)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
         states = {

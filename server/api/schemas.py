@@ -86,6 +86,11 @@ def _unsupported(req: ImageRequest) -> None:
             raise Unsupported(f"'{field}' is not supported by this server yet", param=field)
 
 
+def explicit_size(req: ImageRequest) -> bool:
+    """Whether the request names its output size (width, height or a WxH size), rather than the default."""
+    return req.width is not None or req.height is not None or req.size not in (None, "auto")
+
+
 def _size(req: ImageRequest, manifest: ModelManifest) -> tuple[int, int]:
     width, height = req.width, req.height
     if req.size and req.size != "auto" and width is None and height is None:
@@ -142,7 +147,9 @@ def resolve_params(
     # image_url / reference_images against the model's capabilities; the images are fetched later.
     conditioning, strength = conditioning_kind(req.image_url, req.reference_images, manifest)
     # image_loras: count, scales and the form of each path (the files are fetched later).
-    lora_refs = resolve_loras(req.image_loras, manifest.id, caps.loras, loras or LoraSettings())
+    lora_settings = loras or LoraSettings()
+    lora_refs = resolve_loras(req.image_loras, manifest.id, caps.loras, lora_settings,
+                              hotswap=manifest.uses_lora_slots(lora_settings))
 
     base_seed = req.seed if req.seed is not None else secrets.randbelow(2**32)
     if base_seed + req.n - 1 > MAX_SEED:

@@ -66,7 +66,8 @@ async def ready(request: Request) -> JSONResponse:
     is_ready, workers = runtime.readiness()
     return JSONResponse(
         {"ready": is_ready, "workers": workers, "queue_depth": runtime.queue.depth(),
-         "pipeline_calls": runtime.pipeline_calls(), "safety": runtime.safety_report()},
+         "pipeline_calls": runtime.pipeline_calls(), "safety": runtime.safety_report(),
+         "compile": runtime.compile_report()},
         status_code=200 if is_ready else 503,
     )
 

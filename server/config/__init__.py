@@ -24,7 +24,7 @@ from pydantic_settings import (
 )
 
 from .auth import ApiKeySpec, AuthSettings
-from .inputs import FetchSettings, LoraSettings
+from .inputs import DEFAULT_HOTSWAP_TARGETS, FetchSettings, LoraSettings
 from .processes import (
     REPO_ROOT,
     EngineSettings,
@@ -49,7 +49,7 @@ from .safety import (
 )
 
 __all__ = [
-    "DEFAULT_PROMPT_BLOCKLIST", "DEFAULT_PROMPT_PATTERNS", "REPO_ROOT", "ApiKeySpec", "AuthSettings",
+    "DEFAULT_HOTSWAP_TARGETS", "DEFAULT_PROMPT_BLOCKLIST", "DEFAULT_PROMPT_PATTERNS", "REPO_ROOT", "ApiKeySpec", "AuthSettings",
     "CheckerSource", "EngineSettings", "FetchSettings", "ImageCheckerSpec", "LimitSettings", "LoraSettings",
     "PromptCheckSettings", "QueueSettings", "S3Settings", "SafetySettings", "SchedulerSettings",
     "ServerSettings", "Settings", "StorageSettings", "TextClassifierSpec", "WeightsSource", "WorkerSettings",

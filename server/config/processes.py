@@ -113,7 +113,12 @@ class QueueSettings(BaseModel):
 class SchedulerSettings(BaseModel):
     # How long the worker waits for compatible jobs to fill a batch; a lone job never waits longer.
     batch_window_ms: float = 5.0
-    max_batch_images: int = 8
+    max_batch_images: int = Field(default=8, ge=1)
+    # The most pixels one pipeline call may hold (images x width x height): batches of large images stay
+    # small (8 MP: 8 images at 1024x1024, 2 at 2048x2048), bounding the transformer's activations and the
+    # VAE's work per call. A lone request always runs whole (its n is bounded by the model's max_n).
+    # null: no pixel cap.
+    max_batch_pixels: int | None = Field(default=8 * 1024 * 1024, ge=64 * 64)
 
 class S3Settings(BaseModel):
     """S3-compatible object storage (AWS S3, MinIO, R2, GCS interop). Credentials are never here: boto3's
@@ -176,5 +181,18 @@ class EngineSettings(BaseModel):
     # false: `darkroom serve`/`worker` refuse to start a model whose Hub weights are not in the local Hub
     # cache (fetch them with `darkroom pull MODEL`); true: from_pretrained downloads them while loading.
     allow_downloads: bool = False
+    # Compiled kernels (inductor's FX graph cache) of models with engine.compile, kept across restarts so
+    # a restart loads kernels instead of compiling; None: <cache_dir>/inductor. Put it on a writable volume
+    # when cache_dir is a read-only weights volume. A model's compile.cache_dir overrides it.
+    compile_cache_dir: Path | None = None
+    # After warm-up, torch.compiler.set_stance("fail_on_recompile"): a request whose shape the warm-up did
+    # not compile fails with a 400 naming the cause, instead of compiling (stalling its batch for seconds
+    # to minutes). Off: such a request compiles, and /ready and /metrics count it as a recompile.
+    fail_on_recompile: bool = False
 
     _expand_cache = field_validator("cache_dir")(expand_path)
+
+    @field_validator("compile_cache_dir")
+    @classmethod
+    def _expand_compile_cache(cls, value: Path | None) -> Path | None:
+        return value.expanduser() if value is not None else None

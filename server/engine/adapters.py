@@ -11,10 +11,13 @@ that hold weights of it. A batch without LoRAs disables the LoRA layers: peft's 
 base layer alone, so its images are bit-for-bit those of a pipeline that never saw a LoRA.
 
 Hotswap mode (``loras.hotswap``, for a ``torch.compile``d transformer): ``enable_lora_hotswap`` runs
-before anything is loaded (and before compiling), then ``loras.max_count`` adapter slots are created,
-each holding an all-zero LoRA of rank ``hotswap_target_rank`` on every Linear layer of the transformer, so
-any LoRA up to that rank fits. A LoRA enters a slot with ``load_lora_weights(..., hotswap=True)``, which
-swaps the weights in place (no new modules, no recompilation); hotswap resets the slot's scale, so the
+before anything is loaded (and before compiling), then ``loras.hotswap_slots`` adapter slots are created,
+each holding an all-zero LoRA of rank ``hotswap_target_rank`` on the layers LoRAs train
+(``hotswap_target_modules``, server/engine/lora_slots.py), so any LoRA up to that rank on those layers
+fits. A model whose transformer is compiled always gets slots (``prepare(..., hotswap=True)``): with named
+adapters every new LoRA set would recompile the transformer, until dynamo's recompile limit makes it run
+eagerly for good. A LoRA enters a slot with ``load_lora_weights(..., hotswap=True)``, which swaps the
+weights in place (no new modules, no recompilation); hotswap resets the slot's scale, so the
 scales are set after it. Every slot stays active, unused ones at scale 0 (a zero scale adds exact zeros:
 no-LoRA images stay exact), and scales are written into peft's scaling tensors in place, as the LoRA's own
 alpha / rank times the request's scale (``set_adapters`` would swap those tensors for floats, which a
@@ -52,6 +55,7 @@ from ..safetensors_header import FormatError, check_finite, has_non_finite, non_
 from ..loras import LoraError, LoraStore, format_error, shown_path
 from ..params import LoraRef
 from .loading import LOAD_LOCK
+from .lora_slots import slot_cost, slot_layers
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,7 @@ class _ModelState:
     # request scales last applied on top of it (None: to be applied again).
     base: list[dict[str, float]] = field(default_factory=list)
     applied: list[float | None] = field(default_factory=list)
+    hotswap: bool = False  # this model's LoRAs go into fixed slots
     layers: dict[str, Any] = field(default_factory=dict)  # hotswap mode: the LoRA layers (fixed)
     used: list[int] = field(default_factory=list)  # hotswap mode: when each slot last served a batch
     tick: int = 0
@@ -120,28 +125,30 @@ class LoraManager:
         self.loads = 0
         self.swaps = 0
 
-    @property
-    def hotswap(self) -> bool:
-        return self.settings.hotswap
+    def hotswap(self, model_id: str) -> bool:
+        """Whether the model's LoRAs go into hotswap slots (as ``prepare`` was told)."""
+        state = self._models.get(model_id)
+        return state.hotswap if state is not None else self.settings.hotswap
 
     # -- set-up -----------------------------------------------------------------------------------
 
-    def prepare(self, model_id: str, pipe: Any) -> None:
-        """Register a model's pipeline; in hotswap mode create its slots (before any compile)."""
-        state = _ModelState(pipe)
+    def prepare(self, model_id: str, pipe: Any, hotswap: bool | None = None) -> None:
+        """Register a model's pipeline; with ``hotswap`` (default ``loras.hotswap``; True for a compiled
+        transformer, see ``ModelManifest.uses_lora_slots``) create its slots, before any compile."""
+        state = _ModelState(pipe, hotswap=self.settings.hotswap if hotswap is None else hotswap)
         self._models[model_id] = state
-        if not self.hotswap:
+        if not state.hotswap:
             return
         rank = self.settings.hotswap_target_rank
         state.zero = self._zero_lora(pipe)
         with _loading():
             pipe.enable_lora_hotswap(target_rank=rank)
-            for i in range(self.settings.max_count):
+            for i in range(self.settings.hotswap_slots):
                 # Fresh tensors per slot: a load may adopt the given tensors as the slot's weights, and a
                 # hotswap copies into them, so slots sharing tensors would overwrite each other.
                 pipe.load_lora_weights({k: v.clone() for k, v in state.zero.items()},
                                        adapter_name=self._slot(i))
-        state.slots = [None] * self.settings.max_count
+        state.slots = [None] * self.settings.hotswap_slots
         # Every slot stays active from now on; only the scaling values change, in place, in tensors, so a
         # compiled graph neither specialises on them nor sees a different adapter list.
         transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
@@ -157,7 +164,10 @@ class LoraManager:
         state.applied = [None] * len(names)
         state.used = [0] * len(names)
         self._apply_slot_scales(state, [0.0] * len(names))
-        log.info("lora hotswap slots ready model=%s slots=%d rank=%d", model_id, len(state.slots), rank)
+        cost = slot_cost(transformer, self.settings.hotswap_target_modules, rank)
+        log.info("lora hotswap slots ready model=%s slots=%d rank=%d layers=%d params=%d mib=%.1f", model_id,
+                 len(state.slots), rank, cost.layers, cost.params_per_slot * len(state.slots),
+                 cost.bytes(len(state.slots), weight_bytes(transformer)) / 2**20)
 
     @staticmethod
     def _slot(i: int) -> str:
@@ -168,12 +178,15 @@ class LoraManager:
         transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
         weight = next(transformer.parameters())
         zeros: dict[str, torch.Tensor] = {}
-        for name, module in transformer.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                zeros[f"transformer.{name}.lora_A.weight"] = torch.zeros(
-                    rank, module.in_features, dtype=weight.dtype)
-                zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(
-                    module.out_features, rank, dtype=weight.dtype)
+        # Only the layers LoRAs train (server/engine/lora_slots.py): a slot costs memory and FLOPs per layer.
+        for name, module in slot_layers(transformer, self.settings.hotswap_target_modules).items():
+            zeros[f"transformer.{name}.lora_A.weight"] = torch.zeros(
+                rank, module.in_features, dtype=weight.dtype)
+            zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(
+                module.out_features, rank, dtype=weight.dtype)
+        if not zeros:
+            raise LoraError(f"loras.hotswap_target_modules {self.settings.hotswap_target_modules} match no "
+                            "layer of the transformer")
         return zeros
 
     # -- per batch --------------------------------------------------------------------------------
@@ -185,7 +198,7 @@ class LoraManager:
             if refs:
                 raise LoraError(f"model {model_id} does not take LoRAs on this server")
             return
-        if self.hotswap:
+        if state.hotswap:
             self._activate_slots(model_id, state, refs)
             return
         keep = {ref.path for ref in refs}
@@ -197,7 +210,7 @@ class LoraManager:
         state = self._models.get(model_id)
         if state is None:
             return []
-        return [p for p in state.slots if p] if self.hotswap else list(state.resident)
+        return [p for p in state.slots if p] if state.hotswap else list(state.resident)
 
     def _resident(self, model_id: str, state: _ModelState, ref: LoraRef, keep: set[str]) -> str:
         if ref.path in state.resident:
@@ -238,6 +251,9 @@ class LoraManager:
 
     def _activate_slots(self, model_id: str, state: _ModelState, refs: Sequence[LoraRef]) -> None:
         slots = state.slots
+        if len(refs) > len(slots):
+            raise LoraError(f"{model_id} takes at most {len(slots)} LoRAs per request on this server "
+                            f"(loras.hotswap_slots); got {len(refs)}")
         wanted = {ref.path for ref in refs}
         where: dict[str, int] = {ref.path: slots.index(ref.path) for ref in refs if ref.path in slots}
         # Free slots: those holding nothing this batch needs; empty ones first, then least recently used.
@@ -426,13 +442,21 @@ class LoraManager:
                                 f"LoRA layers it names would be lost in diffusers' conversion for {model_id} "
                                 "(one layer under two names?)")
         text_encoder = bool(layers["text_encoder"])
-        if self.hotswap:
+        if self.hotswap(model_id):
             if text_encoder:
                 raise LoraError(f"LoRA '{label}' has text-encoder weights; this server swaps LoRAs into a "
                                 "compiled transformer and takes transformer LoRAs only")
             if extras:
                 raise LoraError(f"LoRA '{label}' has {' and '.join(sorted(extras))}, which this server's "
                                 "hotswap slots (plain LoRA matrices) cannot hold")
+            # Slotted layers hold peft wrappers; a plain layer has no slot, and hotswap would fail on it.
+            slotted = modules.get("transformer", {})
+            outside = sorted(m for m in layers["transformer"] if not hasattr(slotted.get(m), "base_layer"))
+            if outside:
+                covered = ", ".join(self.settings.hotswap_target_modules)
+                raise LoraError(f"LoRA '{label}' has weights for {len(outside)} layers outside this server's "
+                                f"LoRA slots (e.g. {outside[0]}); the slots cover {covered} "
+                                "(loras.hotswap_target_modules)")
             if rank > self.settings.hotswap_target_rank:
                 raise LoraError(f"LoRA '{label}' has rank {rank}; this server takes LoRAs up to rank "
                                 f"{self.settings.hotswap_target_rank}")
@@ -545,3 +569,8 @@ def _misfit(key: str, tensor: torch.Tensor, modules: dict[str, dict[str, Any]]) 
 def _summary(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 240 else text[:237] + "..."
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes per element of a module's weights (the dtype its LoRA slots take)."""
+    return next(module.parameters()).element_size()

@@ -1,7 +1,8 @@
 """Per-model engine optimizations from a manifest's ``engine:`` block (server/registry.py EngineOptions).
 
-Two phases around LoRA preparation: ``prepare`` (attention backend, fused QKV, fp8) changes the modules
-before LoRA hotswap slots are created; ``compile`` runs last, so a compiled graph already sees the slots
+Around LoRA preparation: ``prepare`` (attention backend, fused QKV) changes the modules, then placement
+(server/engine/placement.py: fp8, offload, VAE slicing) puts them on the device, before LoRA hotswap slots
+are created; ``compile`` runs last, so a compiled graph already sees the slots
 and switching LoRAs recompiles nothing. Every option defaults to off: without an ``engine:`` block a
 model runs exactly as before.
 """
@@ -10,12 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..config import EngineSettings
 from ..registry import EngineOptions, ModelManifest
 
 log = logging.getLogger(__name__)
@@ -25,8 +24,9 @@ class EngineOptionError(RuntimeError):
     """An engine option that cannot be applied here (a missing package, a device that lacks support)."""
 
 
-def prepare(manifest: ModelManifest, pipe: Any, device: str) -> None:
-    """Attention backend, fused QKV and fp8 quantization of the transformer, in that order."""
+def prepare(manifest: ModelManifest, pipe: Any) -> None:
+    """Attention backend and fused QKV of the transformer (fp8 is applied while placing it on the device:
+    server/engine/placement.py)."""
     options = manifest.engine
     transformer = pipe.transformer
     if options.attention_backend:
@@ -40,40 +40,21 @@ def prepare(manifest: ModelManifest, pipe: Any, device: str) -> None:
     if options.fuse_qkv:
         transformer.fuse_qkv_projections()
         log.info("fused qkv projections model=%s", manifest.id)
-    if options.quantize == "fp8":
-        quantize_fp8(manifest.id, transformer, device)
 
 
-def quantize_fp8(model_id: str, transformer: torch.nn.Module, device: str) -> None:
-    """torchao's dynamic float8 (per-row activations and weights) on the transformer's linear layers."""
-    try:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, quantize_
-    except ImportError as exc:
-        raise EngineOptionError(
-            f"{model_id}: engine.quantize: fp8 needs the torchao package, which is not installed "
-            "(pip install torchao)"
-        ) from exc
-    if not device.startswith("cuda"):
-        raise EngineOptionError(
-            f"{model_id}: engine.quantize: fp8 needs a CUDA device of compute capability 8.9 or newer "
-            f"(H100, L40S, RTX 4090); this worker's device is {device}"
-        )
-    started = time.perf_counter()
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig())
-    log.info("fp8 quantized model=%s seconds=%.2f", model_id, time.perf_counter() - started)
+def compile_cache_dir(options: EngineOptions, settings: EngineSettings) -> Path:
+    """The model's compile.cache_dir, else engine.compile_cache_dir, else <engine.cache_dir>/inductor."""
+    chosen = options.compile.cache_dir or settings.compile_cache_dir or settings.cache_dir / "inductor"
+    return chosen.expanduser().resolve()
 
 
-def compile_cache_dir(options: EngineOptions, cache_dir: Path) -> Path:
-    return (options.compile.cache_dir or cache_dir / "inductor").expanduser().resolve()
-
-
-def compile_modules(manifest: ModelManifest, pipe: Any, cache_dir: Path) -> None:
+def compile_modules(manifest: ModelManifest, pipe: Any, settings: EngineSettings) -> None:
     """torch.compile the transformer (regional or full) and the VAE decoder, with a persistent cache."""
     options = manifest.engine
     spec = options.compile
     if spec.transformer == "none" and not spec.vae_decoder:
         return
-    inductor_cache = compile_cache_dir(options, cache_dir)
+    inductor_cache = compile_cache_dir(options, settings)
     inductor_cache.mkdir(parents=True, exist_ok=True)
     # Read by inductor whenever it looks for its cache; the FX graph cache makes a restart's compile
     # mostly a cache load. One process-wide value: every model of a server shares it.
@@ -81,7 +62,14 @@ def compile_modules(manifest: ModelManifest, pipe: Any, cache_dir: Path) -> None
     import torch._inductor.config as inductor_config
 
     inductor_config.fx_graph_cache = True
-    kwargs: dict[str, Any] = {"fullgraph": spec.fullgraph}
+    if spec.dynamic:
+        # One symbol per dimension: with torch's default "duck" shapes, dimensions that happen to be equal
+        # at the first call share a symbol, so a sequence bucket equal to a hidden size (128 = 128) would be
+        # specialised to it and another bucket would compile again. Process-wide, read while tracing.
+        import torch.fx.experimental._config as fx_config
+
+        fx_config.use_duck_shape = False
+    kwargs: dict[str, Any] = {"fullgraph": spec.fullgraph, "backend": spec.backend, "dynamic": spec.dynamic}
     if spec.mode:
         kwargs["mode"] = spec.mode
     if spec.transformer == "regional":
@@ -89,23 +77,52 @@ def compile_modules(manifest: ModelManifest, pipe: Any, cache_dir: Path) -> None
     elif spec.transformer == "full":
         pipe.transformer.compile(**kwargs)
     if spec.vae_decoder:
-        pipe.vae.decoder.compile(**kwargs)
+        # Static: with VAE slicing the decoder always sees one image, so only the size varies (warmed).
+        pipe.vae.decoder.compile(**{**kwargs, "dynamic": False})
     # torch.compile is lazy: the graphs are built on the first calls, i.e. during the warm-up.
     log.info(
-        "compile requested model=%s transformer=%s vae_decoder=%s cache=%s",
-        manifest.id, spec.transformer, spec.vae_decoder, inductor_cache,
+        "compile requested model=%s transformer=%s vae_decoder=%s backend=%s cache=%s",
+        manifest.id, spec.transformer, spec.vae_decoder, spec.backend, inductor_cache,
     )
 
 
-def warmup_plan(manifest: ModelManifest) -> list[tuple[int, int, int, int]]:
-    """(width, height, steps, max_sequence_length) of each warm-up call of a model.
+def compiles(manifest: ModelManifest) -> bool:
+    spec = manifest.engine.compile
+    return spec.transformer != "none" or spec.vae_decoder
 
-    Every configured size at every sequence bucket (and the full length), so that a compiled model
-    has seen each shape a request of those sizes can bring.
+
+def largest_batch(manifest: ModelManifest, width: int, height: int, max_batch_images: int,
+                  max_batch_pixels: int | None) -> int:
+    """The most images one pipeline call of this size can hold: what the scheduler packs under
+    ``scheduler.max_batch_images`` and ``scheduler.max_batch_pixels``, or one request's ``n`` (a job is
+    never split, so a lone job up to the model's ``max_n`` runs whole even past the pixel cap)."""
+    packed = max_batch_images
+    if max_batch_pixels is not None:
+        packed = min(packed, max(1, max_batch_pixels // (width * height)))
+    return max(1, packed, manifest.limits.max_n)
+
+
+def warmup_plan(manifest: ModelManifest, max_batch_images: int = 1,
+                max_batch_pixels: int | None = None) -> list[tuple[int, int, int, int, int]]:
+    """(width, height, steps, max_sequence_length, batch images) of each warm-up call of a model.
+
+    Every configured size at every sequence bucket (and the full length). A compiled model also runs the
+    batch sizes the scheduler can form at each size, so that after ``/ready`` no request compiles: with
+    ``compile.dynamic`` (symbolic shapes, the default) batch 1 (torch specialises sizes of 1), 2 (the
+    symbolic graph) and the largest (its memory peak, and no new graph); with static shapes every batch
+    size from 1 to the largest. An eager model warms batch 1 only (there is nothing to compile).
     """
     options = manifest.engine.warmup
     sizes = options.sizes or [(64, 64)]
     lengths = list(dict.fromkeys([*manifest.engine.sequence_buckets, manifest.defaults.max_sequence_length]))
     if not manifest.engine.sequence_buckets:
         lengths = [manifest.defaults.max_sequence_length]
-    return [(w, h, options.steps, length) for (w, h) in sizes for length in lengths]
+    plan = []
+    for w, h in sizes:
+        largest = largest_batch(manifest, w, h, max_batch_images, max_batch_pixels) if compiles(manifest) else 1
+        if manifest.engine.compile.dynamic is False:
+            batches = list(range(1, largest + 1))
+        else:
+            batches = sorted({1, min(2, largest), largest})
+        plan += [(w, h, options.steps, length, batch) for length in lengths for batch in batches]
+    return plan

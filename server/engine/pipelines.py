@@ -18,13 +18,14 @@ import torch
 from PIL import Image
 
 from ..config import EngineSettings, SafetySettings
-from ..errors import DarkroomError
+from ..errors import DarkroomError, InvalidRequest
 from ..loras import LoraStore
 from ..metrics import SafetyCounters
 from ..params import GenerationParams
 from ..registry import Registry
-from . import optimize
+from . import optimize, placement
 from .adapters import LoraManager
+from .compile_stats import RECOMPILE_REFUSED, CompileCounter
 from .families import load_runner
 from .loading import LOAD_LOCK
 from .runner import FamilyRunner, SharedModels, per_image
@@ -67,42 +68,52 @@ class Engine:
 
             loras = LoraStore(LoraSettings(), FetchSettings(), settings.cache_dir)
         self.loras = LoraManager(loras)
+        # Graphs torch.compile built, and those built after warm-up (exported on /ready and /metrics).
+        self.compile_counter = CompileCounter()
 
     def load(self) -> None:
         for manifest in self.registry.models:
             with LOAD_LOCK:  # see loading.py: concurrent from_pretrained calls corrupt each other
                 runner = self._runners[manifest.id] = load_runner(manifest, self.settings, self.device)
-                # Attention backend, fused QKV, fp8: before the LoRA slots and the img2img pipeline.
-                optimize.prepare(manifest, runner.pipe, self.device)
+                # Attention backend, fused QKV; then fp8, offload or the move to the device, VAE slicing:
+                # all before the LoRA slots and the conditioning views (img2img) of the pipeline.
+                optimize.prepare(manifest, runner.pipe)
+                placement.place(manifest, runner.pipe, self.device)
                 runner.attach(self._shared)
             if manifest.capabilities.loras:
-                self.loras.prepare(manifest.id, runner.pipe)
+                # A compiled transformer always gets hotswap slots (registry.ModelManifest.uses_lora_slots).
+                self.loras.prepare(manifest.id, runner.pipe,
+                                   hotswap=manifest.uses_lora_slots(self.loras.settings))
             # Last, so the compiled graphs already hold the LoRA slots (switching LoRAs: no recompile).
-            optimize.compile_modules(manifest, runner.pipe, self.settings.cache_dir)
+            optimize.compile_modules(manifest, runner.pipe, self.settings)
         self._checkers = load_image_checkers(
             self.registry, self.safety, self.settings.cache_dir, self.device
         )
 
-    def warmup(self) -> int:
+    def warmup(self, max_batch_images: int = 1, max_batch_pixels: int | None = None) -> int:
         """Calls per model before the worker is ready, so the first user request does not pay for lazy
         init or compilation: each of the manifest's engine.warmup sizes at each sequence bucket (by
-        default one 64x64 call), then one small call per conditioning path. Returns how many pipeline
-        calls it ran."""
+        default one 64x64 call), for a compiled model at the batch sizes the scheduler can form
+        (``max_batch_images`` / ``max_batch_pixels``: the scheduler's settings; optimize.warmup_plan),
+        then one small call per conditioning path. Then the compile counter starts counting recompiles
+        (and with engine.fail_on_recompile refuses them). Returns how many pipeline calls it ran."""
         calls = 0
+        images: list[list[Image.Image]] = []
         for manifest in self.registry.models:
             runner = self._runners[manifest.id]
-            for width, height, steps, length in optimize.warmup_plan(manifest):
+            for width, height, steps, length, batch in optimize.warmup_plan(manifest, max_batch_images,
+                                                                             max_batch_pixels):
                 started = time.perf_counter()
                 params = runner.warm_request(GenerationParams(
                     model=manifest.id, prompt="warm-up", width=width, height=height, steps=steps,
-                    guidance_scale=manifest.defaults.guidance_scale, seeds=(0,),
+                    guidance_scale=manifest.defaults.guidance_scale, seeds=tuple(range(batch)),
                     max_sequence_length=length,
                 ))
                 images = self.generate([params]).images
                 calls += 1
                 log.info(
-                    "warm-up model=%s size=%dx%d steps=%d max_sequence_length=%d seconds=%.2f",
-                    manifest.id, width, height, steps, length, time.perf_counter() - started,
+                    "warm-up model=%s size=%dx%d steps=%d max_sequence_length=%d batch=%d seconds=%.2f",
+                    manifest.id, width, height, steps, length, batch, time.perf_counter() - started,
                 )
             params = GenerationParams(
                 model=manifest.id, prompt="warm-up", width=64, height=64, steps=1,
@@ -116,7 +127,14 @@ class Engine:
             checker = self._checkers.get(manifest.id)
             if checker is not None:
                 checker.check(images[0])
+        self.compile_counter.mark_ready(self.settings.fail_on_recompile,
+                                        any(optimize.compiles(m) for m in self.registry.models))
         return calls
+
+    def compile_report(self) -> dict[str, Any]:
+        """``graphs`` torch.compile built in this process, ``recompiles_after_ready`` (graphs built after
+        warm-up: each a request that paid for a compile) and the compile ``stance``."""
+        return self.compile_counter.snapshot()
 
     def pipeline(self, model_id: str) -> Any:
         """A loaded model's main pipeline (benchmarks and tests inspect its modules)."""
@@ -139,18 +157,30 @@ class Engine:
         with torch.inference_mode():
             # The family's inputs: conditioning images (control images computed here), negative prompts.
             pipe = runner.route(batch, kwargs)
-            with stage_timer(pipe, self.device) as stage_times:
+            tiling = placement.vae_tiling(pipe, first.width, first.height,
+                                          self.registry.get(first.model).engine.vae_tiling_pixels)
+            with tiling, stage_timer(pipe, self.device) as stage_times:
                 runner.embed(pipe, batch, kwargs)
-                images = pipe(
-                    height=first.height,
-                    width=first.width,
-                    num_inference_steps=first.steps,
-                    guidance_scale=first.guidance_scale,
-                    generator=generators,
-                    max_sequence_length=first.max_sequence_length,
-                    output_type="pil",
-                    **kwargs,
-                ).images
+                try:
+                    images = pipe(
+                        height=first.height,
+                        width=first.width,
+                        num_inference_steps=first.steps,
+                        guidance_scale=first.guidance_scale,
+                        generator=generators,
+                        max_sequence_length=first.max_sequence_length,
+                        output_type="pil",
+                        **kwargs,
+                    ).images
+                except RuntimeError as exc:
+                    if RECOMPILE_REFUSED not in str(exc):
+                        raise
+                    raise InvalidRequest(
+                        f"{first.model} is compiled for the shapes its warm-up ran, and this request's "
+                        f"({first.width}x{first.height}, {len(generators)} images per call, text length "
+                        f"{first.max_sequence_length}) would compile anew, which this server refuses "
+                        "(engine.fail_on_recompile); use a size of the model's engine.warmup.sizes",
+                        param="width") from None
         out: list[list[Image.Image]] = []
         start = 0
         for params in batch:

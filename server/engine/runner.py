@@ -20,13 +20,16 @@ from PIL import Image
 from ..config import EngineSettings
 from ..params import ConditioningImage, GenerationParams
 from ..registry import ModelManifest
+from .random_flux import RANDOM_MODELS, build_random_flux
 from .weights import resolve_dtype, source_location
 
 log = logging.getLogger(__name__)
 
 
 def load_pipeline(cls: Any, manifest: ModelManifest, settings: EngineSettings, device: str) -> Any:
-    """``cls.from_pretrained`` on the manifest's weights in its dtype on ``device``, with no progress bars."""
+    """``cls.from_pretrained`` on the manifest's weights in its dtype, with no progress bars; still on the
+    CPU (server/engine/placement.py puts it where it runs). A random builtin (server/engine/random_flux.py)
+    is built in memory instead, on ``device``, its transformer on ``meta`` until it is placed."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -34,11 +37,15 @@ def load_pipeline(cls: Any, manifest: ModelManifest, settings: EngineSettings, d
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
 
-    location, kwargs = source_location(manifest.source, settings.cache_dir)
     dtype = resolve_dtype(manifest.dtype, device)
     started = time.perf_counter()
-    pipe = cls.from_pretrained(location, dtype=dtype, **kwargs)
-    pipe.to(device)
+    if manifest.source.in_memory:
+        variant, small = RANDOM_MODELS[str(manifest.source.builtin)]
+        pipe = build_random_flux(variant, device, dtype, scale_down=small, pipeline_cls=cls)
+        location = f"builtin:{manifest.source.builtin} (random weights, in memory)"
+    else:
+        location, kwargs = source_location(manifest.source, settings.cache_dir)
+        pipe = cls.from_pretrained(location, dtype=dtype, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     log.info(
         "model loaded model=%s family=%s pipeline=%s device=%s dtype=%s from=%s seconds=%.2f",

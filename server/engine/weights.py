@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..config import WeightsSource
+from .random_flux import RANDOM_MODELS
 from .tiny import ensure_tiny_flux, ensure_tiny_flux_edit, ensure_tiny_redux
 from .tiny_control import ensure_tiny_depth_model, ensure_tiny_flux_canny, ensure_tiny_flux_depth
 from .tiny_flux2 import ensure_tiny_flux2, ensure_tiny_flux2_klein
@@ -37,6 +38,9 @@ _BUILTINS: dict[str, Callable[[Path], Path]] = {
 
 def ensure_builtin(name: str, cache_dir: Path) -> Path:
     """The folder of the tiny builtin ``name`` under ``cache_dir``, built once (concurrent callers wait)."""
+    if name in RANDOM_MODELS:
+        raise ValueError(f"builtin {name} is built in memory at load time (server/engine/random_flux.py) "
+                         "and has no folder")
     if name not in _BUILTINS:
         raise ValueError(f"unknown builtin weights {name!r}; known: {', '.join(sorted(_BUILTINS))}")
     return _BUILTINS[name](cache_dir)

@@ -81,7 +81,8 @@ class MemoryQueue:
     def healthy(self) -> bool:
         return True
 
-    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5) -> list[Job]:
+    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5,
+                   max_pixels: int | None = None) -> list[Job]:
         """Block until a job is there (or ``timeout_s`` passes: empty list), then fill a batch."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._jobs or self._closed, timeout=timeout_s):
@@ -90,4 +91,5 @@ class MemoryQueue:
                 return []
             first = self._jobs.popleft()
             return fill_batch(first, self._jobs, max_images, window_s,
-                              lambda _room, remaining: self._cond.wait(remaining), lambda: self._closed)
+                              lambda _room, remaining: self._cond.wait(remaining), lambda: self._closed,
+                              max_pixels)

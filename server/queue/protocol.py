@@ -48,9 +48,10 @@ class JobQueue(Protocol):
 class BatchSource(Protocol):
     """What a worker needs from where its jobs come from."""
 
-    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5) -> list[Job]:
+    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5,
+                   max_pixels: int | None = None) -> list[Job]:
         """Block up to ``timeout_s`` for a job (empty list: none came), then fill a batch of compatible jobs
-        (server/queue/batching.py) within ``window_s``."""
+        (server/queue/batching.py) within ``window_s``, up to ``max_images`` and ``max_pixels``."""
 
     def healthy(self) -> bool:
         """Whether the source can deliver jobs (Redis answers)."""

@@ -100,9 +100,10 @@ class RedisSource:
 
     # the BatchSource protocol (server/queue/protocol.py)
 
-    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5) -> list[Job]:
+    def take_batch(self, max_images: int, window_s: float, timeout_s: float = 0.5,
+                   max_pixels: int | None = None) -> list[Job]:
         try:
-            return self._take_batch(max_images, window_s, timeout_s)
+            return self._take_batch(max_images, window_s, timeout_s, max_pixels)
         except RedisError as exc:
             if isinstance(exc, ResponseError) and no_group(exc):
                 log.warning("the job stream or its group is gone (Redis restarted empty?); recreating it")
@@ -116,7 +117,8 @@ class RedisSource:
             self._stop.wait(0.5)
             return []
 
-    def _take_batch(self, max_images: int, window_s: float, timeout_s: float) -> list[Job]:
+    def _take_batch(self, max_images: int, window_s: float, timeout_s: float,
+                    max_pixels: int | None) -> list[Job]:
         if not self._group_ok:
             ensure_group(self.client, self.keys)
             self._group_ok = True
@@ -140,7 +142,7 @@ class RedisSource:
                 # window of a few milliseconds is polled instead.
                 time.sleep(min(remaining, POLL_S))
 
-        return fill_batch(first, self._backlog, max_images, window_s, more, self._stop.is_set)
+        return fill_batch(first, self._backlog, max_images, window_s, more, self._stop.is_set, max_pixels)
 
     def _read(self, start: str, count: int, block_s: float | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
         block = None if block_s is None else max(1, int(block_s * 1000))

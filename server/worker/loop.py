@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import metrics
 from ..config import SchedulerSettings
@@ -44,8 +44,13 @@ class DeviceEngine(Protocol):
     def load(self) -> None:
         """Load every served model onto the device (raises: the worker is failed)."""
 
-    def warmup(self) -> int:
-        """Run each model before the worker reports ready; returns how many pipeline calls that took."""
+    def warmup(self, max_batch_images: int = 1, max_batch_pixels: int | None = None) -> int:
+        """Run each model before the worker reports ready, compiled ones at every batch size the scheduler
+        can form (the scheduler's caps); returns how many pipeline calls that took."""
+
+    def compile_report(self) -> dict[str, Any]:
+        """torch.compile's graphs in this process and those built after ready (server/engine/compile_stats.py):
+        ``graphs``, ``recompiles_after_ready``, ``stance``."""
 
     def generate(self, batch: Sequence[GenerationParams]) -> Generation:
         """One pipeline call for compatible requests: their images, and the call's stage seconds."""
@@ -93,6 +98,10 @@ class Worker:
     def safety_counters(self) -> SafetyCounters:
         return self.engine.safety_counters
 
+    def compile_report(self) -> dict[str, Any]:
+        """The engine's compile counts (graphs, recompiles_after_ready, stance); see DeviceEngine."""
+        return self.engine.compile_report()
+
     def start(self) -> None:
         self._thread.start()
 
@@ -111,7 +120,7 @@ class Worker:
             torch.set_num_threads(self.cpu_threads)
         try:
             self.engine.load()
-            self.calls += self.engine.warmup()
+            self.calls += self.engine.warmup(self.scheduler.max_batch_images, self.scheduler.max_batch_pixels)
         except Exception as exc:  # noqa: BLE001 - reported on /ready and to waiting jobs
             log.exception("worker failed to load models worker=%s", self.name)
             self.load_error = f"{type(exc).__name__}: {exc}"
@@ -120,7 +129,8 @@ class Worker:
         log.info("worker ready worker=%s", self.name)
         while not self._stop.is_set():
             batch = self.source.take_batch(
-                self.scheduler.max_batch_images, self.scheduler.batch_window_ms / 1000
+                self.scheduler.max_batch_images, self.scheduler.batch_window_ms / 1000,
+                max_pixels=self.scheduler.max_batch_pixels
             )
             if batch:
                 self.run_batch(batch)

@@ -36,7 +36,8 @@ def _report(pairs: list[tuple[Worker, RedisSource]]) -> tuple[bool, bool, dict[s
         state = ("failed: " + str(worker.load_error) if worker.failed else
                  "ready" if worker.ready.is_set() else "loading")
         states[worker.name] = {"state": state, "consumer": source.consumer, "redis": redis_ok,
-                               "pipeline_calls": worker.calls, "reclaimed": source.reclaimed}
+                               "pipeline_calls": worker.calls, "reclaimed": source.reclaimed,
+                               "compile": worker.compile_report()}
         alive = alive and (thread_alive or not worker.ready.is_set()) and not worker.failed
         ready = ready and worker.ready.is_set() and thread_alive and redis_ok
     return alive, ready, states

@@ -40,9 +40,12 @@ class StandInEngine:
             raise self.load_error
         self.loaded = True
 
-    def warmup(self) -> int:
+    def warmup(self, max_batch_images: int = 1, max_batch_pixels: int | None = None) -> int:
         self.warmed = True
         return 0  # no pipeline calls
+
+    def compile_report(self) -> dict[str, object]:
+        return {"graphs": 0, "recompiles_after_ready": 0, "stance": "default"}  # nothing compiles here
 
     def generate(self, batch: Sequence[GenerationParams]) -> Generation:
         """No stage timer: the worker reports only safety and encoding for these calls."""
