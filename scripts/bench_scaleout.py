@@ -38,6 +38,7 @@ from bench_serving import (  # noqa: E402
     mean_batch,
     percentile,
     resolve_common_args,
+    server_config,
 )
 
 from server.config import Settings  # noqa: E402
@@ -56,17 +57,7 @@ class Processes:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs: list[subprocess.Popen[bytes]] = []
-        config: dict[str, Any] = {
-            "models_dir": str(settings.models_dir),
-            "models": [args.model],
-            "server": {"default_response_format": "base64", "log_level": "WARNING"},
-            "storage": {"directory": str(workdir / "images")},
-            "engine": {"devices": ["cpu"], "cache_dir": str(settings.engine.cache_dir),
-                       "cpu_threads": settings.engine.cpu_threads},
-            "scheduler": settings.scheduler.model_dump(),
-            "limits": settings.limits.model_dump(),
-            "queue": {"max_jobs": 1024},
-        }
+        config: dict[str, Any] = {**server_config(args, settings, workdir), "queue": {"max_jobs": 1024}}
         if backend == "redis":
             self.redis_port = free_port()
             config["queue"].update(backend="redis", redis_url=f"redis://127.0.0.1:{self.redis_port}/0")

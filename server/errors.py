@@ -98,6 +98,13 @@ class InternalError(DarkroomError):
     code = "internal_error"
 
 
+class TooLargeForDevice(InvalidRequest):
+    """A request that does not fit in its device's memory even alone (after the batch was split): a 400, so
+    the SDKs do not retry it (they retry a 500 three times)."""
+
+    code = "too_large_for_device"
+
+
 class Forbidden(DarkroomError):
     status = 403
     type = "permission_error"

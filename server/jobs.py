@@ -60,6 +60,9 @@ class Job:
     state: JobState = JobState.QUEUED
     # The request's x-request-id (server/api/observe.py), for the worker's log line.
     request_id: str | None = None
+    # Times the job was started (a worker process that died with it in hand: it is started again, up to
+    # queue.max_attempts times).
+    attempts: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -75,6 +78,16 @@ class Job:
             if self.state is not JobState.QUEUED:
                 return False
             self.state = JobState.RUNNING
+            self.attempts += 1
+            return True
+
+    def requeue(self) -> bool:
+        """RUNNING → QUEUED, for a job whose worker process died before answering it; False once
+        answered."""
+        with self._lock:
+            if self.state is not JobState.RUNNING or self.future.done():
+                return False
+            self.state = JobState.QUEUED
             return True
 
     def withdraw(self, error: BaseException) -> bool:

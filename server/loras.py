@@ -165,6 +165,11 @@ class LoraStore:
         timeout = self.settings.download_timeout_s
         return 2 * timeout + min(30.0, timeout)
 
+    def on_disk(self, path: str) -> bool:
+        """Whether the LoRA at ``path`` needs no download: registered on this server, or in the disk cache
+        (a file check, no network)."""
+        return path in self.settings.registered or self.file_for(path).is_file()
+
     # -- use --------------------------------------------------------------------------------------
 
     @contextlib.contextmanager

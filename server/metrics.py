@@ -151,6 +151,14 @@ class WorkerStatus(Protocol):
     @property
     def safety_counters(self) -> SafetyCounters: ...
 
+    @property
+    def state(self) -> str:
+        """For /ready: ``ready``, ``loading``, ``not ready: why`` (e.g. restarting), ``failed: why``."""
+
+    def stats(self) -> dict[str, float]:
+        """``busy_seconds`` (time in pipeline calls) and the engine's counters (the prompt-embedding cache:
+        ``prompt_cache_hits``, ``prompt_cache_misses``, ...)."""
+
     def compile_report(self) -> dict[str, Any]:
         """torch.compile's ``graphs`` and ``recompiles_after_ready`` (server/engine/compile_stats.py)."""
 
@@ -243,6 +251,7 @@ class RuntimeCollector(Collector):
         for worker in workers:
             states.add_metric([worker.name], 1.0 if worker.ready.is_set() else 0.0)
         yield states
+        yield from _engine_stats(workers)
         yield from compile_families(workers)
         memory = GaugeMetricFamily("darkroom_device_memory_bytes", "Memory of each worker device: CUDA "
                                    "allocated/reserved/total, or the process RSS for the CPU.",
@@ -251,6 +260,37 @@ class RuntimeCollector(Collector):
         for device, kind, value in device_memory([d for d in devices if d]):
             memory.add_metric([device, kind], value)
         yield memory
+
+
+def _engine_stats(workers: Sequence[WorkerStatus]) -> Iterator[Any]:
+    """Per worker: the device's busy time, and the engine's prompt-embedding cache
+    (server/engine/prompt_cache.py)."""
+    busy = CounterMetricFamily(
+        "darkroom_device_busy_seconds", "Seconds a worker's device thread spent in pipeline calls (rate: the "
+        "fraction of time the device works; a worker process that restarts starts again from 0).",
+        labels=["worker"])
+    lookups = CounterMetricFamily(
+        "darkroom_prompt_cache_lookups", "Prompt-embedding cache lookups, by result (hit: the text encoders "
+        "were skipped for that prompt).", labels=["worker", "result"])
+    size = GaugeMetricFamily("darkroom_prompt_cache_bytes", "Device memory held by the prompt-embedding "
+                             "cache.", labels=["worker"])
+    ratio = GaugeMetricFamily("darkroom_prompt_cache_hit_ratio", "Hits / lookups of the prompt-embedding "
+                              "cache since start (0 before any lookup).", labels=["worker"])
+    for worker in workers:
+        try:
+            stats = worker.stats()
+        except Exception:  # noqa: BLE001 - a worker process going away: its family stays empty
+            continue
+        busy.add_metric([worker.name], float(stats.get("busy_seconds", 0.0)))
+        hits, misses = stats.get("prompt_cache_hits", 0.0), stats.get("prompt_cache_misses", 0.0)
+        lookups.add_metric([worker.name, "hit"], float(hits))
+        lookups.add_metric([worker.name, "miss"], float(misses))
+        size.add_metric([worker.name], float(stats.get("prompt_cache_bytes", 0.0)))
+        ratio.add_metric([worker.name], float(hits) / (hits + misses) if hits + misses else 0.0)
+    yield busy
+    yield lookups
+    yield size
+    yield ratio
 
 
 def compile_families(workers: Sequence[WorkerStatus]) -> Iterator[Any]:

@@ -29,6 +29,7 @@ from PIL import Image
 
 from .support.inprocess import Engine, InProcessServer, in_process_settings
 from .support.launch import free_port, stop, wait_ready
+from .support.standin import StandInEngine, stand_in_engine
 
 REPO = Path(__file__).resolve().parents[1]
 TOGETHER1_PYTHON = REPO / ".venv-together1" / "bin" / "python"
@@ -125,13 +126,15 @@ def server(make_server: Any) -> Server:
 def make_app(tmp_path_factory: pytest.TempPathFactory,
              tiny_cache: Path) -> Iterator[Callable[..., InProcessServer]]:
     """Start apps in-process from a config dict (sections merged over the test defaults), with the real tiny
-    engine in a worker thread (``engine="tiny"``) or the stand-in engine (``engine="stand-in"``); each is
-    stopped when its test module ends."""
+    engine in a worker thread (``engine="tiny"``) or the stand-in engine (``engine="stand-in"``, made by
+    ``stand_in(device)``, e.g. ``functools.partial(stand_in_engine, poison="x")``); each is stopped when its
+    test module ends."""
     started: list[InProcessServer] = []
 
-    def _make(config: dict[str, Any] | None = None, engine: Engine = "tiny") -> InProcessServer:
+    def _make(config: dict[str, Any] | None = None, engine: Engine = "tiny",
+              stand_in: Callable[[str], StandInEngine] = stand_in_engine) -> InProcessServer:
         settings = in_process_settings(tmp_path_factory.mktemp("app"), tiny_cache, config)
-        started.append(InProcessServer(settings, engine).start())
+        started.append(InProcessServer(settings, engine, stand_in).start())
         return started[-1]
 
     yield _make

@@ -125,8 +125,8 @@ def lora_server(make_server: Any, origin: LoraOrigin, registered_file: Path) -> 
                   "cache_bytes": 50_000_000, "max_resident": 4,
                   "hub_url": f"http://localhost:{origin.port}",
                   "registered": {"house-style": str(registered_file)}},
-        # A window long enough that concurrent requests meet in the queue.
-        "scheduler": {"batch_window_ms": 300, "max_batch_images": 8},
+        # A fixed window long enough that concurrent requests meet in the queue.
+        "scheduler": {"batch_window_ms": 300, "max_batch_images": 8, "adaptive_window": False},
     })
 
 

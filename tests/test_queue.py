@@ -125,14 +125,17 @@ def assert_error(response: httpx.Response, status: int, type_: str, code: str) -
 
 @pytest.fixture(scope="module")
 def batching_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 8}})
+    # A fixed window (not the adaptive one): concurrent requests meet in it however they arrive.
+    server = make_server({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 8,
+                                                      "adaptive_window": False}})
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def capped_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 2}})
+    server = make_server({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 2,
+                                                      "adaptive_window": False}})
     yield server
     server.stop()
 

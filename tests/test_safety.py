@@ -394,7 +394,8 @@ def test_one_flagged_job_does_not_fail_its_batch(guarded: Server, make_server: A
                      .check(images)].index(True)
 
     server = make_server({"safety": {"image_checker": spec},
-                          "scheduler": {"batch_window_ms": 30000, "max_batch_images": 2}})
+                          "scheduler": {"batch_window_ms": 30000, "max_batch_images": 2,
+                                        "adaptive_window": False}})
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(post, server, prompt=PROMPT, seed=seed + i, output_format="png",
                                response_format="base64") for i in range(2)]

@@ -9,16 +9,15 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .. import metrics
 from ..errors import DarkroomError, InvalidRequest, PayloadTooLarge, QueueFull, ServiceUnavailable
 from ..jobs import ClientGone, Job, JobResult
 from ..lora_format import LOADERS
-from ..loras import LoraStore
 from ..params import GenerationParams
-from ..queue.submit import run_job
+from ..queue.submit import await_job
 from ..registry import ModelManifest
 from .auth import check_api_key
 from .conditioning import KontextSizing, attach_images
@@ -55,51 +54,73 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         raise InvalidRequest(f"the request body is not valid JSON: {str(exc)[:200]}") from None
 
 
-async def create_image(request: Request) -> JSONResponse:
+async def create_image(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    req = parse_request(await read_json(request, settings.server.max_body_bytes))
-    manifest = runtime.registry.get(req.model)
-    key = authorize_model(request, manifest)  # 403 for a model this API key may not use
-    params = resolve_params(req, manifest, settings.limits, settings.loras)
-    charged = await charge(request, key, params.n)  # the key's requests/images per minute: 429 when over
-    kind = response_kind(req, settings.server.default_response_format)
+    started = time.perf_counter()
     job: Job | None = None
+    # Until its job is queued (or refused), a request is "arriving": a batch being filled waits for it.
+    with runtime.arriving():
+        req = parse_request(await read_json(request, settings.server.max_body_bytes))
+        manifest = runtime.registry.get(req.model)
+        key = authorize_model(request, manifest)  # 403 for a model this API key may not use
+        params = resolve_params(req, manifest, settings.limits, settings.loras)
+        parsed = time.perf_counter()
+        charged = await charge(request, key, params.n)  # the key's requests/images per minute: 429 when over
+        kind = response_kind(req, settings.server.default_response_format)
+        try:
+            params = await _prepare(request, runtime, req, manifest, key, params)
+            job = Job.create(params, settings.server.request_timeout_s)
+            job.request_id = request_id(request)
+            await runtime.queue.admit(job)
+        except DarkroomError:
+            # Only admitted work counts against the key: not a request refused before its job was queued,
+            # nor one the queue refused (full) or could not serve (503).
+            await charged.refund()
+            raise
+        admitted = time.perf_counter()
     try:
-        params = await _prepare(request, runtime, req, manifest, key, params)
-        job = Job.create(params, settings.server.request_timeout_s)
-        job.request_id = request_id(request)
-        result = await run_job(runtime.queue, job, request.is_disconnected)
+        result = await await_job(runtime.queue, job, request.is_disconnected)
     except ClientGone:
         # Nobody is listening; 499 is what proxies log for it.
         return JSONResponse({}, status_code=499)
     except DarkroomError as exc:
-        # Only admitted work counts against the key: not a request refused before its job was queued, nor
-        # one the queue refused (full) or could not serve (503).
-        if job is None or isinstance(exc, QueueFull) or exc.status == 503:
+        if isinstance(exc, QueueFull) or exc.status == 503:
             await charged.refund()
         raise
-    storage_started = time.monotonic()
-    data = await run_in_threadpool(_data_items, runtime, request, result, kind)
-    stages = dict(result.stages)
-    if kind == "url":
-        stages["storage"] = time.monotonic() - storage_started
-        metrics.STAGE_SECONDS.labels(stage="storage", model=manifest.id).observe(stages["storage"])
-    return JSONResponse({
+    answered = time.perf_counter()
+    head = {
         "id": job.id,
         "model": manifest.id,
         "object": "list",
         "created": job.created_unix,
-        "data": data,
         "timings": {
             "queue_s": round(result.queue_s, 4),
             "inference_s": round(result.inference_s, 4),
             "encode_s": round(result.encode_s, 4),
         },
-        # Seconds per stage: text_encode, denoise, vae_decode, safety (of the batch), image_encode, storage.
-        "stages": {f"{stage}_s": round(seconds, 4) for stage, seconds in stages.items()},
         "batch": {"id": result.batch_id, "jobs": result.batch_jobs, "images": result.batch_images},
-    })
+    }
+    stages = dict(result.stages)
+    if kind == "url":
+        storage_started = time.monotonic()
+        items = await run_in_threadpool(_url_items, runtime, request, result)
+        stages["storage"] = time.monotonic() - storage_started
+        metrics.STAGE_SECONDS.labels(stage="storage", model=manifest.id).observe(stages["storage"])
+        head["stages"] = _stages(stages)
+        body, b64_s, json_s = render_body(head, items, []), 0.0, 0.0
+    else:
+        head["stages"] = _stages(stages)
+        # Base64 and the body of a large answer are made off the event loop, so other requests go on.
+        if sum(len(image.data) for image in result.images) > INLINE_BASE64_BYTES:
+            body, b64_s, json_s = await run_in_threadpool(_b64_body, head, result)
+        else:
+            body, b64_s, json_s = _b64_body(head, result)
+    timing = {"parse": parsed - started, "admit": admitted - parsed, "queue": result.queue_s,
+              "inference": result.inference_s, "safety": result.stages.get("safety", 0.0),
+              "encode": result.encode_s, "wait": answered - admitted,
+              "b64": b64_s, "json": json_s, "total": time.perf_counter() - started}
+    return Response(body, media_type="application/json", headers={"server-timing": server_timing(timing)})
 
 
 async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manifest: ModelManifest,
@@ -132,31 +153,66 @@ async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manife
     # convert them (the worker fetches any it lacks).
     store, loader = runtime.lora_store, LOADERS.get(manifest.family)
     if params.loras and settings.loras.prefetch and store is not None:
-        if any(_downloads(store, ref.path) for ref in params.loras):
+        if not all(store.on_disk(ref.path) for ref in params.loras):
             await lanes.downloads.run(store.prefetch, params.loras, loader, lane_key=bucket)
         else:  # all on this disk already: a few file checks, no download slot (nor the key's) taken
             await run_in_threadpool(store.prefetch, params.loras, loader)
     return params
 
 
-def _downloads(store: LoraStore, path: str) -> bool:
-    """Whether fetching the LoRA at ``path`` means a download (it is neither registered nor cached yet)."""
-    return path not in store.settings.registered and not store.file_for(path).is_file()
+# Answers with at most this many image bytes are base64-encoded on the event loop (well under a millisecond).
+INLINE_BASE64_BYTES = 256 * 1024
 
 
-def _data_items(runtime: Runtime, request: Request, result: JobResult, kind: str) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
+def _stages(stages: dict[str, float]) -> dict[str, float]:
+    # Seconds per stage: text_encode, denoise, vae_decode, safety (of the batch), image_encode, storage.
+    return {f"{stage}_s": round(seconds, 4) for stage, seconds in stages.items()}
+
+
+def _url_items(runtime: Runtime, request: Request, result: JobResult) -> list[dict[str, Any]]:
     base = public_base(request.scope, runtime.settings.server)
     now = time.time()
+    items: list[dict[str, Any]] = []
     for index, image in enumerate(result.images):
-        item: dict[str, Any] = {"index": index, "type": kind, "seed": image.seed}
-        if kind == "url":
-            key = runtime.storage.put(image.data, image.format)
-            item["url"] = runtime.storage.url(key, base, now)
-        else:
-            item["b64_json"] = base64.b64encode(image.data).decode("ascii")
-        items.append(item)
+        key = runtime.storage.put(image.data, image.format)
+        items.append({"index": index, "type": "url", "seed": image.seed,
+                      "url": runtime.storage.url(key, base, now)})
     return items
+
+
+def _b64_body(head: dict[str, Any], result: JobResult) -> tuple[bytes, float, float]:
+    """The body with every image as ``b64_json``; (body, base64 seconds, rendering seconds)."""
+    started = time.perf_counter()
+    encoded = [base64.b64encode(image.data) for image in result.images]
+    b64_done = time.perf_counter()
+    items = [{"index": index, "type": "b64_json", "seed": image.seed}
+             for index, image in enumerate(result.images)]
+    body = render_body(head, items, encoded)
+    return body, b64_done - started, time.perf_counter() - b64_done
+
+
+def render_body(head: dict[str, Any], items: list[dict[str, Any]], b64: list[bytes]) -> bytes:
+    """``{**head, "data": items}`` as JSON bytes, with ``b64[i]`` as item i's ``b64_json`` (when given).
+
+    One encoding pass: the small fields go through ``json.dumps``; the base64 text (ASCII, nothing to escape)
+    is placed in the body as it is, never scanned, decoded to ``str`` or copied but once, into the body.
+    """
+    parts = [json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1].encode(), b',"data":[']
+    for index, item in enumerate(items):
+        if index:
+            parts.append(b",")
+        item_json = json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode()
+        if index < len(b64):
+            parts += [item_json[:-1], b',"b64_json":"', b64[index], b'"}']
+        else:
+            parts.append(item_json)
+    parts.append(b"]}")
+    return b"".join(parts)
+
+
+def server_timing(seconds: dict[str, float]) -> str:
+    """The W3C ``Server-Timing`` header: each stage's milliseconds (benchmarks split the overhead with it)."""
+    return ", ".join(f"{name};dur={value * 1000:.2f}" for name, value in seconds.items())
 
 
 for _path in PATHS:

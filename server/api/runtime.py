@@ -8,6 +8,7 @@ imports neither the worker nor the engine (nor torch). Workers are known only th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -43,7 +44,8 @@ class WorkerHandle(WorkerStatus, Protocol):
         """Finish the batch in hand, then stop taking jobs."""
 
     def join(self, timeout_s: float | None = None) -> None:
-        """Wait for the worker's thread: it returns early only when loading failed, or on stop."""
+        """Wait for the worker: it returns early only when it failed for good (loading, or its device in
+        a server without worker processes), or on stop."""
 
 
 # (settings, registry, the API's queue, the process's LoRA store) -> this process's workers.
@@ -98,7 +100,8 @@ class Runtime:
 
             queue = RedisQueue(settings.queue)
         else:
-            queue = MemoryQueue(settings.queue.max_jobs, settings.queue.retry_after_s)
+            queue = MemoryQueue(settings.queue.max_jobs, settings.queue.retry_after_s,
+                                settings.scheduler.adaptive_window)
         runtime = cls(settings, registry, queue, open_storage(settings.storage))
         if workers is not None:
             assert runtime.lora_store is not None
@@ -120,7 +123,7 @@ class Runtime:
         for worker in self.workers:
             worker.join()  # returns early only when loading failed or on stop
         if self.workers and all(w.failed for w in self.workers):
-            fail_waiting(self.queue, "; ".join(w.load_error or "" for w in self.workers))
+            fail_waiting(self.queue, "; ".join(w.state for w in self.workers))
 
     def stop(self) -> None:
         self.queue.close()
@@ -140,6 +143,11 @@ class Runtime:
         await self.queue.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
+
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        """Around a request's handling until its job is queued: the in-process queue's adaptive batch window
+        waits for it (server/queue/batching.py); nothing on Redis."""
+        return self.queue.arriving() if isinstance(self.queue, MemoryQueue) else contextlib.nullcontext()
 
     @property
     def guard(self) -> PromptGuard:
@@ -167,10 +175,7 @@ class Runtime:
         return compile_summary(self.workers)
 
     def readiness(self) -> tuple[bool, dict[str, str]]:
-        states = {
-            w.name: ("ready" if w.ready.is_set() else f"failed: {w.load_error}" if w.failed else "loading")
-            for w in self.workers
-        }
+        states = {w.name: w.state for w in self.workers}
         ready = all(w.ready.is_set() for w in self.workers) and self.guard.loaded.is_set()
         queue_status = self.queue.status()
         if queue_status is not None:  # Redis: not ready while it is unreachable

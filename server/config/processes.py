@@ -96,7 +96,9 @@ class QueueSettings(BaseModel):
     visibility_timeout_s: float = 30.0
     # Starts per job (the first run plus re-runs after its worker died); then it fails with a 500.
     max_attempts: int = 2
-    # An API pod stops waiting for a started job this long after its start deadline (all workers gone).
+    # The run deadline, the same on both backends: a pipeline call running longer is answered 504 and its
+    # worker marked not ready (server/worker/loop.py); an API pod on Redis also stops waiting for a started
+    # job this long after its start deadline (all workers gone). 0: no deadline in the worker.
     max_run_s: float = 600.0
     # Longest an API request waits on Redis (enqueue, withdrawal, the rate limiter); then 503 + retry-after.
     redis_timeout_s: float = 2.0
@@ -110,6 +112,7 @@ class QueueSettings(BaseModel):
                              "queue.redis_timeout_s > 0")
         return self
 
+
 class SchedulerSettings(BaseModel):
     # How long the worker waits for compatible jobs to fill a batch; a lone job never waits longer.
     batch_window_ms: float = 5.0
@@ -119,6 +122,11 @@ class SchedulerSettings(BaseModel):
     # VAE's work per call. A lone request always runs whole (its n is bounded by the model's max_n).
     # null: no pixel cap.
     max_batch_pixels: int | None = Field(default=8 * 1024 * 1024, ge=64 * 64)
+    # In-process queue: wait the window only while another job is expected (a request is being received, or
+    # recent arrivals came in bursts), so a lone request on a quiet server starts at once
+    # (server/queue/batching.py). false: always wait the full window.
+    adaptive_window: bool = True
+
 
 class S3Settings(BaseModel):
     """S3-compatible object storage (AWS S3, MinIO, R2, GCS interop). Credentials are never here: boto3's
@@ -160,7 +168,8 @@ class StorageSettings(BaseModel):
         return self
 
 class WorkerSettings(BaseModel):
-    """`darkroom worker`: a process taking jobs from Redis for the GPUs in engine.devices."""
+    """The device workers (server/worker/): how each runs beside its device, in `darkroom serve` and in
+    `darkroom worker` (a process taking jobs from Redis for the GPUs in engine.devices)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -171,6 +180,22 @@ class WorkerSettings(BaseModel):
     health_port: int = 0
     # On SIGTERM: how long to wait for the batch in hand before exiting anyway.
     shutdown_timeout_s: float = 60.0
+    # -- beside the device loop (server/worker/post.py, server/worker/prefetch.py) --
+    # Threads encoding finished images (and running the image safety screen's coordinator) per worker.
+    post_threads: int = Field(default=2, ge=1)
+    # Pipeline calls whose images may wait for encoding; when full the device waits, so memory stays flat.
+    handoff_batches: int = Field(default=2, ge=1)
+    # Threads downloading the LoRA files of batches that lack them, while the device runs other batches.
+    prefetch_threads: int = Field(default=2, ge=1)
+    # -- `darkroom serve` on several devices (server/worker/children.py) --
+    # auto: one worker process per device when there are two or more devices, a thread for one device;
+    # always: a worker process even for one device (a sticky CUDA error then restarts just that process);
+    # never: worker threads in the server process (one GIL and one dynamo for every device: not for GPUs).
+    processes: Literal["auto", "always", "never"] = "auto"
+    # A worker process that died is started again after this many seconds, doubling up to the maximum
+    # while it keeps dying before it is ready.
+    restart_backoff_s: float = Field(default=1.0, gt=0)
+    max_restart_backoff_s: float = Field(default=30.0, gt=0)
 
 class EngineSettings(BaseModel):
     # "auto": every CUDA device, else the CPU. One worker runs per device.
@@ -181,6 +206,9 @@ class EngineSettings(BaseModel):
     # false: `darkroom serve`/`worker` refuse to start a model whose Hub weights are not in the local Hub
     # cache (fetch them with `darkroom pull MODEL`); true: from_pretrained downloads them while loading.
     allow_downloads: bool = False
+    # The prompt-embedding cache of each engine (server/engine/prompt_cache.py): bytes of device memory for
+    # the text encoders' outputs of recent prompts, so a repeated prompt skips them; 0 turns it off.
+    prompt_cache_bytes: int = Field(default=256 * 2**20, ge=0)
     # Compiled kernels (inductor's FX graph cache) of models with engine.compile, kept across restarts so
     # a restart loads kernels instead of compiling; None: <cache_dir>/inductor. Put it on a writable volume
     # when cache_dir is a read-only weights volume. A model's compile.cache_dir overrides it.

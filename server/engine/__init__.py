@@ -3,6 +3,7 @@
 - pipelines.py: ``Engine``, the pipelines of one device and the batched call (``Generation``: images and
   stage timings, timing.py); conditioning inputs (img2img, Kontext, Redux) are applied here;
 - adapters.py: per-request LoRAs as resident diffusers adapters or hotswap slots;
+- prompt_cache.py: the text encoders' outputs of recent prompts, so a repeated prompt skips them;
 - safety.py: the image checkers (per batch) and the prompt classifier model (loaded by the API's prompt
   stage);
 - optimize.py: the manifest's ``engine:`` options (attention backend, fused QKV, fp8, torch.compile, warm-up);

@@ -84,15 +84,19 @@ class FluxRunner(FamilyRunner):
         return self.img2img
 
     def embed(self, pipe: Any, batch: Sequence[GenerationParams], kwargs: dict[str, Any]) -> None:
-        """Replace the prompts by their embeddings with each request's Redux image tokens appended."""
+        """Replace the prompts by their embeddings (the prompt cache's when it has them) with each request's
+        Redux image tokens appended."""
         first = batch[0]
         if first.conditioning not in ("redux", "img2img+redux"):
             return
         device = pipe._execution_device
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=kwargs.pop("prompt"), prompt_2=None, device=device,
-            max_sequence_length=first.max_sequence_length,
-        )
+        if "prompt_embeds" in kwargs:  # from the engine's prompt cache (server/engine/prompt_cache.py)
+            prompt_embeds, pooled = kwargs.pop("prompt_embeds"), kwargs.pop("pooled_prompt_embeds")
+        else:
+            prompt_embeds, pooled, _ = pipe.encode_prompt(
+                prompt=kwargs.pop("prompt"), prompt_2=None, device=device,
+                max_sequence_length=first.max_sequence_length,
+            )
         # One SigLIP call for every reference in the batch; each request's tokens, in order, follow
         # its prompt tokens (several references: their tokens one after another).
         refs = [r.to_pil() for p in batch for r in p.references]

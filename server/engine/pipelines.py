@@ -9,6 +9,7 @@ model families (pipeline class, conditioning inputs, negative prompts) is each f
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -28,28 +29,39 @@ from .adapters import LoraManager
 from .compile_stats import RECOMPILE_REFUSED, CompileCounter
 from .families import load_runner
 from .loading import LOAD_LOCK
+from .prompt_cache import PromptCache
 from .runner import FamilyRunner, SharedModels, per_image
 from .safety import ImageChecker, load_image_checkers, screen_batch
 from .timing import Generation, stage_timer
 
 log = logging.getLogger(__name__)
 
+# The families whose pipelines encode prompts with FLUX.1's CLIP-L + T5 ``encode_prompt`` and take
+# ``prompt_embeds`` / ``pooled_prompt_embeds``: the prompt-embedding cache serves them.
+PROMPT_CACHE_FAMILIES = ("flux", "flux-kontext", "flux-control")
+
+
 def resolve_devices(requested: Sequence[str]) -> list[str]:
-    """Expand ``auto`` into every CUDA device, or the CPU when there is none."""
-    devices: list[str] = []
+    """Expand ``auto`` into every CUDA device, or the CPU when there is none. A GPU named twice gets one
+    worker; ``cpu`` named N times gets N workers (e.g. ``[cpu, cpu]``: two worker processes on one host)."""
+    out: list[str] = []
     for name in requested:
         if name == "auto":
-            if torch.cuda.is_available():
-                devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-            else:
-                devices.append("cpu")
+            expanded = ([f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available()
+                        else ["cpu"])
         else:
-            devices.append(name)
-    return list(dict.fromkeys(devices))
+            expanded = [name]
+        for device in expanded:
+            if device in out and (device != "cpu" or name == "auto"):
+                continue
+            out.append(device)
+    return out
 
 
 class Engine:
-    """The pipelines of one device. Called from that device's worker thread only."""
+    """The pipelines of one device. ``generate`` is called from that device's worker thread only; ``screen``
+    from its post-processing thread (server/worker/post.py; the checkers are models of their own); the
+    LoRA file methods from its prefetch pool (server/worker/prefetch.py)."""
 
     def __init__(self, registry: Registry, settings: EngineSettings, device: str,
                  safety: SafetySettings | None = None, loras: LoraStore | None = None) -> None:
@@ -68,6 +80,8 @@ class Engine:
 
             loras = LoraStore(LoraSettings(), FetchSettings(), settings.cache_dir)
         self.loras = LoraManager(loras)
+        # Repeated prompts skip the text encoders (server/engine/prompt_cache.py).
+        self.prompts = PromptCache(settings.prompt_cache_bytes)
         # Graphs torch.compile built, and those built after warm-up (exported on /ready and /metrics).
         self.compile_counter = CompileCounter()
 
@@ -160,6 +174,8 @@ class Engine:
             tiling = placement.vae_tiling(pipe, first.width, first.height,
                                           self.registry.get(first.model).engine.vae_tiling_pixels)
             with tiling, stage_timer(pipe, self.device) as stage_times:
+                # After the LoRAs are active: a LoRA's text-encoder weights are part of the embeddings.
+                self._embed_prompts(pipe, first, kwargs)
                 runner.embed(pipe, batch, kwargs)
                 try:
                     images = pipe(
@@ -187,6 +203,42 @@ class Engine:
             out.append(images[start : start + params.n])
             start += params.n
         return Generation(out, stage_times.as_dict())
+
+    def _embed_prompts(self, pipe: Any, first: GenerationParams, kwargs: dict[str, Any]) -> None:
+        """Replace the prompts (and negative prompts) in ``kwargs`` by their embeddings, from the prompt cache
+        where it has them; nothing changes with the cache off (``engine.prompt_cache_bytes: 0``) or for a
+        family with other text encoders (FLUX.2)."""
+        if not self.prompts.enabled or self.registry.get(first.model).family not in PROMPT_CACHE_FAMILIES:
+            return
+        device = pipe._execution_device
+        fields = [("prompt", "prompt_embeds", "pooled_prompt_embeds")]
+        # With Redux the prompt embeddings gain image tokens, and diffusers refuses negative embeddings of
+        # another shape: negative prompts then stay strings, encoded by the pipeline.
+        if "redux" not in first.conditioning:
+            fields.append(("negative_prompt", "negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+        for field, embeds, pooled in fields:
+            if field in kwargs:
+                kwargs[embeds], kwargs[pooled] = self.prompts.embeddings(
+                    pipe, first.model, kwargs.pop(field), first.max_sequence_length, first.loras, device)
+
+    # -- what the worker's stages need beside generate (server/worker/loop.py DeviceEngine) ------------
+
+    def loras_ready(self, params: GenerationParams) -> bool:
+        """Whether every LoRA file of ``params`` is on this machine: registered, or in the disk cache."""
+        return all(self.loras.store.on_disk(ref.path) for ref in params.loras)
+
+    def fetch_loras(self, params: GenerationParams) -> None:
+        """Download the LoRA files of ``params`` into the disk cache (the worker's prefetch pool)."""
+        self.loras.store.prefetch(params.loras)
+
+    def free_memory(self) -> None:
+        """After an out-of-memory error: drop garbage and the CUDA caching allocator's free blocks."""
+        gc.collect()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+    def stats(self) -> dict[str, float]:
+        return self.prompts.stats()
 
     def screen(
         self, batch: Sequence[GenerationParams], outputs: Sequence[Sequence[Image.Image]]

@@ -7,17 +7,47 @@ pixels (``scheduler.max_batch_pixels``: the images times their width x height; c
 size, so it caps images at that size). Jobs it passes over keep their place in line. A lone job never waits
 longer than the window, and always runs whole, even past a cap (its ``n`` is bounded by the model's
 ``max_n``).
+
+On the in-process queue the window is adaptive (``scheduler.adaptive_window``): it is waited only while
+another job may well join, that is while the API is receiving a request (``Arrivals.arriving``) or recent
+traffic is bursty (at least a quarter of the gaps between the arrivals of the last second were within one
+window). So a lone request on a quiet server starts at once instead of paying the window, and bursts still
+batch.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, MutableSequence
 from typing import TypeVar
 
 from ..jobs import Job
 
 J = TypeVar("J", bound=Job)
+
+# The share of recent arrival gaps within one window above which more arrivals are expected.
+BURSTY = 0.25
+
+
+class Arrivals:
+    """What a queue knows of jobs to come. Not thread-safe: used under its queue's lock."""
+
+    def __init__(self) -> None:
+        self.arriving = 0  # requests the API is receiving and validating now (not yet queued)
+        self._times: deque[float] = deque(maxlen=32)
+
+    def record(self, now: float) -> None:
+        self._times.append(now)
+
+    def expect_more(self, window_s: float, now: float) -> bool:
+        """Whether waiting ``window_s`` for another job is worth it."""
+        if self.arriving > 0:
+            return True
+        horizon = max(1.0, 100 * window_s)
+        recent = [t for t in self._times if now - t <= horizon]
+        gaps = [later - earlier for earlier, later in zip(recent, recent[1:])]
+        return bool(gaps) and sum(gap <= window_s for gap in gaps) >= BURSTY * len(gaps)
 
 
 def fill_batch(
@@ -28,12 +58,15 @@ def fill_batch(
     more: Callable[[int, float], None],
     stopped: Callable[[], bool],
     max_pixels: int | None = None,
+    expect_more: Callable[[], bool] | None = None,
 ) -> list[Job]:
     """``first`` plus the compatible jobs of ``pending`` (taken out of it, oldest first), within the window.
 
     ``more(room, remaining_s)`` waits up to ``remaining_s`` seconds for jobs to arrive in ``pending`` (room:
     images the batch can still take); ``stopped()`` ends the wait early (the queue is closing).
     ``max_pixels``: the most pixels (images x width x height) a batch may hold; None: no cap.
+    ``expect_more()`` (the adaptive window, ``Arrivals.expect_more``), when given, ends the wait as soon as
+    no other job is expected.
     """
     if max_pixels is not None:
         max_images = min(max_images, max(1, max_pixels // (first.params.width * first.params.height)))
@@ -50,5 +83,7 @@ def fill_batch(
                 images += job.params.n
         remaining = until - time.monotonic()
         if images >= max_images or remaining <= 0 or stopped():
+            return batch
+        if expect_more is not None and not expect_more():
             return batch
         more(max_images - images, remaining)

@@ -6,23 +6,51 @@ One object is both a ``JobQueue`` and the ``BatchSource`` of every worker of the
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 
 from ..errors import QueueFull
 from ..jobs import Job
-from .batching import fill_batch
+from .batching import Arrivals, fill_batch
 
 
 class MemoryQueue:
-    """Thread-safe; the API's handlers put and withdraw, the workers' threads take batches."""
+    """Thread-safe; the API's handlers put and withdraw, the workers' threads take batches.
 
-    def __init__(self, max_jobs: int, retry_after_s: int = 1) -> None:
+    ``adaptive_window``: wait the batch window only while another job is expected (server/queue/batching.py).
+    """
+
+    def __init__(self, max_jobs: int, retry_after_s: int = 1, adaptive_window: bool = True) -> None:
         self.max_jobs = max_jobs
         self.retry_after_s = retry_after_s
+        self.adaptive_window = adaptive_window
         self._jobs: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._arrivals = Arrivals()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around the API's handling of a request until its job is queued (or refused): a batch being filled
+        waits for it (within the window) instead of starting without it."""
+        with self._cond:
+            self._arrivals.arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arrivals.arriving -= 1
+                self._cond.notify_all()
+
+    def requeue(self, jobs: Iterable[Job]) -> None:
+        """Put started-then-returned jobs back at the head of the line, in order (a worker process died with
+        them, server/worker/children.py); not counted against ``max_jobs``."""
+        with self._cond:
+            self._jobs.extendleft(reversed(list(jobs)))
+            self._cond.notify_all()
 
     # the JobQueue protocol
 
@@ -41,6 +69,7 @@ class MemoryQueue:
                     headers={"retry-after": str(self.retry_after_s), "x-should-retry": "true"},
                 )
             self._jobs.append(job)
+            self._arrivals.record(time.monotonic())
             self._cond.notify_all()
 
     async def reserve_withdrawal(self, job: Job) -> bool:
@@ -90,6 +119,8 @@ class MemoryQueue:
             if not self._jobs:
                 return []
             first = self._jobs.popleft()
+            expect_more = ((lambda: self._arrivals.expect_more(window_s, time.monotonic()))
+                           if self.adaptive_window else None)
             return fill_batch(first, self._jobs, max_images, window_s,
                               lambda _room, remaining: self._cond.wait(remaining), lambda: self._closed,
-                              max_pixels)
+                              max_pixels, expect_more)

@@ -1,5 +1,5 @@
-"""The API's use of any ``JobQueue``: submit a job and await it, withdraw it, and answer every waiting job
-when no worker is left to run them."""
+"""The API's use of any ``JobQueue``: await a job it admitted, withdraw it, and answer every waiting job when
+no worker is left to run them."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from ..jobs import ClientGone, Job, JobResult, JobState
 from .protocol import JobQueue
 
 
-async def run_job(
+async def await_job(
     queue: JobQueue,
     job: Job,
     is_disconnected: Callable[[], Awaitable[bool]],
     poll_s: float = 0.25,
 ) -> JobResult:
-    """Enqueue a job and wait for it, withdrawing it if its deadline passes or the client leaves first.
+    """Wait for a job the caller has admitted (``await queue.admit(job)``: ``QueueFull``, 503), withdrawing
+    it if its deadline passes or the client leaves before it starts.
 
-    Raises ``QueueFull`` (admission), ``DeadlineExceeded``, ``ClientGone`` or the job's own error.
+    Raises ``DeadlineExceeded``, ``ClientGone`` or the job's own error.
     """
-    await queue.admit(job)
     waiter = asyncio.wrap_future(job.future)
     try:
         while True:

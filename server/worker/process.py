@@ -3,7 +3,9 @@
 One ``Worker`` thread per device (server/worker/loop.py, the same batching, safety screen and encoding as in
 ``darkroom serve``; wired in server/worker/wiring.py), each reading through its own consumer in the Redis
 group. On SIGTERM (or SIGINT) a worker finishes the batch in hand, answers and acknowledges it, returns jobs
-it read but did not start to the queue, and exits 0. A small HTTP listener (``worker.health_port``) answers
+it read but did not start to the queue, and exits 0. On a sticky device error (an illegal address, ECC) it
+exits 3, leaving that batch's jobs pending for another run, so the pod restarts with a fresh CUDA context
+(Kubernetes runs one pod per GPU). A small HTTP listener (``worker.health_port``) answers
 ``/health`` (the process and its worker threads are alive) and ``/ready`` (models loaded, Redis reachable)
 for probes.
 """
@@ -33,8 +35,7 @@ def _report(pairs: list[tuple[Worker, RedisSource]]) -> tuple[bool, bool, dict[s
     for worker, source in pairs:
         thread_alive = worker.alive
         redis_ok = source.healthy()
-        state = ("failed: " + str(worker.load_error) if worker.failed else
-                 "ready" if worker.ready.is_set() else "loading")
+        state = worker.state
         states[worker.name] = {"state": state, "consumer": source.consumer, "redis": redis_ok,
                                "pipeline_calls": worker.calls, "reclaimed": source.reclaimed,
                                "compile": worker.compile_report()}
@@ -90,7 +91,9 @@ def run_worker(settings: Settings) -> int:
         sources.append(consumer(device))
         return sources[-1]
 
-    workers = device_workers(settings, registry, source_for)
+    # A sticky device error leaves the batch's jobs pending in the group: the process exits (below) and they
+    # are run again, by its restart or another worker, at most queue.max_attempts times.
+    workers = device_workers(settings, registry, source_for, answer_on_device_error=False)
     pairs = list(zip(workers, sources, strict=True))
     stop = threading.Event()
 
@@ -111,6 +114,11 @@ def run_worker(settings: Settings) -> int:
              settings.queue.redis_url.split("@")[-1])
     code = 0
     while not stop.wait(0.5):
+        if any(w.device_error is not None for w in workers):
+            log.error("a device failed (%s); exiting so the process restarts with a fresh device context",
+                      "; ".join(w.state for w in workers if w.device_error is not None))
+            code = 3
+            break
         if all(w.failed for w in workers):
             log.error("every worker failed to load its models; exiting")
             code = 1

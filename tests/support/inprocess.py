@@ -19,7 +19,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +29,9 @@ import httpx
 from server.api.app import create_app
 from server.api.runtime import Runtime
 from server.config import Settings
-from server.worker.wiring import serve_workers
+from server.worker.wiring import device_slots, serve_workers, uses_processes
 
-from .standin import StandInEngine
+from .standin import StandInEngine, stand_in_engine
 
 URL = "http://testserver"
 Engine = Literal["tiny", "stand-in"]
@@ -86,12 +86,18 @@ class InProcessServer:
 
     url = URL
 
-    def __init__(self, settings: Settings, engine: Engine = "tiny") -> None:
+    def __init__(self, settings: Settings, engine: Engine = "tiny",
+                 stand_in: Callable[[str], StandInEngine] = stand_in_engine) -> None:
         self.settings = settings
         self.engine = engine
         self.engines: list[StandInEngine] = []  # the stand-in engines, for assertions on their calls
+        # How each device's stand-in engine is made (in this process for worker threads; in each worker
+        # process when the workers are processes, where it must be picklable: a class or a functools.partial
+        # of one, and ``engines`` stays empty).
+        self._make_stand_in = stand_in
+        factory = stand_in if uses_processes(settings, len(device_slots(settings))) else self._stand_in
         workers = (serve_workers if engine == "tiny" else
-                   functools.partial(serve_workers, engine_for=self._stand_in))
+                   functools.partial(serve_workers, engine_for=factory))
         self.runtime = Runtime.build(settings, workers)
         self.app = create_app(settings, self.runtime)
         self._stack = contextlib.ExitStack()
@@ -100,8 +106,8 @@ class InProcessServer:
         self.client: httpx.Client
         self.http_client: httpx.Client | None
 
-    def _stand_in(self, _device: str) -> StandInEngine:
-        self.engines.append(StandInEngine())
+    def _stand_in(self, device: str) -> StandInEngine:
+        self.engines.append(self._make_stand_in(device))
         return self.engines[-1]
 
     def start(self, timeout_s: float = 90.0) -> InProcessServer:
