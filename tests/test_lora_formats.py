@@ -361,6 +361,7 @@ def test_hotswap_slots_refuse_what_they_cannot_hold(origin: FormatOrigin, tiny_c
     store = LoraStore(LoraSettings(cache_dir=tmp_path, hotswap=True, hotswap_target_rank=8),
                       FetchSettings(allow_hosts=["127.0.0.1"]), tmp_path)
     manager = LoraManager(store)
+    manager.prepare("darkroom/tiny-flux", pipe)  # the slots, as a worker makes them before any LoRA
     for name, fragment in (("kohya-clip", "has text-encoder weights"),
                            ("dora", "has DoRA magnitudes \\(lora_magnitude_vector\\), which"),
                            ("lora-bias", "has lora_B biases, which"), ("peft", None)):

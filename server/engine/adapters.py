@@ -44,11 +44,12 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
 from .. import metrics
+from ..errors import InternalError
 from ..config import LoraSettings
 from ..lora_format import FLUX1, FLUX2, Loader, read_header
 from ..safetensors_header import FormatError, check_finite, has_non_finite, non_finite_message
@@ -237,12 +238,12 @@ class LoraManager:
                 with _loading():
                     state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                  adapter_name=name)
-            except BaseException:
+            except BaseException as exc:
                 # The file passed every check: what fails now (memory, a diffusers or peft error) is the
                 # server's, answered by the worker as an internal error; the adapter state stays as it was.
                 log.exception("lora load failed model=%s path=%s", model_id, shown_path(ref.path))
                 self._drop_partial(state.pipe, name)
-                raise
+                _raise_load_failure(exc, ref.path)
         state.resident[ref.path] = name
         self.loads += 1
         log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, shown_path(ref.path), name,
@@ -275,11 +276,11 @@ class LoraManager:
                     with _loading():
                         state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                      adapter_name=self._slot(i), hotswap=True)
-                except BaseException:
+                except BaseException as exc:
                     log.exception("lora swap failed model=%s path=%s slot=%d", model_id, shown_path(ref.path),
                                   i)
                     self._reset_slot(state, i)
-                    raise
+                    _raise_load_failure(exc, ref.path)
             slots[i] = ref.path
             where[ref.path] = i
             # Hotswap set the slot's scaling to the new LoRA's alpha / rank: that is its base from now on.
@@ -465,6 +466,16 @@ class LoraManager:
         metadata = bool(header.metadata.get(LORA_ADAPTER_METADATA_KEY))
         return LoraInfo(state_dict=state_dict, load_from_file=bool(alphas) or metadata,
                         text_encoder=text_encoder, rank=rank)
+
+
+def _raise_load_failure(exc: BaseException, path: str) -> NoReturn:
+    """Re-raise what failed loading a LoRA that passed every check: the server's failure, not the file's.
+    Out of device memory becomes a 500 ``internal_error`` naming the LoRA (the worker would otherwise take it
+    for a request too large for the device, a 400 whose advice, a lower ``n``, does not help)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        raise InternalError(f"LoRA '{shown_path(path)}' could not be loaded: the device is out of memory; "
+                            "see the server log") from exc
+    raise exc
 
 
 _PART_NAMES = {"transformer": "transformer", "clip": "CLIP text-encoder"}
