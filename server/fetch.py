@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import httpx
@@ -202,13 +203,28 @@ class Fetcher:
         limit = max_bytes or self.settings.max_bytes
         if self._scheme(url, field) == "data":
             return parse_data_url(url, field, limit)
+        body = bytearray()
+        self._fetch(url, field, limit, body.extend)
+        return bytes(body)
+
+    def fetch_to(self, url: str, field: str, max_bytes: int, sink: Callable[[bytes], None]) -> int:
+        """Stream the body at an http(s) or data URL into ``sink``, chunk by chunk as it arrives, with every
+        guard applied; returns its length in bytes. Whatever ``sink`` raises ends the download and is raised
+        as it is (a sink may check what it has been given so far and refuse the rest)."""
+        if self._scheme(url, field) == "data":
+            data = parse_data_url(url, field, max_bytes)
+            sink(data)
+            return len(data)
+        return self._fetch(url, field, max_bytes, sink)
+
+    def _fetch(self, url: str, field: str, limit: int, sink: Callable[[bytes], None]) -> int:
         deadline = time.monotonic() + self.settings.timeout_s
         if not self._slots.acquire(timeout=min(self.settings.slot_wait_s, self.settings.timeout_s)):
             metrics.FETCH_FAILURES.labels(field=field, code=FetchBusy.code).inc()
             raise FetchBusy("too many image downloads in progress; retry shortly", param=field,
                             headers={"Retry-After": "1"})
         try:
-            return self._download(url, field, limit, deadline)
+            return self._download(url, field, limit, deadline, sink)
         except FetchError as exc:
             log.info("fetch refused field=%s code=%s reason=%s", field, exc.code, exc.message)
             metrics.FETCH_FAILURES.labels(field=field, code=str(exc.code)).inc()
@@ -229,7 +245,8 @@ class Fetcher:
             raise FetchError(f"'{field}' is longer than {MAX_URL_CHARS} characters", param=field)
         return scheme
 
-    def _download(self, url: str, field: str, limit: int, deadline: float) -> bytes:
+    def _download(self, url: str, field: str, limit: int, deadline: float,
+                  sink: Callable[[bytes], None]) -> int:
         current = url
         for _hop in range(self.settings.max_redirects + 1):
             try:
@@ -265,7 +282,7 @@ class Fetcher:
                         f"'{field}' could not be fetched: the origin answered HTTP {response.status_code}",
                         param=field, code="fetch_failed",
                     )
-                return self._read_body(response, field, limit, deadline)
+                return self._read_body(response, field, limit, deadline, sink)
             finally:
                 response.close()
         raise FetchError(f"'{field}' redirected more than {self.settings.max_redirects} times",
@@ -315,7 +332,8 @@ class Fetcher:
             f"'{field}' arrived too slowly ({received} bytes in {elapsed:.1f} s; at least "
             f"{self.settings.min_bytes_per_s} bytes/s are required)", param=field, code="fetch_failed")
 
-    def _read_body(self, response: httpx.Response, field: str, limit: int, deadline: float) -> bytes:
+    def _read_body(self, response: httpx.Response, field: str, limit: int, deadline: float,
+                   sink: Callable[[bytes], None]) -> int:
         encoding = response.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise FetchError(f"'{field}': the origin sent a {encoding}-encoded body; refused",
@@ -324,25 +342,26 @@ class Fetcher:
         if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
             raise FetchError(f"'{field}' is larger than {limit} bytes", param=field,
                              code="fetch_failed")
-        body = bytearray()
+        received = 0
         started = time.monotonic()
         min_rate, grace = self.settings.min_bytes_per_s, self.settings.rate_grace_s
         try:
             # As it arrives, so the deadline and the rate are checked often; a silent origin is cut by the
             # read timeout (read_timeout_s).
             for chunk in response.iter_raw():
-                body += chunk
-                if len(body) > limit:
+                received += len(chunk)
+                if received > limit:
                     raise FetchError(f"'{field}' is larger than {limit} bytes", param=field,
                                      code="fetch_failed")
                 now = time.monotonic()
                 if now > deadline:
                     raise self._timed_out(field)
-                if min_rate and now - started > grace and len(body) < min_rate * (now - started):
-                    raise self._too_slow(field, len(body), now - started)
+                if min_rate and now - started > grace and received < min_rate * (now - started):
+                    raise self._too_slow(field, received, now - started)
+                sink(chunk)
         except httpx.TimeoutException:
             raise self._timed_out(field) from None
         except httpx.HTTPError as exc:
             raise FetchError(f"'{field}' could not be fetched: {type(exc).__name__} while reading",
                              param=field, code="fetch_failed") from None
-        return bytes(body)
+        return received

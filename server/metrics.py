@@ -84,15 +84,19 @@ LORA_CACHE_MISSES = Counter(
     "darkroom_lora_cache_misses", "LoRA cache misses.", ["cache"], registry=REGISTRY)
 LORA_CACHE_EVICTIONS = Counter(
     "darkroom_lora_cache_evictions", "LoRAs evicted from a cache.", ["cache"], registry=REGISTRY)
+BATCH_LORAS = Histogram(
+    "darkroom_batch_loras", "LoRA adapters applied per pipeline call (batch); 0 for a batch without LoRAs.",
+    ["model"], buckets=(0, 1, 2, 3, 4, 6, 8), registry=REGISTRY)
 FETCH_FAILURES = Counter(
     "darkroom_fetch_failures", "Remote fetches (image_url, reference_images, LoRAs) refused or failed, by "
     "request field and error code.", ["field", "code"], registry=REGISTRY)
 
 
-def observe_batch(model: str, jobs: int, images: int, stages: dict[str, float]) -> None:
-    """One pipeline call: its size and the stages it timed (seconds)."""
+def observe_batch(model: str, jobs: int, images: int, stages: dict[str, float], loras: int = 0) -> None:
+    """One pipeline call: its size, the LoRA adapters it applied and the stages it timed (seconds)."""
     BATCH_IMAGES.labels(model=model).observe(images)
     BATCH_JOBS.labels(model=model).observe(jobs)
+    BATCH_LORAS.labels(model=model).observe(loras)
     for stage, seconds in stages.items():
         STAGE_SECONDS.labels(stage=stage, model=model).observe(seconds)
 

@@ -10,7 +10,10 @@ Tests point ``image_url`` / ``reference_images`` (and the fetcher itself) at it.
   /drip                                             sends a valid header, then one byte every 0.2 s
   /stall?s=S                                        headers and the first 40 bytes of a good PNG, then
                                                     silence for S seconds (none: until ``release()``),
-                                                    then the rest; ``stalled`` counts those in silence
+                                                    then the rest; ``stalled`` counts those in silence;
+                                                    with ``lora=1``: a small valid LoRA file's header and
+                                                    first bytes, then the silence (a LoRA download checks
+                                                    the header before it waits for the body)
   /huge /huge-declared                              more bytes than the test cap (chunked / Content-Length)
   /bomb.png                                         a tiny PNG whose header declares 50000x50000
   /truncated.jpg /not-image.png                     half a JPEG / HTML served as image/png
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import json
 import struct
 import threading
 import time
@@ -101,6 +105,17 @@ def rgba_png() -> bytes:
     image = Image.new("RGBA", (40, 40), (0, 0, 255, 0))  # fully transparent blue → white
     image.paste((255, 0, 0, 255), (0, 0, 20, 40))
     return _encode(image, "PNG")
+
+
+def lora_file() -> bytes:
+    """A valid safetensors LoRA file of zeros (one rank-4 layer of the tiny FLUX), written without torch."""
+    header = json.dumps({
+        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight":
+            {"dtype": "F32", "shape": [4, 32], "data_offsets": [0, 512]},
+        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight":
+            {"dtype": "F32", "shape": [32, 4], "data_offsets": [512, 1024]},
+    }).encode()
+    return len(header).to_bytes(8, "little") + header + bytes(1024)
 
 
 def build_files() -> dict[str, tuple[bytes, str]]:
@@ -238,12 +253,12 @@ class ImageOrigin:
                     h.wfile.flush()
                     time.sleep(0.2)
             elif path == "/stall":
-                body = self.files["/red.png"][0]
+                body = lora_file() if "lora" in query else self.files["/red.png"][0]
                 h.send_response(200)
                 h.send_header("Content-Type", "image/png")
                 h.send_header("Content-Length", str(len(body)))
                 h.end_headers()
-                h.wfile.write(body[:40])
+                h.wfile.write(body[: len(body) - 200 if "lora" in query else 40])
                 h.wfile.flush()
                 with self._lock:
                     self.stalled += 1

@@ -1,6 +1,6 @@
 """Every parser of client bytes answers 400 in the error shape, never 500 (issue 12 item 4): the reported
 inputs as regression tests, then a seeded, time-bounded fuzz run per parser (request JSON and headers, query
-parameters, data URLs, image headers). Safetensors headers are fuzzed in tests/test_loras.py.
+parameters, data URLs, image headers). Safetensors headers are fuzzed in tests/test_lora_store.py.
 """
 
 from __future__ import annotations

@@ -66,7 +66,8 @@ def test_stalled_downloads_never_delay_a_request_that_downloads_nothing(
 
     def post(i: int) -> httpx.Response:
         url = stall_origin.url(f"/stall?req={i}")
-        lora = {**PLAIN, "image_loras": [{"path": url, "scale": 0.5}]}
+        # A LoRA download checks the file's header first: the stall comes after a valid one.
+        lora = {**PLAIN, "image_loras": [{"path": url + "&lora=1", "scale": 0.5}]}
         body = lora if i % 4 else {**PLAIN, "steps": 2, "image_url": url}  # img2img needs 2 steps
         return client.post("/v1/images/generations", json=body, headers={"authorization": f"Bearer k{i}"},
                            timeout=120)

@@ -24,7 +24,8 @@ from together import Together
 from server.api.loras import resolve_loras
 from server.config import EngineSettings, FetchSettings, LimitSettings, LoraSettings, SafetySettings
 from server.errors import InvalidRequest, Unsupported
-from server.loras import LoraError, LoraStore, parse_source, pick_lora_file
+from server.lora_sources import parse_source, pick_lora_file
+from server.loras import LoraError, LoraStore
 from server.params import GenerationParams, LoraRef
 
 from .conftest import MODEL, Server, decode_image, images_of, mean_abs_diff

@@ -25,6 +25,7 @@ from ..errors import (
     UnsupportedMediaType,
 )
 from ..jobs import ClientGone, Job, JobResult
+from ..lora_format import LOADERS
 from ..params import GenerationParams
 from ..queue.submit import await_job
 from ..registry import ModelManifest
@@ -232,13 +233,14 @@ async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manife
                                  lanes, bucket, fields=inputs.names(),
                                  match_input=_matcher(req, manifest, params, settings),
                                  kontext=KontextSizing(manifest, limits, names_size(req)))
-    # LoRA files are fetched into the disk cache and checked here too (the worker fetches any it lacks).
-    store = runtime.lora_store
+    # LoRA files are fetched into the disk cache and checked here too, as the model's diffusers loader would
+    # convert them (the worker fetches any it lacks).
+    store, loader = runtime.lora_store, LOADERS.get(manifest.family)
     if params.loras and settings.loras.prefetch and store is not None:
         if not all(store.on_disk(ref.path) for ref in params.loras):
-            await lanes.downloads.run(store.prefetch, params.loras, lane_key=bucket)
+            await lanes.downloads.run(store.prefetch, params.loras, loader, lane_key=bucket)
         else:  # all on this disk already: a few file checks, no download slot (nor the key's) taken
-            await run_in_threadpool(store.prefetch, params.loras)
+            await run_in_threadpool(store.prefetch, params.loras, loader)
     return params
 
 

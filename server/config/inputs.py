@@ -97,8 +97,12 @@ class LoraSettings(BaseModel):
     max_count: int = 4
     min_scale: float = -2.0
     max_scale: float = 2.0
-    # A LoRA file larger than this is refused (checked while downloading).
+    # A LoRA file larger than this is refused (checked while downloading, from the header's sizes first).
     max_file_bytes: int = 1_000_000_000
+    # A safetensors header (tensor names, shapes, __metadata__) longer than this is refused before it is read,
+    # and one of more tensors than max_tensors while it is parsed (its parse costs about 1 KB a tensor).
+    max_header_bytes: int = 16_000_000
+    max_tensors: int = 20_000
     # Downloaded files: a disk cache keyed by the request's path, least recently used evicted first.
     cache_bytes: int = 20_000_000_000
     # None: <engine.cache_dir>/loras
@@ -145,6 +149,10 @@ class LoraSettings(BaseModel):
             raise ValueError("loras.max_resident must be at least loras.max_count")
         if self.max_file_bytes > self.cache_bytes:
             raise ValueError("loras.max_file_bytes must not exceed loras.cache_bytes")
+        if not 2 <= self.max_header_bytes <= 100_000_000:
+            raise ValueError("loras.max_header_bytes must be between 2 and 100000000 (safetensors' own cap)")
+        if self.max_tensors < 1:
+            raise ValueError("loras.max_tensors must be >= 1")
         if self.hotswap_target_rank < 1 or self.hotswap_slots < 1 or not self.hotswap_target_modules:
             raise ValueError("loras.hotswap_target_rank and loras.hotswap_slots must be >= 1, and "
                              "loras.hotswap_target_modules must name at least one layer")

@@ -24,9 +24,13 @@ alpha / rank times the request's scale (``set_adapters`` would swap those tensor
 compiled graph specialises on, and after a hotswap it would use the first LoRA's alpha and rank). The
 slots are the resident set in this mode, reused least recently used first.
 
-Before anything is loaded, a LoRA is read and checked against the model: every weight must name a layer
-of the transformer (or CLIP text encoder) with matching shapes. So a LoRA for another architecture, or
-one diffusers would "expand" the base model for, is refused with a 400 and touches nothing.
+Before anything is loaded, every tensor of the raw file is accounted for (applied, or refused by name:
+server/lora_format.py), its values are checked for NaN and infinity, and the weights diffusers converts it
+to are checked against the model: each must name a layer of the transformer (or CLIP text encoder) with
+matching shapes, and no layer of the file may be lost in the conversion. So a LoRA with parts Darkroom cannot
+apply, for another architecture, or one diffusers would "expand" the base model for, is refused with a 400
+and touches nothing. What fails after those checks (memory, a diffusers or peft error) is the server's, not
+the file's: it is raised as it is, and the worker answers it as an internal error.
 """
 
 from __future__ import annotations
@@ -39,13 +43,17 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 
 from .. import metrics
+from ..errors import InternalError
 from ..config import LoraSettings
-from ..loras import LoraError, LoraStore, shown_path
+from ..lora_format import FLUX1, FLUX2, Loader, read_header
+from ..safetensors_header import FormatError, check_finite, has_non_finite, non_finite_message
+from ..loras import LoraError, LoraStore, format_error, shown_path
 from ..params import LoraRef
 from .loading import LOAD_LOCK
 from .lora_slots import slot_cost, slot_layers
@@ -211,7 +219,7 @@ class LoraManager:
             metrics.LORA_CACHE_HITS.labels(cache="adapter").inc()
             return state.resident[ref.path]
         metrics.LORA_CACHE_MISSES.labels(cache="adapter").inc()
-        with self.store.use(ref.path) as file:
+        with self.store.use(ref.path, _loader(state.pipe)) as file:
             info = self.inspect(model_id, state.pipe, file, ref.path)
             while len(state.resident) >= self.settings.max_resident:
                 victim = next((p for p in state.resident if p not in keep), None)
@@ -230,10 +238,12 @@ class LoraManager:
                 with _loading():
                     state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                  adapter_name=name)
-            except Exception as exc:  # noqa: BLE001 - a bad file must not take the worker down
+            except BaseException as exc:
+                # The file passed every check: what fails now (memory, a diffusers or peft error) is the
+                # server's, answered by the worker as an internal error; the adapter state stays as it was.
+                log.exception("lora load failed model=%s path=%s", model_id, shown_path(ref.path))
                 self._drop_partial(state.pipe, name)
-                raise LoraError(f"LoRA '{shown_path(ref.path)}' could not be loaded into {model_id}: "
-                                f"{_summary(exc)}") from None
+                _raise_load_failure(exc, ref.path)
         state.resident[ref.path] = name
         self.loads += 1
         log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, shown_path(ref.path), name,
@@ -258,7 +268,7 @@ class LoraManager:
             metrics.LORA_CACHE_MISSES.labels(cache="adapter").inc()
             if slots[i] is not None:
                 metrics.LORA_CACHE_EVICTIONS.labels(cache="adapter").inc()
-            with self.store.use(ref.path) as file:
+            with self.store.use(ref.path, _loader(state.pipe)) as file:
                 info = self.inspect(model_id, state.pipe, file, ref.path)
                 state.active = None  # hotswap resets the slot's scale
                 started = time.perf_counter()
@@ -266,10 +276,11 @@ class LoraManager:
                     with _loading():
                         state.pipe.load_lora_weights(str(file) if info.load_from_file else info.state_dict,
                                                      adapter_name=self._slot(i), hotswap=True)
-                except Exception as exc:  # noqa: BLE001
+                except BaseException as exc:
+                    log.exception("lora swap failed model=%s path=%s slot=%d", model_id, shown_path(ref.path),
+                                  i)
                     self._reset_slot(state, i)
-                    raise LoraError(f"LoRA '{shown_path(ref.path)}' could not be swapped into {model_id}: "
-                                    f"{_summary(exc)}") from None
+                    _raise_load_failure(exc, ref.path)
             slots[i] = ref.path
             where[ref.path] = i
             # Hotswap set the slot's scaling to the new LoRA's alpha / rank: that is its base from now on.
@@ -363,44 +374,85 @@ class LoraManager:
 
     # -- checks -----------------------------------------------------------------------------------
 
-    def inspect(self, model_id: str, pipe: Any, file: Any, path: str) -> LoraInfo:
-        """Read a LoRA as diffusers converts it and check every weight against the model's layers."""
+    def inspect(self, model_id: str, pipe: Any, file: Path, path: str) -> LoraInfo:
+        """Account for every tensor of a LoRA file, then read it as diffusers converts it and check every
+        weight against the model's layers. Raises ``LoraError`` (400) for what is wrong with the file only:
+
+        1. the raw file, before any conversion: its header, and every tensor name classified as applied
+           (transformer, CLIP-L) or refused by name and count (server/lora_format.py);
+        2. its weights are finite (no NaN or infinity);
+        3. diffusers' conversion (``lora_state_dict``: kohya, ComfyUI, xlabs, ... to diffusers/peft names);
+        4. every converted weight is finite and names a layer of the transformer or CLIP text encoder with
+           matching shapes, and every LoRA layer of each part survived the conversion;
+        5. in hotswap mode, only what a slot holds (transformer LoRA matrices up to the slot rank).
+
+        Running out of memory, or failing to read this server's own copy of the file, is raised as it is:
+        the worker answers it as the internal error it is.
+        """
         label = shown_path(path)
         try:
-            state_dict, alphas, metadata = _read_lora(pipe, str(file))
-        except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes diffusers raise
+            header = read_header(Path(file), self.store.limits(any_size=True), _loader(pipe))
+        except FormatError as exc:
+            raise format_error(path, exc) from None
+        inventory = header.inventory
+        assert inventory is not None  # read_header classified every name, and nothing was refused
+        try:
+            check_finite(Path(file), header)
+        except FormatError as exc:
+            raise format_error(path, exc) from None
+        try:
+            state_dict, alphas, _ = _read_lora(pipe, str(file))
+        except _INTERNAL:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever a hostile file makes diffusers' converters raise
             raise LoraError(f"LoRA '{label}' is not in a LoRA format this server reads for {model_id} "
                             f"(kohya, xlabs, diffusers/peft, ...): {_summary(exc)}") from None
+        _check_finite(state_dict, label, " after conversion (its alphas overflow)")
         # A torch.compile'd component is a wrapper: its layers are those of the module it wraps.
         modules = {c: dict(getattr(getattr(pipe, c), "_orig_mod", getattr(pipe, c)).named_modules())
                    for c in _lora_components(pipe) if getattr(pipe, c, None) is not None}
         bad: list[str] = []
-        matched, rank, text_encoder = 0, 0, False
-        for key, tensor in state_dict.items():
+        layers: dict[str, set[str]] = {c: set() for c in _COMPONENTS}
+        rank, extras = 0, set()
+        for key, tensor in _peft_names(state_dict).items():
             why = _misfit(key, tensor, modules)
             if why:
                 bad.append(f"{key}: {why}")
                 continue
-            matched += 1
-            text_encoder = text_encoder or key.startswith("text_encoder.")
-            if ".lora_A.weight" in key:
+            match = _KEY.match(key)
+            assert match is not None  # _misfit checked it
+            layers[match["comp"]].add(match["module"])
+            if match["kind"] is None:
+                extras.add("DoRA magnitudes (lora_magnitude_vector)")
+            elif match["param"] == "bias":
+                extras.add("lora_B biases")
+            elif match["kind"] == "lora_A":
                 rank = max(rank, int(tensor.shape[0]))
-        if not matched and all(r.endswith((": no such layer", "transformer or text encoder")) for r in bad):
+        if not any(layers.values()) and all(r.endswith((": no such layer", "transformer or text encoder"))
+                                            for r in bad):
             sample = ", ".join(sorted(state_dict)[:3]) or "none"
             raise LoraError(f"LoRA '{label}' has no weights for the layers of {model_id} (its weights are "
                             f"named like {sample}): a LoRA for another architecture?")
         if bad:
             raise LoraError(f"LoRA '{label}' does not fit {model_id}: {len(bad)} of {len(state_dict)} "
                             f"weights do not match its layers (e.g. {bad[0]}): a LoRA for another model?")
+        for part, comp in (("transformer", "transformer"), ("clip", "text_encoder")):
+            named, converted = inventory.converted_layers[part], len(layers[comp])
+            if converted < named:
+                raise LoraError(f"LoRA '{label}': {named - converted} of the {named} {_PART_NAMES[part]} "
+                                f"LoRA layers it names would be lost in diffusers' conversion for {model_id} "
+                                "(one layer under two names?)")
+        text_encoder = bool(layers["text_encoder"])
         if self.hotswap(model_id):
             if text_encoder:
                 raise LoraError(f"LoRA '{label}' has text-encoder weights; this server swaps LoRAs into a "
                                 "compiled transformer and takes transformer LoRAs only")
+            if extras:
+                raise LoraError(f"LoRA '{label}' has {' and '.join(sorted(extras))}, which this server's "
+                                "hotswap slots (plain LoRA matrices) cannot hold")
             # Slotted layers hold peft wrappers; a plain layer has no slot, and hotswap would fail on it.
-            layers = modules.get("transformer", {})
-            outside = sorted({m["module"] for key in state_dict
-                              if (m := _KEY.match(key)) and m["comp"] == "transformer"
-                              and not hasattr(layers.get(m["module"]), "base_layer")})
+            slotted = modules.get("transformer", {})
+            outside = sorted(m for m in layers["transformer"] if not hasattr(slotted.get(m), "base_layer"))
             if outside:
                 covered = ", ".join(self.settings.hotswap_target_modules)
                 raise LoraError(f"LoRA '{label}' has weights for {len(outside)} layers outside this server's "
@@ -409,8 +461,62 @@ class LoraManager:
             if rank > self.settings.hotswap_target_rank:
                 raise LoraError(f"LoRA '{label}' has rank {rank}; this server takes LoRAs up to rank "
                                 f"{self.settings.hotswap_target_rank}")
-        return LoraInfo(state_dict=state_dict, load_from_file=bool(alphas) or bool(metadata),
+        from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+
+        metadata = bool(header.metadata.get(LORA_ADAPTER_METADATA_KEY))
+        return LoraInfo(state_dict=state_dict, load_from_file=bool(alphas) or metadata,
                         text_encoder=text_encoder, rank=rank)
+
+
+def _raise_load_failure(exc: BaseException, path: str) -> NoReturn:
+    """Re-raise what failed loading a LoRA that passed every check: the server's failure, not the file's.
+    Out of device memory becomes a 500 ``internal_error`` naming the LoRA (the worker would otherwise take it
+    for a request too large for the device, a 400 whose advice, a lower ``n``, does not help)."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        raise InternalError(f"LoRA '{shown_path(path)}' could not be loaded: the device is out of memory; "
+                            "see the server log") from exc
+    raise exc
+
+
+_PART_NAMES = {"transformer": "transformer", "clip": "CLIP text-encoder"}
+# What is never the file's fault: the server's memory (host or device) and its own disk.
+_INTERNAL = (MemoryError, torch.OutOfMemoryError, OSError)
+
+
+# torch dtype -> safetensors dtype, for the NaN/Inf check of converted weights (server/lora_format.py).
+_ST_DTYPES = {torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+              torch.float8_e5m2: "F8_E5M2", torch.float8_e4m3fn: "F8_E4M3"}
+
+
+def _check_finite(tensors: dict[str, torch.Tensor], label: str, when: str) -> None:
+    """``LoraError`` naming the weights that hold NaN or infinite values, read from their bit patterns (much
+    faster on CPU than ``torch.isfinite``, which is not vectorised for half precision)."""
+    bad = [k for k, t in tensors.items() if t.dtype in _ST_DTYPES and has_non_finite(
+        t.detach().reshape(-1).cpu().contiguous().view(torch.uint8).numpy(), _ST_DTYPES[t.dtype])]
+    if bad:
+        raise LoraError(f"LoRA '{label}' {non_finite_message(bad, when)}", code="invalid_lora_file")
+
+
+def _peft_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Converted weights with text-encoder keys named as peft loads them: diffusers' kohya converter emits
+    the older ``to_k_lora.down`` / ``lora_linear_layer.up`` names, which ``_load_lora_into_text_encoder``
+    renames with these two functions before loading (diffusers/loaders/lora_base.py)."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    prefix = "text_encoder."
+    te = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not te:
+        return state_dict
+    renamed = convert_state_dict_to_peft(convert_state_dict_to_diffusers(te))
+    return {**{k: v for k, v in state_dict.items() if not k.startswith(prefix)},
+            **{prefix + k: v for k, v in renamed.items()}}
+
+
+def _loader(pipe: Any) -> Loader:
+    """How the pipeline's diffusers LoRA loader converts files (server/lora_format.py)."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    return FLUX1 if isinstance(pipe, FluxLoraLoaderMixin) else FLUX2
 
 
 def _lora_components(pipe: Any) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from .. import metrics
 from ..errors import DarkroomError, InternalError
 from ..images import encode_output
 from ..jobs import GeneratedImage, Job, JobResult
+from ..loras import lora_summary
 from ..params import GenerationParams
 
 if TYPE_CHECKING:
@@ -139,7 +140,7 @@ class PostProcessor:
         refusals = self._refusals(finished)
         stages["safety"] = time.monotonic() - screen_started
         images = sum(job.params.n for job in jobs)
-        metrics.observe_batch(model, len(jobs), images, stages)
+        metrics.observe_batch(model, len(jobs), images, stages, loras=len(jobs[0].params.loras))
         # Every image of the call but the first goes to the pool at once; this thread encodes the first itself
         # (a lone image costs no hop to another thread). Jobs are answered in order as theirs are done.
         encodes: list[list[Future[tuple[bytes, float]]] | None] = []
@@ -205,16 +206,18 @@ class PostProcessor:
         metrics.observe_job(p.model, "done", queue_s=result.queue_s, encode_s=result.encode_s,
                             images=len(result.images))
         stage_ms = {f"{name}_ms": round(seconds * 1000, 2) for name, seconds in result.stages.items()}
+        loras = lora_summary(p.loras)
         log.info(
-            "job done id=%s model=%s size=%dx%d steps=%d n=%d batch=%s batch_jobs=%d "
+            "job done id=%s model=%s size=%dx%d steps=%d n=%d image_loras=%s batch=%s batch_jobs=%d "
             "batch_images=%d queue_ms=%.1f inference_ms=%.1f encode_ms=%.1f request_id=%s %s",
-            job.id, p.model, p.width, p.height, p.steps, p.n, result.batch_id, result.batch_jobs,
+            job.id, p.model, p.width, p.height, p.steps, p.n, ",".join(loras) or "-", result.batch_id,
+            result.batch_jobs,
             result.batch_images, result.queue_s * 1000, result.inference_s * 1000, result.encode_s * 1000,
             job.request_id, " ".join(f"{k}={v:.1f}" for k, v in stage_ms.items()),
             extra={"fields": {
                 "job_id": job.id, "request_id": job.request_id, "model": p.model, "width": p.width,
                 "height": p.height, "steps": p.steps, "n": p.n, "loras": len(p.loras),
-                "conditioning": p.conditioning, "batch_id": result.batch_id, "batch_jobs": result.batch_jobs,
+                "image_loras": loras, "conditioning": p.conditioning, "batch_id": result.batch_id, "batch_jobs": result.batch_jobs,
                 "batch_images": result.batch_images, "queue_ms": round(result.queue_s * 1000, 2),
                 "inference_ms": round(result.inference_s * 1000, 2), **stage_ms,
             }},

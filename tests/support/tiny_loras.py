@@ -44,24 +44,67 @@ def tiny_flux_lora(seed: int, rank: int = 4, gain: float = 1.0,
     return state
 
 
-def tiny_flux_lora_kohya(seed: int, rank: int = 4, gain: float = 2.0,
-                         alpha: float = 2.0) -> dict[str, torch.Tensor]:
-    """A random LoRA for the tiny FLUX in kohya (sd-scripts) format, with the original FLUX layer names
-    (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.alpha``, ...) that diffusers converts."""
+# The tiny FLUX's layers in the original (BFL) layout that kohya and ComfyUI LoRAs name: name -> (in, out);
+# qkv is fused there (diffusers splits it into to_q, to_k, to_v).
+TINY_BFL_LAYERS: dict[str, tuple[int, int]] = {
+    "double_blocks.0.img_attn.qkv": (32, 96),
+    "double_blocks.0.img_attn.proj": (32, 32),
+    "double_blocks.0.img_mlp.0": (32, 128),
+    "double_blocks.0.txt_attn.proj": (32, 32),
+    "single_blocks.0.linear2": (160, 32),
+}
+# The same layers as diffusers names them (a fused layer: its parts, in order).
+BFL_TO_DIFFUSERS: dict[str, tuple[str, ...]] = {
+    "double_blocks.0.img_attn.qkv": tuple(f"transformer_blocks.0.attn.to_{x}" for x in "qkv"),
+    "double_blocks.0.img_attn.proj": ("transformer_blocks.0.attn.to_out.0",),
+    "double_blocks.0.img_mlp.0": ("transformer_blocks.0.ff.net.0.proj",),
+    "double_blocks.0.txt_attn.proj": ("transformer_blocks.0.attn.to_add_out",),
+    "single_blocks.0.linear2": ("single_transformer_blocks.0.proj_out",),
+}
+# The tiny CLIP-L and T5 attention layers (both 32 wide), as kohya and ComfyUI name them.
+CLIP_LAYERS = tuple(f"text_model.encoder.layers.0.self_attn.{n}"
+                    for n in ("q_proj", "k_proj", "v_proj", "out_proj"))
+T5_LAYERS = tuple(f"encoder.block.0.layer.0.SelfAttention.{n}" for n in "qkvo")
+
+
+def kohya_lora(layers: dict[str, tuple[int, int]], prefix: str, seed: int, rank: int = 4, gain: float = 2.0,
+               alpha: float | None = 2.0, naming: str = "kohya") -> dict[str, torch.Tensor]:
+    """A random LoRA in kohya/sd-scripts naming (``<prefix><layer with _>.lora_down.weight``, ``.lora_up``,
+    ``.alpha``) or, with ``naming="comfyui"``, ComfyUI's (``<prefix><dotted layer>.lora_down.weight``)."""
     gen = torch.Generator().manual_seed(seed)
-    layers = {  # BFL name -> (in, out); qkv and linear1 are fused in the original layout
-        "double_blocks_0_img_attn_qkv": (32, 96),
-        "double_blocks_0_img_attn_proj": (32, 32),
-        "double_blocks_0_img_mlp_0": (32, 128),
-        "double_blocks_0_txt_attn_proj": (32, 32),
-        "single_blocks_0_linear2": (160, 32),
-    }
     state: dict[str, torch.Tensor] = {}
     for name, (fan_in, fan_out) in layers.items():
-        state[f"lora_unet_{name}.lora_down.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
-        state[f"lora_unet_{name}.lora_up.weight"] = torch.randn(fan_out, rank, generator=gen) * gain
-        state[f"lora_unet_{name}.alpha"] = torch.tensor(alpha)
+        key = prefix + (name.replace(".", "_") if naming == "kohya" else name)
+        state[f"{key}.lora_down.weight"] = torch.randn(rank, fan_in, generator=gen) / fan_in**0.5
+        state[f"{key}.lora_up.weight"] = torch.randn(fan_out, rank, generator=gen) * gain
+        if alpha is not None:
+            state[f"{key}.alpha"] = torch.tensor(alpha)
     return state
+
+
+def tiny_flux_lora_kohya(seed: int, rank: int = 4, gain: float = 2.0, alpha: float = 2.0,
+                         naming: str = "kohya") -> dict[str, torch.Tensor]:
+    """A random LoRA for the tiny FLUX in kohya (sd-scripts) format, with the original FLUX layer names
+    (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight``, ``.alpha``, ...) that diffusers converts;
+    ``naming="comfyui"``: the same weights as ComfyUI names them (``diffusion_model.double_blocks.0...``)."""
+    prefix = "lora_unet_" if naming == "kohya" else "diffusion_model."
+    return kohya_lora(TINY_BFL_LAYERS, prefix, seed, rank, gain, alpha, naming)
+
+
+def kohya_as_diffusers(state: dict[str, torch.Tensor], prefix: str = "lora_unet_",
+                       target: str = "transformer.") -> dict[str, torch.Tensor]:
+    """What a kohya transformer LoRA (``tiny_flux_lora_kohya``) is in diffusers/peft names, computed here as
+    sd-scripts defines it (the LoRA acts as up @ down x alpha / rank; a fused layer's up splits by rows), as
+    an oracle for diffusers' converter."""
+    out: dict[str, torch.Tensor] = {}
+    for bfl, parts in BFL_TO_DIFFUSERS.items():
+        key = prefix + bfl.replace(".", "_")
+        down, up = state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"]
+        scale = float(state[f"{key}.alpha"]) / down.shape[0] if f"{key}.alpha" in state else 1.0
+        for part, rows in zip(parts, up.chunk(len(parts), dim=0)):
+            out[f"{target}{part}.lora_A.weight"] = down * scale
+            out[f"{target}{part}.lora_B.weight"] = rows.contiguous()
+    return out
 
 
 def sd_unet_lora(seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
