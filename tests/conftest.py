@@ -93,10 +93,16 @@ class Server:
 
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One tiny model for the whole session, built before any server starts."""
+    """One model cache for the whole test run, the tiny FLUX built in it before any server starts; every
+    other tiny model (and builtin checker) is built there on first use. With pytest-xdist the workers share
+    it (a folder beside their own temp folders): ``ensure_built`` serialises builders with a file lock, so
+    each model is built once per run, not once per worker."""
     from server.engine.tiny import ensure_tiny_flux
 
-    cache = tmp_path_factory.mktemp("model-cache")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        cache = tmp_path_factory.getbasetemp().parent / "model-cache"
+    else:
+        cache = tmp_path_factory.mktemp("model-cache")
     ensure_tiny_flux(cache)
     return cache
 
@@ -127,15 +133,18 @@ def make_app(tmp_path_factory: pytest.TempPathFactory,
              tiny_cache: Path) -> Iterator[Callable[..., InProcessServer]]:
     """Start apps in-process from a config dict (sections merged over the test defaults), with the real tiny
     engine in a worker thread (``engine="tiny"``) or the stand-in engine (``engine="stand-in"``, made by
-    ``stand_in(device)``, e.g. ``functools.partial(stand_in_engine, poison="x")``); each is stopped when its
+    ``stand_in(device)``, e.g. ``functools.partial(stand_in_engine, poison="x")``); ``listen=True`` serves it
+    on a loopback port too (a real ``url`` for together 1.x, browsers, plain httpx); each is stopped when its
     test module ends."""
     started: list[InProcessServer] = []
 
     def _make(config: dict[str, Any] | None = None, engine: Engine = "tiny",
-              stand_in: Callable[[str], StandInEngine] = stand_in_engine) -> InProcessServer:
+              stand_in: Callable[[str], StandInEngine] = stand_in_engine, *,
+              listen: bool = False) -> InProcessServer:
         settings = in_process_settings(tmp_path_factory.mktemp("app"), tiny_cache, config)
-        started.append(InProcessServer(settings, engine, stand_in).start())
-        return started[-1]
+        started.append(InProcessServer(settings, engine, stand_in))
+        started[-1].start()
+        return started[-1].listen() if listen else started[-1]
 
     yield _make
     for app in started:
@@ -194,7 +203,7 @@ print("RESULT " + json.dumps(results))
 """
 
 
-def run_together1(server: Server, calls: list[dict[str, Any]], key: str = "x", *,
+def run_together1(server: Reachable, calls: list[dict[str, Any]], key: str = "x", *,
                   attempts: int = 1, until: str | None = None) -> list[list[dict[str, Any]]]:
     """Run ``client.images.generate(**call)`` for each call with together 1.x (from its own venv, since
     1.x and 3.x cannot share one); per call, its attempts. A call's ``__api_key`` overrides ``key``."""

@@ -19,7 +19,8 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import REPO, Server, free_port, images_of, mean_abs_diff
+from .conftest import REPO, free_port, images_of, mean_abs_diff
+from .support.inprocess import InProcessServer
 from .image_origin import ImageOrigin
 
 TINY = "darkroom/tiny-flux"
@@ -38,7 +39,7 @@ def origin() -> Iterator[ImageOrigin]:
 
 
 @pytest.fixture(scope="module")
-def server(make_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
+def server(make_app: Any, tmp_path_factory: pytest.TempPathFactory) -> InProcessServer:
     models = tmp_path_factory.mktemp("models")
     for name in ("tiny-flux.yaml", "tiny-flux-redux.yaml", "tiny-flux-kontext.yaml"):
         shutil.copy(REPO / "models" / name, models / name)
@@ -46,15 +47,15 @@ def server(make_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Server
     text_only.update(id=TEXT_ONLY, aliases=[])
     text_only["capabilities"]["image_to_image"] = False
     (models / "tiny-flux-text-only.yaml").write_text(yaml.safe_dump(text_only))
-    return make_server({
+    return make_app({
         "models_dir": str(models),
         "models": [TINY, REDUX, KONTEXT, TEXT_ONLY],
         "fetch": {"allow_hosts": ["localhost"], "timeout_s": 1.5, "max_bytes": 1_000_000,
                   "max_pixels": 4_000_000},
-    })
+    }, listen=True)
 
 
-def one(server: Server, **changes: Any) -> Any:
+def one(server: InProcessServer, **changes: Any) -> Any:
     (image,) = images_of(server.generate(**{**BASE, **changes}))
     return image
 
@@ -67,7 +68,7 @@ def data_url(origin: ImageOrigin, path: str) -> str:
 # -- image_url -------------------------------------------------------------------------------------
 
 
-def test_img2img_depends_on_the_image(server: Server, origin: ImageOrigin) -> None:
+def test_img2img_depends_on_the_image(server: InProcessServer, origin: ImageOrigin) -> None:
     text = one(server, model=REDUX)
     gradient = one(server, model=REDUX, image_url=origin.url("/gradient.png"))
     checker = one(server, model=REDUX, image_url=origin.url("/checker.jpg"))
@@ -75,14 +76,14 @@ def test_img2img_depends_on_the_image(server: Server, origin: ImageOrigin) -> No
     assert mean_abs_diff(gradient, checker) > VISIBLE
 
 
-def test_img2img_on_the_default_tiny_model(server: Server, origin: ImageOrigin) -> None:
+def test_img2img_on_the_default_tiny_model(server: InProcessServer, origin: ImageOrigin) -> None:
     text = one(server, model=TINY)
     edited = one(server, model=TINY, image_url=origin.url("/gradient.png"))
     assert edited.size == (64, 64)
     assert mean_abs_diff(text, edited) > VISIBLE
 
 
-def test_output_has_the_requested_size(server: Server, origin: ImageOrigin) -> None:
+def test_output_has_the_requested_size(server: InProcessServer, origin: ImageOrigin) -> None:
     # A 96x64 input scaled and cropped to cover 64x128 (and 128x64) outputs.
     for model in (REDUX, KONTEXT):
         for width, height in ((64, 128), (128, 64)):
@@ -91,7 +92,7 @@ def test_output_has_the_requested_size(server: Server, origin: ImageOrigin) -> N
             assert image.size == (width, height), model
 
 
-def test_same_request_same_bytes(server: Server, origin: ImageOrigin) -> None:
+def test_same_request_same_bytes(server: InProcessServer, origin: ImageOrigin) -> None:
     for changes in ({"model": REDUX, "image_url": origin.url("/checker.jpg")},
                     {"model": KONTEXT, "image_url": origin.url("/checker.jpg")},
                     {"model": REDUX, "reference_images": [origin.url("/gradient.png")]}):
@@ -101,14 +102,14 @@ def test_same_request_same_bytes(server: Server, origin: ImageOrigin) -> None:
         assert first.json()["data"][0]["b64_json"] == second.json()["data"][0]["b64_json"], changes
 
 
-def test_data_url_gives_the_same_image_as_http(server: Server, origin: ImageOrigin) -> None:
+def test_data_url_gives_the_same_image_as_http(server: InProcessServer, origin: ImageOrigin) -> None:
     over_http = server.generate(**BASE, model=REDUX, image_url=origin.url("/checker.jpg"))
     inline = server.generate(**BASE, model=REDUX, image_url=data_url(origin, "/checker.jpg"))
     assert inline.status_code == 200, inline.text
     assert inline.json()["data"][0]["b64_json"] == over_http.json()["data"][0]["b64_json"]
 
 
-def test_n_images_fetch_once(server: Server, origin: ImageOrigin) -> None:
+def test_n_images_fetch_once(server: InProcessServer, origin: ImageOrigin) -> None:
     path = "/rgba.png"
     before = origin.hits.get(path, 0)
     response = server.generate(**{**BASE, "n": 3}, model=REDUX, image_url=origin.url(path))
@@ -118,7 +119,7 @@ def test_n_images_fetch_once(server: Server, origin: ImageOrigin) -> None:
     assert origin.hits[path] == before + 1  # the second request is served from the cache
 
 
-def test_kontext_edits_the_input_image(server: Server, origin: ImageOrigin) -> None:
+def test_kontext_edits_the_input_image(server: InProcessServer, origin: ImageOrigin) -> None:
     text = one(server, model=KONTEXT)
     gradient = one(server, model=KONTEXT, image_url=origin.url("/gradient.png"))
     checker = one(server, model=KONTEXT, image_url=origin.url("/checker.jpg"))
@@ -129,7 +130,7 @@ def test_kontext_edits_the_input_image(server: Server, origin: ImageOrigin) -> N
 # -- reference_images ------------------------------------------------------------------------------
 
 
-def test_redux_references_change_the_output(server: Server, origin: ImageOrigin) -> None:
+def test_redux_references_change_the_output(server: InProcessServer, origin: ImageOrigin) -> None:
     text = one(server, model=REDUX)
     gradient = one(server, model=REDUX, reference_images=[origin.url("/gradient.png")])
     checker = one(server, model=REDUX, reference_images=[origin.url("/checker.jpg")])
@@ -140,7 +141,7 @@ def test_redux_references_change_the_output(server: Server, origin: ImageOrigin)
     assert mean_abs_diff(both, gradient) > 1.0
 
 
-def test_redux_with_img2img_and_negative_prompt(server: Server, origin: ImageOrigin) -> None:
+def test_redux_with_img2img_and_negative_prompt(server: InProcessServer, origin: ImageOrigin) -> None:
     refs = [origin.url("/checker.jpg")]
     with_refs = one(server, model=REDUX, image_url=origin.url("/gradient.png"), reference_images=refs)
     without = one(server, model=REDUX, image_url=origin.url("/gradient.png"))
@@ -149,7 +150,7 @@ def test_redux_with_img2img_and_negative_prompt(server: Server, origin: ImageOri
     assert mean_abs_diff(negative, one(server, model=REDUX, reference_images=refs)) > VISIBLE
 
 
-def test_kontext_references_change_the_output(server: Server, origin: ImageOrigin) -> None:
+def test_kontext_references_change_the_output(server: InProcessServer, origin: ImageOrigin) -> None:
     edit = one(server, model=KONTEXT, image_url=origin.url("/gradient.png"))
     with_ref = one(server, model=KONTEXT, image_url=origin.url("/gradient.png"),
                    reference_images=[origin.url("/checker.jpg")])
@@ -175,7 +176,7 @@ def assert_error(response: httpx.Response, param: str, *words: str) -> dict[str,
     return error
 
 
-def test_models_without_the_capability(server: Server, origin: ImageOrigin) -> None:
+def test_models_without_the_capability(server: InProcessServer, origin: ImageOrigin) -> None:
     url = origin.url("/red.png")
     assert_error(server.generate(**BASE, model=TINY, reference_images=[url]), "reference_images", TINY)
     assert_error(server.generate(**BASE, model=TEXT_ONLY, image_url=url), "image_url", TEXT_ONLY)
@@ -184,7 +185,7 @@ def test_models_without_the_capability(server: Server, origin: ImageOrigin) -> N
                  "reference_images", "at most 3")
 
 
-def test_capabilities_are_listed(server: Server) -> None:
+def test_capabilities_are_listed(server: InProcessServer) -> None:
     models = {m["id"]: m for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]}
     caps = {name: (m["capabilities"]["image_to_image"], m["capabilities"]["reference_images"])
             for name, m in models.items()}
@@ -284,7 +285,7 @@ def hostile_cases(origin: ImageOrigin) -> list[tuple[str, str]]:
     ]
 
 
-def test_hostile_urls_answer_400_and_the_server_keeps_serving(server: Server, origin: ImageOrigin) -> None:
+def test_hostile_urls_answer_400_and_the_server_keeps_serving(server: InProcessServer, origin: ImageOrigin) -> None:
     before_red = origin.hits.get("/red.png", 0)
     for url, word in hostile_cases(origin):
         response = server.generate(**BASE, model=REDUX, image_url=url)
@@ -304,12 +305,12 @@ def test_hostile_urls_answer_400_and_the_server_keeps_serving(server: Server, or
     assert one(server, model=TINY).size == (64, 64)
 
 
-def test_awkward_images_are_accepted(server: Server, origin: ImageOrigin) -> None:
+def test_awkward_images_are_accepted(server: InProcessServer, origin: ImageOrigin) -> None:
     for path in ("/cmyk.jpg", "/anim.gif", "/rotated.jpg", "/palette.png", "/gray16.png", "/mislabelled"):
         assert one(server, model=REDUX, image_url=origin.url(path)).size == (64, 64), path
 
 
-def test_official_client_sends_image_url(server: Server, origin: ImageOrigin) -> None:
+def test_official_client_sends_image_url(server: InProcessServer, origin: ImageOrigin) -> None:
     from together import Together
 
     client = Together(base_url=server.url, api_key="any-key", max_retries=0)
@@ -395,7 +396,7 @@ def test_kontext_sizes_follow_upstream_and_never_crop() -> None:
     assert [(r.width, r.height) for r in explicit.references] == [(208, 208)]
 
 
-def test_kontext_request_without_a_size_gets_the_preferred_resolution(server: Server,
+def test_kontext_request_without_a_size_gets_the_preferred_resolution(server: InProcessServer,
                                                                       origin: ImageOrigin) -> None:
     body = {**{k: v for k, v in BASE.items() if k not in ("width", "height")}, "steps": 1}
     response = server.generate(**body, model=KONTEXT, image_url=origin.url("/gradient.png"))

@@ -16,7 +16,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import MODEL, REPO, TOGETHER1_PYTHON, Server
+from .conftest import MODEL, REPO, TOGETHER1_PYTHON
+from .support.inprocess import InProcessServer
 
 DOCS = REPO / "docs"
 README = REPO / "README.md"
@@ -88,8 +89,8 @@ def readme_blocks() -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def open_server(make_server: Any) -> Server:
-    return make_server()
+def open_server(make_app: Any) -> InProcessServer:
+    return make_app(listen=True)
 
 
 def test_readme_has_one_example_per_client() -> None:
@@ -105,7 +106,7 @@ def test_readme_has_one_example_per_client() -> None:
 
 
 @pytest.mark.parametrize("which", ["together 3.x", "together 1.x", "openai", "curl"])
-def test_readme_example_runs(open_server: Server, tmp_path: Path, which: str) -> None:
+def test_readme_example_runs(open_server: InProcessServer, tmp_path: Path, which: str) -> None:
     index = ["together 3.x", "together 1.x", "openai", "curl"].index(which)
     kind, code = readme_blocks()[index]
     code = code.replace("http://127.0.0.1:8000", open_server.url)
@@ -140,7 +141,7 @@ def field_paths(value: Any, prefix: str = "") -> set[str]:
     return paths
 
 
-def test_api_reference_names_every_response_field(open_server: Server) -> None:
+def test_api_reference_names_every_response_field(open_server: InProcessServer) -> None:
     api = (DOCS / "api.md").read_text()
     sent: set[str] = set()
     items: set[str] = set()

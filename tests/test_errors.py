@@ -23,7 +23,7 @@ import openai
 import pytest
 import together
 
-from .conftest import MODEL, Server, images_of, openai_client, run_together1, together3
+from .conftest import MODEL, images_of, openai_client, run_together1, together3
 from .support.inprocess import InProcessServer
 
 GEN = "/v1/images/generations"
@@ -60,17 +60,16 @@ def strict(make_app: Any) -> InProcessServer:
 
 
 @pytest.fixture(scope="module")
-def strict_process(make_server: Any) -> Iterator[Server]:
-    """The strict configuration in a real process with the tiny engine (together 1.x, the full queue)."""
-    server = make_server(STRICT)
-    yield server
-    server.stop()
+def strict_served(make_app: Any) -> InProcessServer:
+    """The strict configuration with the tiny engine, served on a loopback port (together 1.x, the full
+    queue)."""
+    return make_app(STRICT, listen=True)
 
 
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def post(server: Server | InProcessServer, body: Any = None, *, path: str = GEN, key: str | None = None,
+def post(server: InProcessServer, body: Any = None, *, path: str = GEN, key: str | None = None,
          content: Any = None, headers: dict[str, str] | None = None) -> httpx.Response:
     hdrs = dict(headers or {})
     if key is not None:
@@ -436,7 +435,7 @@ T1_CLASSES = {400: "InvalidRequestError", 403: "InvalidRequestError", 404: "Inva
               429: "RateLimitError"}
 
 
-def server_message(server: Server, fields: dict[str, Any], key: str | None = None) -> str:
+def server_message(server: InProcessServer, fields: dict[str, Any], key: str | None = None) -> str:
     """What the server itself says to a raw request with these fields."""
     resp = post(server, gen_body(**fields), key=key)
     return assert_error(resp, resp.status_code)["message"]
@@ -480,10 +479,10 @@ def test_openai_exception_classes(plain: InProcessServer, fields: dict[str, Any]
 
 
 @pytest.fixture(scope="module")
-def together1_results(strict_process: Server) -> dict[str, dict[str, Any]]:
+def together1_results(strict_served: InProcessServer) -> dict[str, dict[str, Any]]:
     """Every SDK case through together 1.x in one subprocess (its import is slow)."""
     calls = [t1_call(**c[1]) for c in SDK_CASES] + [t1_call(seed=5)]
-    results = run_together1(strict_process, calls, key=KEY)
+    results = run_together1(strict_served, calls, key=KEY)
     return {name: attempts[0] for name, attempts in zip([*SDK_IDS, "ok"], results, strict=True)}
 
 
@@ -503,31 +502,31 @@ def test_together1_succeeds_against_the_same_server(together1_results: dict[str,
     assert together1_results["ok"] == {"ok": True, "images": 1}
 
 
-def test_sdks_authentication_errors(strict_process: Server) -> None:
-    message = server_message(strict_process, {}, key="wrong-key")
+def test_sdks_authentication_errors(strict_served: InProcessServer) -> None:
+    message = server_message(strict_served, {}, key="wrong-key")
     kwargs = {"model": MODEL, "prompt": "a red fox", "steps": 1, "width": 64, "height": 64}
 
     with pytest.raises(together.AuthenticationError) as t3:
-        together3(strict_process, "wrong-key").images.generate(**kwargs)
+        together3(strict_served, "wrong-key").images.generate(**kwargs)
     check_sdk_error(t3.value, 401, message, None, "invalid_api_key")
 
     with pytest.raises(openai.AuthenticationError) as oa:
-        openai_client(strict_process, "wrong-key").images.generate(
+        openai_client(strict_served, "wrong-key").images.generate(
             model=MODEL, prompt="a red fox", size="64x64", response_format="b64_json",
             extra_body={"steps": 1})
     check_sdk_error(oa.value, 401, message, None, "invalid_api_key")
     with pytest.raises(openai.AuthenticationError):
-        openai_client(strict_process, "wrong-key").models.list()
+        openai_client(strict_served, "wrong-key").models.list()
 
-    [[wrong], [right]] = run_together1(strict_process, [t1_call(), t1_call(__api_key=KEY)], key="wrong-key")
+    [[wrong], [right]] = run_together1(strict_served, [t1_call(), t1_call(__api_key=KEY)], key="wrong-key")
     assert wrong["ok"] is False and wrong["cls"] == "AuthenticationError", wrong
     assert wrong["module"] == "together.error" and message in wrong["message"]
     assert right == {"ok": True, "images": 1}
 
     # The right key through the 3.x and openai clients.
-    image = together3(strict_process, KEY).images.generate(**kwargs, response_format="base64")
+    image = together3(strict_served, KEY).images.generate(**kwargs, response_format="base64")
     assert len(image.data) == 1
-    assert len(openai_client(strict_process, KEY).models.list().data) == 1
+    assert len(openai_client(strict_served, KEY).models.list().data) == 1
 
 
 def test_sdks_any_key_without_configured_keys(plain: InProcessServer) -> None:
@@ -544,7 +543,7 @@ def test_sdks_any_key_without_configured_keys(plain: InProcessServer) -> None:
 class Feeder:
     """Threads that keep posting heavy jobs, so the strict server's one-job queue stays full."""
 
-    def __init__(self, server: Server, threads: int = 3) -> None:
+    def __init__(self, server: InProcessServer, threads: int = 3) -> None:
         self.server = server
         self.stop = threading.Event()
         self.responses: list[httpx.Response] = []
@@ -600,25 +599,25 @@ def until_refused(feeder: Feeder, call: Callable[[], Any], exc_type: type[BaseEx
     raise AssertionError(f"no {exc_type.__name__} in {attempts} tries against a full queue")
 
 
-def test_full_queue_is_503_overload_for_raw_http_and_every_sdk(strict_process: Server) -> None:
+def test_full_queue_is_503_overload_for_raw_http_and_every_sdk(strict_served: InProcessServer) -> None:
     """A full queue is overload (503 with retry-after, as Together answers an overloaded engine), not a
     rate limit (429 stays for per-key limits): together 1.x raises ServiceUnavailableError, 3.x and openai
     InternalServerError; each would retry it (max_retries=0 here) after retry-after."""
     small = {"model": MODEL, "prompt": "late", "steps": 1, "width": 64, "height": 64}
-    with Feeder(strict_process) as feeder:
+    with Feeder(strict_served) as feeder:
         feeder.wait_until_full()
         raw = until_refused(
-            feeder, lambda: post(strict_process, small, key=KEY).raise_for_status(), httpx.HTTPStatusError)
+            feeder, lambda: post(strict_served, small, key=KEY).raise_for_status(), httpx.HTTPStatusError)
         t3 = until_refused(
-            feeder, lambda: together3(strict_process, KEY).images.generate(**small, response_format="base64"),
+            feeder, lambda: together3(strict_served, KEY).images.generate(**small, response_format="base64"),
             together.InternalServerError)
         oa = until_refused(
-            feeder, lambda: openai_client(strict_process, KEY).images.generate(
+            feeder, lambda: openai_client(strict_served, KEY).images.generate(
                 model=MODEL, prompt="late", size="64x64", response_format="b64_json",
                 extra_body={"steps": 1}),
             openai.InternalServerError)
         feeder.wait_until_full()
-        [t1_attempts] = run_together1(strict_process, [t1_call(prompt="late")], key=KEY, attempts=8,
+        [t1_attempts] = run_together1(strict_served, [t1_call(prompt="late")], key=KEY, attempts=8,
                                       until="ServiceUnavailableError")
 
     assert not feeder.errors, feeder.errors
@@ -648,10 +647,10 @@ def test_full_queue_is_503_overload_for_raw_http_and_every_sdk(strict_process: S
     assert last["module"] == "together.error" and last["status"] == 503 and "overloaded" in last["message"]
 
     # Healthy afterwards: a normal request is served and the queue is empty again.
-    assert_image_ok(post(strict_process, {**small, "prompt": "after the rush", "seed": 9}, key=KEY))
-    ready = httpx.get(strict_process.url + "/ready", timeout=30)
+    assert_image_ok(post(strict_served, {**small, "prompt": "after the rush", "seed": 9}, key=KEY))
+    ready = httpx.get(strict_served.url + "/ready", timeout=30)
     assert ready.status_code == 200 and ready.json() == {**ready.json(), "ready": True, "queue_depth": 0}
-    assert strict_process.proc is not None and strict_process.proc.poll() is None
+    assert all(worker.alive and not worker.failed for worker in strict_served.runtime.workers)
 
 
 # ------------------------------------------------------------------------------ after the abuse

@@ -33,8 +33,9 @@ def _diff(a: Image.Image, b: Image.Image) -> float:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("tiny-builders")
+def folder(tiny_cache: Path) -> Path:
+    """The session's model cache: each tiny model is built once per test run, here or by a server."""
+    return tiny_cache
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from .conftest import Server, run_together1
+from .conftest import run_together1
+from .support.inprocess import InProcessServer
 from .image_origin import ImageOrigin
 
 MODELS = ["darkroom/tiny-flux2", "darkroom/tiny-flux2-klein", "darkroom/tiny-flux-canny",
@@ -25,12 +26,12 @@ def origin() -> Iterator[ImageOrigin]:
 
 
 @pytest.fixture(scope="module")
-def server(make_server: Any) -> Server:
-    return make_server({"models": MODELS, "fetch": {"allow_hosts": ["127.0.0.1"]},
-                        "server": {"default_response_format": "base64"}})
+def server(make_app: Any) -> InProcessServer:
+    return make_app({"models": MODELS, "fetch": {"allow_hosts": ["127.0.0.1"]},
+                        "server": {"default_response_format": "base64"}}, listen=True)
 
 
-def test_together1_serves_the_new_families(server: Server, origin: ImageOrigin) -> None:
+def test_together1_serves_the_new_families(server: InProcessServer, origin: ImageOrigin) -> None:
     refs = [origin.url("/gradient.png"), origin.url("/checker.jpg")]
     photo = origin.url("/checker.jpg")
     results = run_together1(server, [

@@ -18,7 +18,8 @@ import pytest
 import together
 import yaml
 
-from .conftest import MODEL, REPO, Server, images_of
+from .conftest import MODEL, REPO, images_of
+from .support.inprocess import InProcessServer
 
 OTHER = "darkroom/tiny-flux-b"
 SMALL = {"width": 64, "height": 64, "steps": 1}
@@ -41,7 +42,7 @@ def sha(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def post(server: Server, key: str | None, **body: Any) -> httpx.Response:
+def post(server: InProcessServer, key: str | None, **body: Any) -> httpx.Response:
     body.setdefault("model", MODEL)
     headers = {"authorization": f"Bearer {key}"} if key else {}
     return httpx.post(f"{server.url}/v1/images/generations", json={**SMALL, "prompt": "a lighthouse", **body},
@@ -64,14 +65,14 @@ def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def keyed(make_server: Any, tmp_path_factory: pytest.TempPathFactory, keys_file: Path) -> Server:
+def keyed(make_app: Any, tmp_path_factory: pytest.TempPathFactory, keys_file: Path) -> InProcessServer:
     models = tmp_path_factory.mktemp("models")
     for file in ("tiny-flux.yaml",):
         shutil.copy(REPO / "models" / file, models / file)
     other = yaml.safe_load((REPO / "models" / "tiny-flux.yaml").read_text())
     other.update(id=OTHER, aliases=["tiny-b"])
     (models / "tiny-flux-b.yaml").write_text(yaml.safe_dump(other))
-    return make_server({
+    return make_app({
         "models_dir": str(models), "models": [MODEL, OTHER],
         "server": {"default_response_format": "base64"},
         "auth": {
@@ -90,16 +91,16 @@ def keyed(make_server: Any, tmp_path_factory: pytest.TempPathFactory, keys_file:
         },
         # per_key with no disable_keys: the key store's permissions decide.
         "safety": {"allow_disable": "per_key"},
-    })
+    }, listen=True)
 
 
-def test_missing_and_unknown_keys_are_401(keyed: Server) -> None:
+def test_missing_and_unknown_keys_are_401(keyed: InProcessServer) -> None:
     assert_error(post(keyed, None), 401, "invalid_api_key")
     assert_error(post(keyed, "sk-not-a-key"), 401, "invalid_api_key")
     assert httpx.get(f"{keyed.url}/v1/models", timeout=10).status_code == 401
 
 
-def test_requests_per_minute_headers_and_429(keyed: Server) -> None:
+def test_requests_per_minute_headers_and_429(keyed: InProcessServer) -> None:
     remaining = []
     for _ in range(3):
         response = post(keyed, KEYS["rpm"])
@@ -124,7 +125,7 @@ def test_requests_per_minute_headers_and_429(keyed: Server) -> None:
     assert b"x-ratelimit-remaining" in names and b"retry-after" in names
 
 
-def test_images_per_minute_counts_n(keyed: Server) -> None:
+def test_images_per_minute_counts_n(keyed: InProcessServer) -> None:
     first = post(keyed, KEYS["ipm"], n=2)
     assert len(images_of(first)) == 2
     assert first.headers["x-ratelimit-limit-images"] == "3"
@@ -145,14 +146,14 @@ def test_images_per_minute_counts_n(keyed: Server) -> None:
     assert over["param"] == "n"
 
 
-def test_both_limits_report_both_header_sets(keyed: Server) -> None:
+def test_both_limits_report_both_header_sets(keyed: InProcessServer) -> None:
     response = post(keyed, KEYS["both"], n=2)
     assert len(images_of(response)) == 2
     assert (response.headers["x-ratelimit-remaining"], response.headers["x-ratelimit-remaining-images"]) == (
         "9", "8")
 
 
-def test_errors_after_admission_still_carry_the_headers(keyed: Server) -> None:
+def test_errors_after_admission_still_carry_the_headers(keyed: InProcessServer) -> None:
     """A request charged and then refused (here: its prompt is on the word list) still shows its quota."""
     response = post(keyed, KEYS["both"], prompt="csam")
     assert_error(response, 422, "prompt_flagged")
@@ -160,7 +161,7 @@ def test_errors_after_admission_still_carry_the_headers(keyed: Server) -> None:
     assert response.headers["x-request-id"]
 
 
-def test_allowed_models(keyed: Server) -> None:
+def test_allowed_models(keyed: InProcessServer) -> None:
     error = assert_error(post(keyed, KEYS["models"], model=MODEL), 403, "model_not_allowed")
     assert error["param"] == "model" and error["type"] == "permission_error"
     assert len(images_of(post(keyed, KEYS["models"], model=OTHER))) == 1
@@ -173,7 +174,7 @@ def test_allowed_models(keyed: Server) -> None:
     assert [m["id"] for m in everything["data"]] == [MODEL, OTHER]
 
 
-def test_safety_disable_permission_comes_from_the_key(keyed: Server) -> None:
+def test_safety_disable_permission_comes_from_the_key(keyed: InProcessServer) -> None:
     assert len(images_of(post(keyed, KEYS["safe"], disable_safety_checker=True))) == 1
     error = assert_error(post(keyed, KEYS["plain"], disable_safety_checker=True), 403,
                          "safety_checker_required")
@@ -182,7 +183,7 @@ def test_safety_disable_permission_comes_from_the_key(keyed: Server) -> None:
     assert counters["disable_honored"] >= 1 and counters["disable_refused"] >= 1
 
 
-def test_keys_file_is_hashed_and_reloaded(keyed: Server, keys_file: Path) -> None:
+def test_keys_file_is_hashed_and_reloaded(keyed: InProcessServer, keys_file: Path) -> None:
     response = post(keyed, FILED)
     assert len(images_of(response)) == 1 and response.headers["x-ratelimit-limit"] == "50"
     assert_error(post(keyed, LATER), 401, "invalid_api_key")
@@ -202,7 +203,7 @@ def test_keys_file_is_hashed_and_reloaded(keyed: Server, keys_file: Path) -> Non
     assert post(keyed, LATER).status_code == 200
 
 
-def test_sdks_see_the_429_and_the_headers(keyed: Server) -> None:
+def test_sdks_see_the_429_and_the_headers(keyed: InProcessServer) -> None:
     client = together.Together(base_url=keyed.url, api_key=KEYS["sdk"], max_retries=0)
     raw = client.images.with_raw_response.generate(model=MODEL, prompt="a lighthouse", response_format="base64",
                                                    **SMALL)
@@ -222,7 +223,7 @@ def test_sdks_see_the_429_and_the_headers(keyed: Server) -> None:
     assert refused.value.response.headers["x-ratelimit-limit-images"] == "1"
 
 
-def test_keys_are_never_logged(keyed: Server) -> None:
+def test_keys_are_never_logged(keyed: InProcessServer) -> None:
     log = keyed.log()
     assert "request done" in log  # the request lines name keys...
     assert "key=rpm" in log

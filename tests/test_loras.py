@@ -28,7 +28,8 @@ from server.lora_sources import parse_source, pick_lora_file
 from server.loras import LoraError, LoraStore
 from server.params import GenerationParams, LoraRef
 
-from .conftest import MODEL, Server, decode_image, images_of, mean_abs_diff
+from .conftest import MODEL, decode_image, images_of, mean_abs_diff
+from .support.inprocess import InProcessServer
 from .image_origin import ImageOrigin
 from .support.tiny_loras import (
     TINY_FLUX_LORA_LAYERS,
@@ -116,8 +117,8 @@ def registered_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def lora_server(make_server: Any, origin: LoraOrigin, registered_file: Path) -> Server:
-    return make_server({
+def lora_server(make_app: Any, origin: LoraOrigin, registered_file: Path) -> InProcessServer:
+    return make_app({
         "server": {"default_response_format": "base64"},
         # The origin serves files as 127.0.0.1 and plays the Hub mirror as localhost.
         "fetch": {"allow_hosts": ["127.0.0.1", "localhost"]},
@@ -127,7 +128,7 @@ def lora_server(make_server: Any, origin: LoraOrigin, registered_file: Path) -> 
                   "registered": {"house-style": str(registered_file)}},
         # A fixed window long enough that concurrent requests meet in the queue.
         "scheduler": {"batch_window_ms": 300, "max_batch_images": 8, "adaptive_window": False},
-    })
+    }, listen=True)
 
 
 def body(loras: list[tuple[str, float]] | None = None, seed: int = 3,
@@ -139,7 +140,7 @@ def body(loras: list[tuple[str, float]] | None = None, seed: int = 3,
     return req
 
 
-def one(server: Server, **kwargs: Any) -> Any:
+def one(server: InProcessServer, **kwargs: Any) -> Any:
     return images_of(server.generate(**body(**kwargs)))[0]
 
 
@@ -160,12 +161,12 @@ def assert_lora_error(resp: httpx.Response, path: str, *fragments: str) -> dict[
 # ------------------------------------------------------------------------------------ what works
 
 
-def test_models_list_says_loras_are_supported(lora_server: Server) -> None:
+def test_models_list_says_loras_are_supported(lora_server: InProcessServer) -> None:
     card = httpx.get(f"{lora_server.url}/v1/models/{MODEL}", timeout=30).json()
     assert card["capabilities"]["loras"] is True
 
 
-def test_a_lora_changes_the_image_and_its_scale_matters(lora_server: Server, origin: LoraOrigin) -> None:
+def test_a_lora_changes_the_image_and_its_scale_matters(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     a = origin.url("/loras/a.safetensors")
     plain = one(lora_server)
     full, half, again = one(lora_server, loras=[(a, 1.0)]), one(lora_server, loras=[(a, 0.5)]), \
@@ -176,7 +177,7 @@ def test_a_lora_changes_the_image_and_its_scale_matters(lora_server: Server, ori
     assert mean_abs_diff(plain, one(lora_server)) == 0  # and nothing stayed active
 
 
-def test_every_kind_of_path_names_the_same_lora(lora_server: Server, origin: LoraOrigin) -> None:
+def test_every_kind_of_path_names_the_same_lora(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     hits = origin.hits.get("/api/models/acme/tiny-lora/revision/main", 0)
     direct = one(lora_server, loras=[(origin.url("/loras/a.safetensors"), 0.8)])
     forms = [
@@ -191,13 +192,13 @@ def test_every_kind_of_path_names_the_same_lora(lora_server: Server, origin: Lor
     assert origin.hits["/api/models/acme/tiny-lora/revision/main"] >= hits + 1  # the file list was read
 
 
-def test_kohya_format_is_converted(lora_server: Server, origin: LoraOrigin) -> None:
+def test_kohya_format_is_converted(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     kohya = one(lora_server, loras=[(origin.url("/loras/kohya.safetensors"), 1.0)])
     assert mean_abs_diff(one(lora_server), kohya) > VISIBLE
     assert mean_abs_diff(one(lora_server, loras=[(origin.url("/loras/a.safetensors"), 1.0)]), kohya) > VISIBLE
 
 
-def test_together_client_sends_image_loras(lora_server: Server, origin: LoraOrigin) -> None:
+def test_together_client_sends_image_loras(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     a = origin.url("/loras/a.safetensors")
     client = Together(base_url=lora_server.url, api_key="any-key", max_retries=0)
     response = client.images.generate(
@@ -207,7 +208,7 @@ def test_together_client_sends_image_loras(lora_server: Server, origin: LoraOrig
     assert mean_abs_diff(decode_image(response.data[0].b64_json), one(lora_server, loras=[(a, 1.0)])) == 0
 
 
-def test_a_downloaded_lora_is_fetched_once(lora_server: Server, origin: LoraOrigin) -> None:
+def test_a_downloaded_lora_is_fetched_once(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     path = "/slow/loras/b.safetensors"  # a slow origin: all requests arrive while it downloads
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(
@@ -217,14 +218,14 @@ def test_a_downloaded_lora_is_fetched_once(lora_server: Server, origin: LoraOrig
     assert origin.hits[path] == 1
 
 
-def _lora_counter(server: Server, family: str, cache: str) -> float:
+def _lora_counter(server: InProcessServer, family: str, cache: str) -> float:
     """A LoRA cache counter as /metrics exports it (0 before its first increment)."""
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     prefix = f'darkroom_lora_cache_{family}_total{{cache="{cache}"}} '
     return next((float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
 
 
-def test_lora_cache_counters_are_exported(lora_server: Server, origin: LoraOrigin) -> None:
+def test_lora_cache_counters_are_exported(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     path = origin.url("/loras/a.safetensors") + "?for=metrics"  # a URL no other test has cached
     names = [("misses", "disk"), ("hits", "disk"), ("misses", "adapter"), ("hits", "adapter")]
     before = {n: _lora_counter(lora_server, *n) for n in names}
@@ -257,7 +258,7 @@ def _variants(origin: LoraOrigin) -> dict[str, list[tuple[str, float]] | None]:
 
 
 def test_concurrent_mixed_lora_sets_each_match_their_request_alone(
-    lora_server: Server, origin: LoraOrigin
+    lora_server: InProcessServer, origin: LoraOrigin
 ) -> None:
     variants = _variants(origin)
     cases = [(name, seed) for seed in (5, 6) for name in variants]
@@ -310,13 +311,13 @@ BAD_FILES = [
 
 
 @pytest.mark.parametrize(("path", "fragment"), BAD_FILES, ids=[p.rsplit("/", 1)[1] for p, _ in BAD_FILES])
-def test_bad_lora_file_is_400_naming_it(lora_server: Server, origin: LoraOrigin, path: str,
+def test_bad_lora_file_is_400_naming_it(lora_server: InProcessServer, origin: LoraOrigin, path: str,
                                         fragment: str) -> None:
     url = origin.url(path)
     assert_lora_error(lora_server.generate(**body([(url, 1.0)])), url, fragment)
 
 
-def test_unreachable_and_refused_urls_are_400(lora_server: Server, origin: LoraOrigin) -> None:
+def test_unreachable_and_refused_urls_are_400(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     from .conftest import free_port
 
     closed = f"http://127.0.0.1:{free_port()}/x.safetensors"
@@ -331,12 +332,12 @@ def test_unreachable_and_refused_urls_are_400(lora_server: Server, origin: LoraO
     ("acme/full-model", "no .safetensors file"),
     ("acme/no-such-repo", "HTTP 404"),
 ])
-def test_bad_hub_repo_is_400(lora_server: Server, repo: str, fragment: str) -> None:
+def test_bad_hub_repo_is_400(lora_server: InProcessServer, repo: str, fragment: str) -> None:
     path = f"https://huggingface.co/{repo}"
     assert_lora_error(lora_server.generate(**body([(path, 1.0)])), path, fragment)
 
 
-def test_request_level_limits(lora_server: Server, origin: LoraOrigin) -> None:
+def test_request_level_limits(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     a, b, k = (origin.url(f"/loras/{n}.safetensors") for n in ("a", "b", "kohya"))
     assert_lora_error(lora_server.generate(**body([(a, 1), (b, 1), (k, 1), ("house-style", 1)])), "",
                       "at most 3 LoRAs")
@@ -350,7 +351,7 @@ def test_request_level_limits(lora_server: Server, origin: LoraOrigin) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "image_loras"
 
 
-def test_failed_loras_leave_the_adapter_state_unchanged(lora_server: Server, origin: LoraOrigin) -> None:
+def test_failed_loras_leave_the_adapter_state_unchanged(lora_server: InProcessServer, origin: LoraOrigin) -> None:
     a = origin.url("/loras/a.safetensors")
     plain, with_a = one(lora_server), one(lora_server, loras=[(a, 1.0)])
     for bad in ("sd-unet", "flux-dev-shaped", "unet-diffusers"):

@@ -20,7 +20,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from .conftest import MODEL, REPO, Server
+from .conftest import MODEL, REPO
+from .support.inprocess import InProcessServer
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = REPO / "test-artifacts"
@@ -33,7 +34,7 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is
 
 
 @pytest.fixture(scope="module")
-def site(make_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
+def site(make_app: Any, tmp_path_factory: pytest.TempPathFactory) -> InProcessServer:
     from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
     loras = tmp_path_factory.mktemp("loras")
@@ -41,9 +42,9 @@ def site(make_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
     for name, seed in (("style-a", 1), ("style-b", 2)):
         (loras / f"{name}.safetensors").write_bytes(lora_file_bytes(tiny_flux_lora(seed)))
         registered[name] = str(loras / f"{name}.safetensors")
-    return make_server({"auth": {"keys": [{"name": "playground", "key": KEY, "requests_per_minute": 100}]},
+    return make_app({"auth": {"keys": [{"name": "playground", "key": KEY, "requests_per_minute": 100}]},
                         "loras": {"registered": registered},
-                        "models": [MODEL, REDUX]})
+                        "models": [MODEL, REDUX]}, listen=True)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +82,7 @@ class Page:
 
 
 @pytest.fixture
-def page(context: Any, site: Server) -> Any:
+def page(context: Any, site: InProcessServer) -> Any:
     p = Page(context, f"{site.url}/playground")
     p.page.fill("#api_key", KEY)
     p.page.dispatch_event("#api_key", "change")
@@ -106,12 +107,12 @@ def sent_body(page: Any) -> dict[str, Any]:
     return json.loads(page.inner_text("#code_curl").split(" -d '", 1)[1].split("'\n", 1)[0])
 
 
-def card(site: Server, model: str) -> dict[str, Any]:
+def card(site: InProcessServer, model: str) -> dict[str, Any]:
     models = httpx.get(f"{site.url}/v1/models", headers={"authorization": f"Bearer {KEY}"}, timeout=10).json()
     return next(m for m in models["data"] if m["id"] == model)
 
 
-def test_page_is_self_contained(site: Server) -> None:
+def test_page_is_self_contained(site: InProcessServer) -> None:
     response = httpx.get(f"{site.url}/playground", timeout=10)
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     html = response.text
@@ -120,7 +121,7 @@ def test_page_is_self_contained(site: Server) -> None:
     assert "src=\"http" not in html and "href=\"http" not in html and "@import" not in html
 
 
-def test_limits_sizes_and_the_tiny_models_note(site: Server, page: Any) -> None:
+def test_limits_sizes_and_the_tiny_models_note(site: InProcessServer, page: Any) -> None:
     tiny = card(site, MODEL)
     page.select_option("#model", MODEL)
     # The note: the tiny model's noise is intended (its manifest's description, from /v1/models).
@@ -149,7 +150,7 @@ def test_limits_sizes_and_the_tiny_models_note(site: Server, page: Any) -> None:
     assert "1024x1024" in page.eval_on_selector_all("#size option", "os => os.map(o => o.value)")
 
 
-def test_generate_download_timings_and_copy_as_code(site: Server, page: Any, tmp_path: Path) -> None:
+def test_generate_download_timings_and_copy_as_code(site: InProcessServer, page: Any, tmp_path: Path) -> None:
     page.select_option("#model", MODEL)
     page.fill("#prompt", "a lighthouse at dusk")
     page.fill("#negative_prompt", "blurry")
@@ -209,7 +210,7 @@ def test_generate_download_timings_and_copy_as_code(site: Server, page: Any, tmp
     page.click("[data-lang=curl]")
 
 
-def test_history_restores_a_request(site: Server, page: Any, context: Any) -> None:
+def test_history_restores_a_request(site: InProcessServer, page: Any, context: Any) -> None:
     # The previous test's request is in this browser's history (localStorage), with a thumbnail.
     entries = page.locator("#history .history-entry")
     assert entries.count() >= 1
@@ -232,7 +233,7 @@ def test_history_restores_a_request(site: Server, page: Any, context: Any) -> No
     assert len(again) == 2
 
 
-def test_reference_image_list(site: Server, page: Any) -> None:
+def test_reference_image_list(site: InProcessServer, page: Any) -> None:
     redux = card(site, REDUX)
     page.select_option("#model", REDUX)
     assert page.is_visible("#references_row") and not page.is_visible("#lora_inputs")  # no LoRAs on it
@@ -258,7 +259,7 @@ def test_reference_image_list(site: Server, page: Any) -> None:
     assert page.locator("#references .entry").count() == redux["limits"]["max_reference_images"]
 
 
-def test_wrong_key_shows_the_error(site: Server, page: Any) -> None:
+def test_wrong_key_shows_the_error(site: InProcessServer, page: Any) -> None:
     page.select_option("#model", MODEL)
     page.fill("#prompt", "x")
     page.select_option("#size", page.eval_on_selector("#size option", "o => o.value"))
@@ -269,7 +270,7 @@ def test_wrong_key_shows_the_error(site: Server, page: Any) -> None:
     page.fill("#api_key", KEY)
 
 
-def test_root_and_swagger_ui_in_the_browser(site: Server, context: Any) -> None:
+def test_root_and_swagger_ui_in_the_browser(site: InProcessServer, context: Any) -> None:
     # A browser opening the server's root lands on the playground.
     p = Page(context, f"{site.url}/")
     assert p.page.url == f"{site.url}/playground"

@@ -1,7 +1,8 @@
 """The queue and the scheduler, seen from outside: batching, the batch cap, admission (503),
 deadlines (504) and clients that leave while their job waits.
 
-Every test drives a real ``darkroom serve`` subprocess configured for the behaviour under test.
+Every test drives the app served on a loopback port (in-process, uvicorn as ``darkroom serve`` runs it:
+clients that leave close real connections), configured for the behaviour under test.
 Which job ran is read from the worker's log: it writes one ``job done id=...`` line per finished job,
 and that id is the response's ``id``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,7 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from .conftest import MODEL, Server, images_of, pixels
+from .conftest import MODEL, images_of, pixels
+from .support.inprocess import InProcessServer
 
 # Batched images equal their unbatched twins up to float noise; measured: at most 1 level of 255.
 MAX_BATCH_PIXEL_DIFF = 2
@@ -36,7 +38,7 @@ SMALL = {"width": 128, "height": 128, "steps": 2, "guidance_scale": 3.5, "respon
 JOB_DONE = re.compile(r"job done id=(\S+)")
 
 
-def done_ids(server: Server) -> list[str]:
+def done_ids(server: InProcessServer) -> list[str]:
     """Ids of the jobs the worker finished, in order, from the server log."""
     return JOB_DONE.findall(server.log())
 
@@ -51,17 +53,17 @@ def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 120.0
     pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
 
 
-def queue_depth(server: Server) -> int:
+def queue_depth(server: InProcessServer) -> int:
     response = httpx.get(f"{server.url}/ready", timeout=10)
     assert response.status_code == 200, response.text
     return response.json()["queue_depth"]
 
 
-def post(server: Server, body: dict[str, Any], timeout: float | httpx.Timeout = 300) -> httpx.Response:
+def post(server: InProcessServer, body: dict[str, Any], timeout: float | httpx.Timeout = 300) -> httpx.Response:
     return httpx.post(f"{server.url}/v1/images/generations", json={"model": MODEL, **body}, timeout=timeout)
 
 
-def concurrently(server: Server, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
+def concurrently(server: InProcessServer, bodies: list[dict[str, Any]]) -> list[httpx.Response]:
     """Send every body at once (threads released together by a barrier); responses in body order."""
     barrier = threading.Barrier(len(bodies))
 
@@ -76,13 +78,13 @@ def concurrently(server: Server, bodies: list[dict[str, Any]]) -> list[httpx.Res
 class Background:
     """A request running in a thread, so the test can act while the server works on it."""
 
-    def __init__(self, server: Server, body: dict[str, Any]) -> None:
+    def __init__(self, server: InProcessServer, body: dict[str, Any]) -> None:
         self.response: httpx.Response | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(server, body), daemon=True)
         self._thread.start()
 
-    def _run(self, server: Server, body: dict[str, Any]) -> None:
+    def _run(self, server: InProcessServer, body: dict[str, Any]) -> None:
         try:
             self.response = post(server, body)
         except BaseException as exc:  # noqa: BLE001 - surfaced by result()
@@ -100,7 +102,7 @@ class Background:
         return self.response
 
 
-def occupy_worker(server: Server) -> Background:
+def occupy_worker(server: InProcessServer) -> Background:
     """Start the slow request and wait until the worker has taken it off the queue."""
     blocker = Background(server, SLOW)
     time.sleep(0.3)  # let the request reach the server; the worker takes it at once
@@ -124,24 +126,20 @@ def assert_error(response: httpx.Response, status: int, type_: str, code: str) -
 
 
 @pytest.fixture(scope="module")
-def batching_server(make_server: Any) -> Iterator[Server]:
+def batching_server(make_app: Any) -> InProcessServer:
     # A fixed window (not the adaptive one): concurrent requests meet in it however they arrive.
-    server = make_server({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 8,
-                                                      "adaptive_window": False}})
-    yield server
-    server.stop()
+    return make_app({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 8,
+                                                 "adaptive_window": False}}, listen=True)
 
 
 @pytest.fixture(scope="module")
-def capped_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 2,
-                                                      "adaptive_window": False}})
-    yield server
-    server.stop()
+def capped_server(make_app: Any) -> InProcessServer:
+    return make_app({**ONE_THREAD, "scheduler": {"batch_window_ms": 600, "max_batch_images": 2,
+                                                 "adaptive_window": False}}, listen=True)
 
 
 def test_compatible_requests_share_one_batch_and_match_their_unbatched_twins(
-    batching_server: Server,
+    batching_server: InProcessServer,
 ) -> None:
     bodies = [
         {**SMALL, "prompt": f"a harbour at dawn, take {i}", "seed": 1000 + 17 * i, "output_format": "png"}
@@ -175,7 +173,7 @@ def test_compatible_requests_share_one_batch_and_match_their_unbatched_twins(
     assert np.abs(first - second).mean() > 1
 
 
-def test_incompatible_requests_land_in_different_batches(batching_server: Server) -> None:
+def test_incompatible_requests_land_in_different_batches(batching_server: InProcessServer) -> None:
     bodies = [
         {**SMALL, "prompt": "base", "seed": 1},
         {**SMALL, "prompt": "other steps", "seed": 2, "steps": 1},
@@ -190,7 +188,7 @@ def test_incompatible_requests_land_in_different_batches(batching_server: Server
     assert images_of(responses[2])[0].size == (64, 128)
 
 
-def test_a_job_with_n_3_contributes_3_images_to_its_batch(batching_server: Server) -> None:
+def test_a_job_with_n_3_contributes_3_images_to_its_batch(batching_server: InProcessServer) -> None:
     bodies = [{**SMALL, "prompt": "three of them", "seed": 50, "n": 3}, {**SMALL, "prompt": "one", "seed": 9}]
     responses = concurrently(batching_server, bodies)
     triple, single = (r.json() for r in responses)
@@ -200,7 +198,7 @@ def test_a_job_with_n_3_contributes_3_images_to_its_batch(batching_server: Serve
     assert len(images_of(responses[0])) == 3 and len(images_of(responses[1])) == 1
 
 
-def test_batches_never_exceed_max_batch_images(capped_server: Server) -> None:
+def test_batches_never_exceed_max_batch_images(capped_server: InProcessServer) -> None:
     bodies = [{**SMALL, "prompt": f"capped {i}", "seed": i} for i in range(4)]
     responses = concurrently(capped_server, bodies)
     by_batch: dict[str, list[dict[str, Any]]] = {}
@@ -220,20 +218,17 @@ def test_batches_never_exceed_max_batch_images(capped_server: Server) -> None:
 
 
 @pytest.fixture(scope="module")
-def small_queue_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({**ONE_THREAD, "queue": {"max_jobs": 1, "retry_after_s": 3}})
-    yield server
-    server.stop()
+def small_queue_server(make_app: Any) -> InProcessServer:
+    return make_app({**ONE_THREAD, "queue": {"max_jobs": 1, "retry_after_s": 3}}, listen=True)
 
 
 @pytest.fixture(scope="module")
-def deadline_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({**ONE_THREAD, "server": {"request_timeout_s": 0.5}, "queue": {"max_jobs": 64}})
-    yield server
-    server.stop()
+def deadline_server(make_app: Any) -> InProcessServer:
+    return make_app({**ONE_THREAD, "server": {"request_timeout_s": 0.5}, "queue": {"max_jobs": 64}},
+                    listen=True)
 
 
-def test_flood_gets_503_with_retry_after_and_the_rest_succeed(small_queue_server: Server) -> None:
+def test_flood_gets_503_with_retry_after_and_the_rest_succeed(small_queue_server: InProcessServer) -> None:
     server = small_queue_server
     before = set(done_ids(server))
     # Compatible requests, heavy enough that the rest arrive while the first batch runs.
@@ -263,7 +258,7 @@ def test_flood_gets_503_with_retry_after_and_the_rest_succeed(small_queue_server
     assert queue_depth(server) == 0
 
 
-def test_ready_reports_queue_depth(small_queue_server: Server) -> None:
+def test_ready_reports_queue_depth(small_queue_server: InProcessServer) -> None:
     server = small_queue_server
     assert queue_depth(server) == 0
     blocker = occupy_worker(server)
@@ -276,7 +271,7 @@ def test_ready_reports_queue_depth(small_queue_server: Server) -> None:
     assert queue_depth(server) == 0
 
 
-def test_client_disconnect_frees_its_queue_slot_and_its_job_never_runs(small_queue_server: Server) -> None:
+def test_client_disconnect_frees_its_queue_slot_and_its_job_never_runs(small_queue_server: InProcessServer) -> None:
     server = small_queue_server
     before = set(done_ids(server))
     blocker = occupy_worker(server)
@@ -300,7 +295,7 @@ def test_client_disconnect_frees_its_queue_slot_and_its_job_never_runs(small_que
     assert set(done_ids(server)) - before == ran  # B never ran
 
 
-def test_job_not_started_before_its_deadline_gets_504_and_never_runs(deadline_server: Server) -> None:
+def test_job_not_started_before_its_deadline_gets_504_and_never_runs(deadline_server: InProcessServer) -> None:
     server = deadline_server
     before = set(done_ids(server))
     blocker = occupy_worker(server)

@@ -27,13 +27,13 @@ from server.registry import Registry, load_manifests
 from .conftest import (
     MODEL,
     REPO,
-    Server,
     decode_image,
     mean_abs_diff,
     openai_client,
     run_together1,
     together3,
 )
+from .support.inprocess import InProcessServer
 
 GEN = "/v1/images/generations"
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "steps": 1}
@@ -49,24 +49,24 @@ SD_FLAG_ALL = {"format": "sd-safety-checker", "source": {"builtin": "tiny-sd-saf
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def post(server: Server, key: str = "any", **body: Any) -> httpx.Response:
+def post(server: InProcessServer, key: str = "any", **body: Any) -> httpx.Response:
     body.setdefault("model", MODEL)
     for name, value in SMALL.items():
         body.setdefault(name, value)
     return httpx.post(server.url + GEN, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
-def ready(server: Server) -> dict[str, Any]:
+def ready(server: InProcessServer) -> dict[str, Any]:
     resp = httpx.get(server.url + "/ready", timeout=30)
     assert resp.status_code == 200, resp.text
     return resp.json()
 
 
-def counters(server: Server) -> dict[str, int]:
+def counters(server: InProcessServer) -> dict[str, int]:
     return ready(server)["safety"]["counters"]
 
 
-def stored_files(server: Server) -> list[Path]:
+def stored_files(server: InProcessServer) -> list[Path]:
     if not server.storage_dir.exists():
         return []
     return sorted(p for p in server.storage_dir.iterdir() if p.is_file())
@@ -110,7 +110,7 @@ def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
             if after.get(k, 0) != before.get(k, 0)}
 
 
-def run_together1_once(server: Server, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def run_together1_once(server: InProcessServer, calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``client.images.generate(**call)`` with together 1.x, per call its one outcome."""
     return [attempts[0] for attempts in run_together1(server, calls)]
 
@@ -133,14 +133,14 @@ def tiny_manifest(model_id: str, **changes: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def guarded(make_server: Any) -> Server:
+def guarded(make_app: Any) -> InProcessServer:
     """The default policy (checker on, disable never allowed) plus a test word list."""
-    return make_server({"safety": {"prompt": {"blocklist": ["zorblax", "grim phrase"],
-                                              "patterns": [r"\bforbid\w*"]}}})
+    return make_app({"safety": {"prompt": {"blocklist": ["zorblax", "grim phrase"],
+                                              "patterns": [r"\bforbid\w*"]}}}, listen=True)
 
 
 @pytest.fixture(scope="module")
-def strict(make_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Server:
+def strict(make_app: Any, tmp_path_factory: pytest.TempPathFactory) -> InProcessServer:
     """Models whose manifests name flag-everything checkers of both formats; disabling per API key."""
     models = tmp_path_factory.mktemp("models")
     for manifest in (
@@ -150,22 +150,22 @@ def strict(make_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Server
                       capabilities={"safety_checker_optional": False}),
     ):
         (models / f"{manifest['id'].split('/')[1]}.yaml").write_text(yaml.safe_dump(manifest))
-    return make_server({
+    return make_app({
         "models_dir": str(models), "models": [VIT_STRICT, SD_STRICT, LOCKED],
         "server": {"api_keys": [USER, TRUSTED]},
         "safety": {"allow_disable": "per_key", "disable_keys": [TRUSTED]},
-    })
+    }, listen=True)
 
 
 @pytest.fixture(scope="module")
-def permissive(make_server: Any) -> Server:
+def permissive(make_app: Any) -> InProcessServer:
     """Anyone may disable; otherwise a text classifier and the image checker (config) flag everything."""
-    return make_server({"safety": {
+    return make_app({"safety": {
         "allow_disable": "always",
         "prompt": {"classifier": {"source": {"builtin": "tiny-text-classifier"}, "label": "nsfw",
                                   "threshold": 0.0}},
         "image_checker": VIT_FLAG_ALL,
-    }})
+    }}, listen=True)
 
 
 # ----------------------------------------------------------------------------------- default policy
@@ -184,7 +184,7 @@ def test_default_config_runs_the_checker() -> None:
         assert manifests[model_id].safety.image_checker is not None, model_id
 
 
-def test_clean_request_passes_both_stages(guarded: Server) -> None:
+def test_clean_request_passes_both_stages(guarded: InProcessServer) -> None:
     before = counters(guarded)
     files = stored_files(guarded)
     [item] = assert_images(post(guarded, prompt="a lighthouse at dusk", seed=3, response_format="url",
@@ -199,7 +199,7 @@ def test_clean_request_passes_both_stages(guarded: Server) -> None:
 @pytest.mark.parametrize("prompt", [
     "a zorblax at dawn", "A ZORBLAX, at dawn", "the Grim   Phrase in fog", "forbidden fruit", "Forbid it",
 ])
-def test_flagged_prompt_is_422_before_any_gpu_work(guarded: Server, prompt: str) -> None:
+def test_flagged_prompt_is_422_before_any_gpu_work(guarded: InProcessServer, prompt: str) -> None:
     before = ready(guarded)
     files = stored_files(guarded)
     err = assert_flagged(post(guarded, prompt=prompt, n=2, response_format="url"), "prompt")
@@ -218,13 +218,13 @@ def test_flagged_prompt_is_422_before_any_gpu_work(guarded: Server, prompt: str)
     {"prompt": "a lighthouse", "negative_prompt": "zorblax, blur"},  # negative prompts are not checked
     {"prompt": "a lighthouse", "disable_safety_checker": False},
 ], ids=["not a whole word", "negative prompt", "disable false"])
-def test_unflagged_prompts_generate(guarded: Server, fields: dict[str, Any]) -> None:
+def test_unflagged_prompts_generate(guarded: InProcessServer, fields: dict[str, Any]) -> None:
     before = ready(guarded)["pipeline_calls"]
     assert_images(post(guarded, seed=1, response_format="base64", **fields))
     assert ready(guarded)["pipeline_calls"] == before + 1
 
 
-def test_disable_is_refused_by_default(guarded: Server) -> None:
+def test_disable_is_refused_by_default(guarded: InProcessServer) -> None:
     before = ready(guarded)
     err = assert_refused_disable(post(guarded, prompt="a lighthouse", disable_safety_checker=True))
     assert "does not allow" in err["message"]
@@ -233,7 +233,7 @@ def test_disable_is_refused_by_default(guarded: Server) -> None:
     assert delta(before["safety"]["counters"], after["safety"]["counters"]) == {"disable_refused": 1}
 
 
-def test_sdks_raise_422_and_403_classes_on_the_prompt_stage(guarded: Server) -> None:
+def test_sdks_raise_422_and_403_classes_on_the_prompt_stage(guarded: InProcessServer) -> None:
     flagged = post(guarded, prompt="a zorblax").json()["error"]
     with pytest.raises(together.UnprocessableEntityError) as t3:
         together3(guarded).images.generate(model=MODEL, prompt="a zorblax", **SMALL)
@@ -266,7 +266,7 @@ def test_sdks_raise_422_and_403_classes_on_the_prompt_stage(guarded: Server) -> 
 
 
 @pytest.mark.parametrize("model", [VIT_STRICT, SD_STRICT], ids=["image-classification", "sd-safety-checker"])
-def test_flagged_image_is_422_and_nothing_is_stored(strict: Server, model: str) -> None:
+def test_flagged_image_is_422_and_nothing_is_stored(strict: InProcessServer, model: str) -> None:
     before = ready(strict)
     files = stored_files(strict)
     resp = post(strict, USER, model=model, prompt="a lighthouse", n=2, response_format="url")
@@ -284,7 +284,7 @@ def test_flagged_image_is_422_and_nothing_is_stored(strict: Server, model: str) 
     assert len(stored_files(strict)) == len(files) + 1
 
 
-def test_disable_per_api_key(strict: Server) -> None:
+def test_disable_per_api_key(strict: InProcessServer) -> None:
     err = assert_refused_disable(post(strict, USER, model=VIT_STRICT, prompt="a fox",
                                       disable_safety_checker=True))
     assert "API key" in err["message"]
@@ -295,7 +295,7 @@ def test_disable_per_api_key(strict: Server) -> None:
     assert delta(before, counters(strict)) == {"disable_honored": 1}
 
 
-def test_manifest_can_forbid_disabling(strict: Server) -> None:
+def test_manifest_can_forbid_disabling(strict: InProcessServer) -> None:
     card = httpx.get(f"{strict.url}/v1/models", headers={"Authorization": f"Bearer {USER}"},
                      timeout=30).json()
     optional = {m["id"]: m["capabilities"]["safety_checker_optional"] for m in card["data"]}
@@ -305,7 +305,7 @@ def test_manifest_can_forbid_disabling(strict: Server) -> None:
     assert LOCKED in err["message"]
 
 
-def test_sdks_raise_422_on_the_image_stage(strict: Server) -> None:
+def test_sdks_raise_422_on_the_image_stage(strict: InProcessServer) -> None:
     raw = post(strict, USER, model=SD_STRICT, prompt="a fox").json()["error"]
     with pytest.raises(together.UnprocessableEntityError) as t3:
         together3(strict, USER).images.generate(model=SD_STRICT, prompt="a fox", response_format="url",
@@ -332,7 +332,7 @@ def test_sdks_raise_422_on_the_image_stage(strict: Server) -> None:
 # ---------------------------------------------------------------------- text classifier, "always"
 
 
-def test_prompt_classifier_flags_before_any_gpu_work(permissive: Server) -> None:
+def test_prompt_classifier_flags_before_any_gpu_work(permissive: InProcessServer) -> None:
     before = ready(permissive)
     assert before["safety"]["prompt_stage"] == "ready"
     err = assert_flagged(post(permissive, prompt="a quiet harbour"), "prompt")
@@ -343,7 +343,7 @@ def test_prompt_classifier_flags_before_any_gpu_work(permissive: Server) -> None
         "prompts_checked": 1, "prompts_flagged": 1}
 
 
-def test_disable_always_allowed_skips_both_stages(permissive: Server) -> None:
+def test_disable_always_allowed_skips_both_stages(permissive: InProcessServer) -> None:
     before = ready(permissive)
     data = assert_images(post(permissive, prompt="a quiet harbour", response_format="base64",
                               disable_safety_checker=True))
@@ -379,7 +379,7 @@ def _one_flagging_spec(fmt: str, images: list[Any], cache: Path) -> dict[str, An
 
 
 @pytest.mark.parametrize("fmt", ["image-classification", "sd-safety-checker"])
-def test_one_flagged_job_does_not_fail_its_batch(guarded: Server, make_server: Any, tiny_cache: Path,
+def test_one_flagged_job_does_not_fail_its_batch(guarded: InProcessServer, make_app: Any, tiny_cache: Path,
                                                  fmt: str) -> None:
     # Measure: a request for seeds s and s+1 runs the same pipeline call as two batched jobs would.
     for seed in (10, 20, 30, 40, 50):
@@ -393,9 +393,9 @@ def test_one_flagged_job_does_not_fail_its_batch(guarded: Server, make_server: A
     flagged_index = [v.flagged for v in load_image_checker(ImageCheckerSpec(**spec), tiny_cache, "cpu")
                      .check(images)].index(True)
 
-    server = make_server({"safety": {"image_checker": spec},
+    server = make_app({"safety": {"image_checker": spec},
                           "scheduler": {"batch_window_ms": 30000, "max_batch_images": 2,
-                                        "adaptive_window": False}})
+                                        "adaptive_window": False}}, listen=True)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(post, server, prompt=PROMPT, seed=seed + i, output_format="png",
                                response_format="base64") for i in range(2)]

@@ -1,6 +1,6 @@
 """Stored images behind signed, expiring URLs, and their encoding.
 
-The server tests run real ``darkroom serve`` processes with a known signing key, so a test can sign a
+The server tests serve the app on a loopback port (in-process) with a known signing key, so a test can sign a
 URL itself (for a key that does not exist, or a fresh expiry) exactly as the server would.
 """
 
@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 import httpx
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from server.api.storage import LocalStorage
@@ -25,7 +26,8 @@ from server.config import StorageSettings
 from server.errors import Forbidden, NotFound
 from server.images import encode_image
 
-from .conftest import MODEL, Server
+from .conftest import MODEL
+from .support.inprocess import InProcessServer
 
 API_KEY = "storage-test-key"
 SIGNING_KEY = "storage-test-signing-key"
@@ -33,7 +35,7 @@ ONE_THREAD = {"engine": {"cpu_threads": 1}}
 FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp")}
 
 
-def generate(server: Server, **body: Any) -> httpx.Response:
+def generate(server: InProcessServer, **body: Any) -> httpx.Response:
     body = {"model": MODEL, "prompt": "a stored image", "width": 96, "height": 64, "steps": 1, **body}
     return httpx.post(f"{server.url}/v1/images/generations", json=body, timeout=120,
                       headers={"Authorization": f"Bearer {API_KEY}"})
@@ -87,30 +89,35 @@ def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 30.0)
 
 
 @pytest.fixture(scope="module")
-def url_server(make_server: Any) -> Iterator[Server]:
-    server = make_server({
+def url_server(make_app: Any) -> Iterator[InProcessServer]:
+    config = {
         **ONE_THREAD,
         "server": {"api_keys": [API_KEY], "default_response_format": "url"},
         "storage": {"signing_key": SIGNING_KEY},
-    })
+    }
+    server = make_app(config, listen=True)
+    # What a deployment keeps beside its image folder, as `darkroom serve` runs in tests: its config (with
+    # the signing key) and its log. The path-traversal tests aim at them.
+    (server.storage_dir.parent / "config.yaml").write_text(yaml.safe_dump(config))
+    (server.storage_dir.parent / "server.log").write_text("root:x:0:0:root:/root:/bin/bash\n")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def short_lived_server(make_server: Any) -> Iterator[Server]:
+def short_lived_server(make_app: Any) -> Iterator[InProcessServer]:
     """URLs valid for 1 s; files kept 2 s, swept every 0.5 s."""
-    server = make_server({
+    server = make_app({
         **ONE_THREAD,
         "server": {"api_keys": [API_KEY]},
         "storage": {"signing_key": SIGNING_KEY, "url_ttl_s": 1, "retention_s": 2, "cleanup_interval_s": 0.5},
-    })
+    }, listen=True)
     yield server
     server.stop()
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
-def test_url_response_serves_the_image_without_an_api_key(url_server: Server, fmt: str) -> None:
+def test_url_response_serves_the_image_without_an_api_key(url_server: InProcessServer, fmt: str) -> None:
     response = generate(url_server, seed=21, output_format=fmt, response_format="url")
     url = url_of(response)
     assert url.startswith(f"{url_server.url}/v1/files/")
@@ -130,7 +137,7 @@ def test_url_response_serves_the_image_without_an_api_key(url_server: Server, fm
     assert base64.b64decode(inline.json()["data"][0]["b64_json"]) == fetched.content
 
 
-def test_default_response_format_is_a_url_and_each_image_gets_its_own(url_server: Server) -> None:
+def test_default_response_format_is_a_url_and_each_image_gets_its_own(url_server: InProcessServer) -> None:
     response = generate(url_server, seed=3, n=2)
     urls = [item["url"] for item in response.json()["data"]]
     assert len(set(urls)) == 2
@@ -139,7 +146,7 @@ def test_default_response_format_is_a_url_and_each_image_gets_its_own(url_server
     assert all(Image.open(io.BytesIO(c)).format == "JPEG" for c in contents)
 
 
-def test_tampered_urls_are_refused(url_server: Server) -> None:
+def test_tampered_urls_are_refused(url_server: InProcessServer) -> None:
     url = url_of(generate(url_server, seed=5, response_format="url"))
     assert httpx.get(url, timeout=30).status_code == 200
     query = query_of(url)
@@ -159,7 +166,7 @@ def test_tampered_urls_are_refused(url_server: Server) -> None:
     assert_error(httpx.get(url.split("?")[0], timeout=30), 400, "invalid_request")
 
 
-def test_validly_signed_url_for_a_missing_file_is_404(url_server: Server, tmp_path: Path) -> None:
+def test_validly_signed_url_for_a_missing_file_is_404(url_server: InProcessServer, tmp_path: Path) -> None:
     path = signer(tmp_path).signed_path("0123456789abcdef0123456789abcdef.png")
     assert_error(httpx.get(url_server.url + path, timeout=30), 404, "file_not_found")
 
@@ -171,7 +178,7 @@ def test_validly_signed_url_for_a_missing_file_is_404(url_server: Server, tmp_pa
     "%2E%2E%2Fconfig.yaml",
     "..%5Cconfig.yaml",
 ])
-def test_path_traversal_keys_are_404(url_server: Server, tmp_path: Path, key: str) -> None:
+def test_path_traversal_keys_are_404(url_server: InProcessServer, tmp_path: Path, key: str) -> None:
     # config.yaml and server.log really exist one level above the storage directory.
     assert (url_server.storage_dir.parent / "config.yaml").is_file()
     # Sign the decoded key, so only the key check can stop the request.
@@ -184,7 +191,7 @@ def test_path_traversal_keys_are_404(url_server: Server, tmp_path: Path, key: st
     assert config not in response.content and b"root:" not in response.content
 
 
-def test_expired_url_is_403(short_lived_server: Server) -> None:
+def test_expired_url_is_403(short_lived_server: InProcessServer) -> None:
     url = url_of(generate(short_lived_server, seed=7, response_format="url"))
     expires = int(query_of(url)["expires"])
     # Wait until the URL's expiry has passed (it was issued with a 1 s lifetime).
@@ -192,7 +199,7 @@ def test_expired_url_is_403(short_lived_server: Server) -> None:
     assert_error(httpx.get(url, timeout=30), 403, "url_expired")
 
 
-def test_stored_files_are_removed_after_retention(short_lived_server: Server, tmp_path: Path) -> None:
+def test_stored_files_are_removed_after_retention(short_lived_server: InProcessServer, tmp_path: Path) -> None:
     server = short_lived_server
     url = url_of(generate(server, seed=8, output_format="png", response_format="url"))
     key = key_of(url)
@@ -207,7 +214,7 @@ def test_stored_files_are_removed_after_retention(short_lived_server: Server, tm
     assert not any(p.name.endswith(".tmp") for p in server.storage_dir.iterdir())
 
 
-def test_freshly_signed_url_serves_an_existing_file(short_lived_server: Server, tmp_path: Path) -> None:
+def test_freshly_signed_url_serves_an_existing_file(short_lived_server: InProcessServer, tmp_path: Path) -> None:
     """The control for the test above: the same re-signing gives 200 while the file is there."""
     server = short_lived_server
     url = url_of(generate(server, seed=9, output_format="png", response_format="url"))

@@ -9,6 +9,10 @@ log lines (logger ``server``) are kept for ``log()``.
 
 Engines: ``"tiny"`` runs the real tiny FLUX in a worker thread (loads in a few seconds); ``"stand-in"``
 answers with solid images from tests/support/standin.py (no torch work) for everything around the engine.
+``listen()`` serves the same app on a free loopback port too (uvicorn on the app's event loop): ``url`` is then
+a real ``http://127.0.0.1:PORT`` for callers that need a socket (together 1.x from its own venv, signed URLs
+fetched with plain httpx, a browser), without the start-up of a ``darkroom serve`` process.
+
 Metrics are process-wide (server/metrics.py): counters add up across the apps of one test process, and the
 scrape-time gauges (queue depth, readiness, safety counters) are those of the app started last.
 """
@@ -31,6 +35,7 @@ from server.api.runtime import Runtime
 from server.config import Settings
 from server.worker.wiring import device_slots, serve_workers, uses_processes
 
+from .launch import free_port
 from .standin import StandInEngine, stand_in_engine
 
 URL = "http://testserver"
@@ -84,12 +89,12 @@ class InProcessServer:
     """An app built from a config dict, started in this process. Shaped like conftest's ``Server``
     (``url``, ``generate``, ``log``, ``stop``), with ``client`` (an httpx.Client) for everything else."""
 
-    url = URL
-
     def __init__(self, settings: Settings, engine: Engine = "tiny",
                  stand_in: Callable[[str], StandInEngine] = stand_in_engine) -> None:
         self.settings = settings
         self.engine = engine
+        self.url = URL
+        self.storage_dir = settings.storage.directory
         self.engines: list[StandInEngine] = []  # the stand-in engines, for assertions on their calls
         # How each device's stand-in engine is made (in this process for worker threads; in each worker
         # process when the workers are processes, where it must be picklable: a class or a functools.partial
@@ -119,7 +124,7 @@ class InProcessServer:
         logger.setLevel(self.settings.server.log_level.upper())
         self._stack.callback(logger.setLevel, level)
         self._stack.callback(logger.removeHandler, self._records)
-        portal = self._stack.enter_context(anyio.from_thread.start_blocking_portal())
+        portal = self._portal = self._stack.enter_context(anyio.from_thread.start_blocking_portal())
         lifespan = self.app.router.lifespan_context(self.app)
         self._stack.enter_context(portal.wrap_async_context_manager(lifespan))
         transport = PortalTransport(self.app, portal)
@@ -131,6 +136,38 @@ class InProcessServer:
                 self.stop()
                 raise RuntimeError(f"in-process app not ready after {timeout_s}s: {ready.text}\n{self.log()}")
             time.sleep(0.05)
+        return self
+
+    def listen(self, timeout_s: float = 30.0) -> InProcessServer:
+        """Serve the started app on a free loopback port too, with the production HTTP settings (uvicorn with
+        ``uvicorn_options``, as ``darkroom serve`` runs it, on the app's own event loop); afterwards ``url`` and
+        ``client`` go through that socket, and ``http_client`` is None (the SDKs open their own connections)."""
+        import uvicorn
+
+        from server.api.http import uvicorn_options
+
+        port = free_port()
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=port, lifespan="off", log_config=None,
+                                access_log=False, **uvicorn_options(self.settings.server))
+        server = uvicorn.Server(config)
+        serving = self._portal.start_task_soon(server.serve)
+
+        def shut() -> None:
+            server.should_exit = True
+            serving.result(timeout=30)
+
+        self._stack.callback(shut)  # before the lifespan ends (the stack closes last-in, first-out)
+        deadline = time.monotonic() + timeout_s
+        while not server.started:
+            if serving.done():
+                serving.result()  # raises what stopped it
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on port {port} within {timeout_s}s")
+            time.sleep(0.01)
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+        self._stack.callback(self.client.close)
+        self.http_client = None
         return self
 
     def stop(self) -> None:
