@@ -31,6 +31,13 @@ from .support.inprocess import Engine, InProcessServer, in_process_settings
 from .support.launch import free_port, stop, wait_ready
 from .support.standin import StandInEngine, stand_in_engine
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under pytest-xdist (`make test` runs two workers on two cores) each worker is one core's worth: one
+    # torch/OpenMP thread (spinning OpenMP threads of two processes slow each other down many times over),
+    # and inductor compiles in this process instead of starting a pool of compile workers. Read at import.
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
+        os.environ.setdefault(_name, "1")
+
 REPO = Path(__file__).resolve().parents[1]
 TOGETHER1_PYTHON = REPO / ".venv-together1" / "bin" / "python"
 MODEL = "darkroom/tiny-flux"
@@ -122,10 +129,14 @@ def make_server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> I
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def server(make_server: Any) -> Server:
-    """The plain default server, shared by a module's tests."""
-    return make_server({"server": {"default_response_format": "base64"}})
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[Server]:
+    """The plain default server, one process for the session (tests/test_clients.py and tests/test_logs.py,
+    one xdist group)."""
+    started = Server(tmp_path_factory.mktemp("server"), tiny_cache,
+                     {"server": {"default_response_format": "base64"}}).start()
+    yield started
+    started.stop()
 
 
 @pytest.fixture(scope="module")
@@ -237,6 +248,18 @@ def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
 def images_of(response: httpx.Response) -> list[Image.Image]:
     assert response.status_code == 200, response.text
     return [decode_image(item["b64_json"]) for item in response.json()["data"]]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Scheduling for pytest-xdist's ``--dist loadgroup`` (the Makefile's ``test`` target): a module is one
+    group unless its tests name their own ``xdist_group`` (so module-scoped servers start once), and groups
+    with a ``heavy`` test go first, so that the run does not end waiting on one long module. Without xdist
+    only the order changes (heavy modules first, each module's own order kept)."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: the rest keep their order
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import REPO
 
 BENCH = REPO / "scripts" / "bench_engine.py"
@@ -31,6 +33,8 @@ def rows_of(out: str) -> list[tuple[str, int]]:
     return [(m.group(1), int(m.group(2))) for m in re.finditer(pattern, out, re.M)]
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("bench-engine-tiny")
 def test_tiny_cpu_run_prints_baseline_and_darkroom_rows(tiny_cache: Path, tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     out = run(str(BENCH), "--device", "cpu", "--tiny", "--cache-dir", str(tiny_cache), "--iterations", "2",
@@ -48,6 +52,8 @@ def test_tiny_cpu_run_prints_baseline_and_darkroom_rows(tiny_cache: Path, tmp_pa
     assert [len(row["latencies"]) for row in report["rows"]] == [2, 2, 4]
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("bench-engine-weights")
 def test_scaled_down_full_build_loads_through_a_manifest(tmp_path: Path) -> None:
     weights = tmp_path / "flux-dev-small"
     out = run(str(BUILD), "--variant", "dev", "--device", "cpu", "--dtype", "float32", "--scale-down",
@@ -140,6 +146,8 @@ def test_documented_device_command_fits_the_device_tool() -> None:
     assert len(wheels) == 15 and set(wheels) == listed
 
 
+@pytest.mark.heavy
+@pytest.mark.xdist_group("bench-engine-rehearsal")
 def test_random_rehearsal_runs_every_phase_with_no_recompile_after_ready(tiny_cache: Path,
                                                                          tmp_path: Path) -> None:
     """The device proof's CPU rehearsal with tiny counts: the scaled-down random FLUX.1-schnell built in

@@ -11,12 +11,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import MODEL, REPO
 
 SCRIPT = REPO / "scripts" / "bench_serving.py"
 NUMBER = r"\d+(?:\.\d+)?"
 
 
+@pytest.mark.heavy
 def test_quick_benchmark_prints_every_row(tiny_cache: Path, tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     proc = subprocess.run(

@@ -93,19 +93,26 @@ def test_stalled_downloads_never_delay_a_request_that_downloads_nothing(
     assert all(r.status_code < 500 for r in answered)
 
 
-def test_one_key_holds_at_most_max_per_key_downloads(
-    downloads_app: InProcessServer, stall_origin: ImageOrigin,
-) -> None:
-    def post(i: int) -> httpx.Response:
-        body = {**PLAIN, "steps": 2, "image_url": stall_origin.url(f"/stall?s=2&key={i}")}
+def test_one_key_holds_at_most_max_per_key_downloads(downloads_app: InProcessServer) -> None:
+    """Three downloads of one key stall in flight (its max_per_key); while they hold their slots, that key's
+    fourth and fifth are refused with 429; released, the three are served."""
+    def post(origin: ImageOrigin, i: int) -> httpx.Response:
+        body = {**PLAIN, "steps": 2, "image_url": origin.url(f"/stall?key={i}")}
         return downloads_app.client.post("/v1/images/generations", json=body,
                                          headers={"authorization": "Bearer same-key"}, timeout=60)
 
-    with ThreadPoolExecutor(5) as pool:
-        responses = list(pool.map(post, range(5)))
-    busy = [r for r in responses if r.status_code == 429]
-    assert len(busy) == 2 and all("already has 3 downloads" in error_of(r)["message"] for r in busy)
-    assert sum(r.status_code == 200 for r in responses) == 3
+    # Its own origin: the module's one was released by the test above, and stalls no more.
+    with ImageOrigin(name="localhost") as origin, ThreadPoolExecutor(3) as pool:
+        held = [pool.submit(post, origin, i) for i in range(3)]
+        try:
+            wait_until(lambda: origin.stalled == 3, "3 downloads of the key in flight")
+            busy = [post(origin, i) for i in (3, 4)]
+        finally:
+            origin.release()
+        served = [f.result() for f in held]
+    assert all(r.status_code == 429 and "already has 3 downloads" in error_of(r)["message"] for r in busy), \
+        [r.text for r in busy]
+    assert all(r.status_code == 200 for r in served), [r.text for r in served]
 
 
 # -- the quota counts admitted work only (issue 11, async bullet 4) -------------------------------------

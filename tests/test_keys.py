@@ -234,7 +234,9 @@ def test_keys_are_never_logged(keyed: InProcessServer) -> None:
 # -- limits shared over Redis -------------------------------------------------------------------------
 
 
-def test_limits_hold_across_two_api_processes(make_server: Any, tmp_path: Path) -> None:
+def test_limits_hold_across_two_api_servers(make_app: Any, tmp_path: Path) -> None:
+    """Two API servers (each its own app, limiter and worker; in this process, served on loopback ports) share
+    a key's limits through Redis alone."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     from .support.launch import RedisProcess
@@ -247,7 +249,7 @@ def test_limits_hold_across_two_api_processes(make_server: Any, tmp_path: Path) 
             "auth": {"keys": [{"name": "shared", "key": "sk-shared-0123456789", "requests_per_minute": 4},
                               {"name": "traced", "key": "sk-traced-0123456789"}]},
         }
-        first, second = make_server(config), make_server(config)
+        first, second = make_app(config, listen=True), make_app(config, listen=True)
         seen = []
         for server in (first, second, first, second):
             response = post(server, "sk-shared-0123456789")

@@ -17,6 +17,8 @@ import yaml
 
 from .conftest import MODEL, REPO, free_port, images_of
 
+pytestmark = pytest.mark.heavy
+
 HUB_MODEL = "darkroom-test/tiny-hub"
 ABSENT = "darkroom-test/absent"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -26,6 +26,8 @@ from .conftest import MODEL, REPO, decode_image
 from .support.inprocess import InProcessServer
 from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
+pytestmark = pytest.mark.heavy
+
 TINY = yaml.safe_load((REPO / "models" / "tiny-flux.yaml").read_text())
 SIZES = [(64, 64), (96, 80)]
 MAX_BATCH = 4

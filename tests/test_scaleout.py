@@ -35,7 +35,7 @@ from server.queue.redis_keys import GROUP, Keys
 from .conftest import MODEL, REPO, decode_image, free_port
 from .support.launch import REDIS_SERVER, RedisProcess, stop
 
-pytestmark = pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+pytestmark = [pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed"), pytest.mark.heavy]
 
 PREFIX = "dr-test"
 BUCKET = "darkroom-test"

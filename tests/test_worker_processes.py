@@ -25,6 +25,8 @@ from .conftest import images_of
 from .support.inprocess import InProcessServer
 from .support.standin import stand_in_engine
 
+pytestmark = pytest.mark.heavy
+
 WAIT_S = 90.0
 TWO = {"engine": {"devices": ["cpu", "cpu"]}, "server": {"default_response_format": "base64"},
        "worker": {"restart_backoff_s": 0.2}}
