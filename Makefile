@@ -19,9 +19,9 @@ TORCH_STAMP := $(VENV)/.torch-$(TORCH_ID)
 serve: $(VENV)/.installed
 	$(BIN)/darkroom serve $(ARGS)
 
-# Two workers (pytest-xdist): a module's tests stay in one worker (tests/conftest.py groups them), the heavy
-# ones start first; --durations=15 lists the slowest. `make test ARGS="-n 0"` runs in one process.
-TEST_OPTS ?= -n 2 --dist loadgroup --no-loadscope-reorder --durations=15
+# Two workers (pytest-xdist): a module's tests stay in one worker (tests/conftest.py schedules them), the
+# heavy ones start first; --durations=15 lists the slowest. `make test ARGS="-n 0"` runs in one process.
+TEST_OPTS ?= -n 2 --durations=15
 
 test: $(VENV)/.installed $(T1)/.installed
 	$(BIN)/python -m pytest $(TEST_OPTS) $(ARGS)

@@ -132,7 +132,7 @@ def make_server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> I
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, tiny_cache: Path) -> Iterator[Server]:
     """The plain default server, one process for the session (tests/test_clients.py and tests/test_logs.py,
-    one xdist group)."""
+    one work unit under xdist: see ``GROUPS``)."""
     started = Server(tmp_path_factory.mktemp("server"), tiny_cache,
                      {"server": {"default_response_format": "base64"}}).start()
     yield started
@@ -250,16 +250,48 @@ def images_of(response: httpx.Response) -> list[Image.Image]:
     return [decode_image(item["b64_json"]) for item in response.json()["data"]]
 
 
-@pytest.hookimpl(tryfirst=True)
+# -- scheduling on pytest-xdist workers (`make test` runs `-n 2`) ------------------------------------------
+
+# Where a module is not one unit of work: tests that share a process-wide fixture run in one worker (the
+# session's `server`), and long tests that share nothing with their module run beside it.
+GROUPS = {
+    "tests/test_clients.py": "plain-server",
+    "tests/test_logs.py": "plain-server",
+    "tests/test_optimize.py::test_compiled_transformer_and_vae_match_eager": "inductor-compile",
+    "tests/test_bench_engine.py::test_tiny_cpu_run_prints_baseline_and_darkroom_rows": "bench-engine-tiny",
+    "tests/test_bench_engine.py::test_scaled_down_full_build_loads_through_a_manifest": "bench-engine-weights",
+    "tests/test_bench_engine.py::test_random_rehearsal_runs_every_phase_with_no_recompile_after_ready":
+        "bench-engine-rehearsal",
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work of a test under xdist: its module (module-scoped servers start once), or its group."""
+    test = nodeid.split("[", 1)[0]
+    module = test.split("::", 1)[0]
+    return GROUPS.get(test) or GROUPS.get(module) or module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's load-scope scheduling with ``work_unit`` as the scope, units in collection order (heavy ones
+    first, see below). xdist's own ``--dist loadgroup`` cannot be used: it renames node ids through an
+    attribute that pytest 9 no longer reads, and silently spreads every test on its own."""
+    if config.getoption("dist") not in ("load", "loadscope"):
+        return None  # an explicit other --dist choice
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # collection order: the heavy units start first
+    return ByWorkUnit(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Scheduling for pytest-xdist's ``--dist loadgroup`` (the Makefile's ``test`` target): a module is one
-    group unless its tests name their own ``xdist_group`` (so module-scoped servers start once), and groups
-    with a ``heavy`` test go first, so that the run does not end waiting on one long module. Without xdist
-    only the order changes (heavy modules first, each module's own order kept)."""
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.path.stem))
-    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # stable: the rest keep their order
+    """Tests marked ``heavy`` (tens of seconds of CPU) run first, so that with two workers the run does not
+    end waiting on one of them; everything else keeps its order."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)  # a stable sort
 
 
 @pytest.hookimpl(hookwrapper=True)

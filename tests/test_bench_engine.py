@@ -34,7 +34,6 @@ def rows_of(out: str) -> list[tuple[str, int]]:
 
 
 @pytest.mark.heavy
-@pytest.mark.xdist_group("bench-engine-tiny")
 def test_tiny_cpu_run_prints_baseline_and_darkroom_rows(tiny_cache: Path, tmp_path: Path) -> None:
     out_json = tmp_path / "bench.json"
     out = run(str(BENCH), "--device", "cpu", "--tiny", "--cache-dir", str(tiny_cache), "--iterations", "2",
@@ -53,7 +52,6 @@ def test_tiny_cpu_run_prints_baseline_and_darkroom_rows(tiny_cache: Path, tmp_pa
 
 
 @pytest.mark.heavy
-@pytest.mark.xdist_group("bench-engine-weights")
 def test_scaled_down_full_build_loads_through_a_manifest(tmp_path: Path) -> None:
     weights = tmp_path / "flux-dev-small"
     out = run(str(BUILD), "--variant", "dev", "--device", "cpu", "--dtype", "float32", "--scale-down",
@@ -147,7 +145,6 @@ def test_documented_device_command_fits_the_device_tool() -> None:
 
 
 @pytest.mark.heavy
-@pytest.mark.xdist_group("bench-engine-rehearsal")
 def test_random_rehearsal_runs_every_phase_with_no_recompile_after_ready(tiny_cache: Path,
                                                                          tmp_path: Path) -> None:
     """The device proof's CPU rehearsal with tiny counts: the scaled-down random FLUX.1-schnell built in

@@ -13,8 +13,7 @@ import pytest
 
 from .conftest import MODEL, Server, images_of
 
-# conftest's `server` (one process for the session) serves test_clients too: one xdist group.
-pytestmark = [pytest.mark.heavy, pytest.mark.xdist_group("plain-server")]
+pytestmark = pytest.mark.heavy
 
 SMALL = {"width": 64, "height": 96, "steps": 2}
 STAGES = ("text_encode_ms", "denoise_ms", "vae_decode_ms", "safety_ms", "image_encode_ms")

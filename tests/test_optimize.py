@@ -42,7 +42,6 @@ def test_defaults_change_nothing() -> None:
 
 
 @pytest.mark.heavy
-@pytest.mark.xdist_group("inductor-compile")  # its own group: the rest of this module runs beside it
 def test_compiled_transformer_and_vae_match_eager(plain: Engine, tiny_cache: Path, tmp_path: Path) -> None:
     compiled = cpu_engine(tiny_manifest({"compile": {"transformer": "regional", "vae_decoder": True,
                                                 "cache_dir": str(tmp_path / "inductor")}}), tiny_cache)
