@@ -119,16 +119,6 @@ def _note_extras(request: Request, extras: Extras) -> None:
                  extra={"fields": {"request_id": rid, "ignored": list(extras.ignored)}})
 
 
-def _note_extras(request: Request, extras: Extras) -> None:
-    """The SDK fields that only reach the logs: ``user`` on the request's line, ignored fields on one line."""
-    if extras.user:
-        request.state.user = ascii(extras.user)[1:-1]
-    if extras.ignored:
-        rid = request_id(request)
-        log.info("request fields ignored request_id=%s fields=%s", rid, ",".join(extras.ignored),
-                 extra={"fields": {"request_id": rid, "ignored": list(extras.ignored)}})
-
-
 async def generate(request: Request, req: ImageRequest, inputs: Inputs,
                    default_model: ModelManifest | None = None) -> Response:
     """Run one validated request (``POST /v1/images/generations`` or ``/v1/images/edits``) and answer it."""

@@ -4,6 +4,7 @@ image storage behave, and the server-wide request limits (``server``, ``limits``
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def expand_path(path: Path) -> Path:
     return path.expanduser()
+
+
+def valid_networks(value: list[str]) -> list[str]:
+    """Each entry an IP network in CIDR notation, IPv4 or IPv6 (a bare address is its /32 or /128);
+    ``ValueError`` (a settings error naming the field) otherwise."""
+    for network in value:
+        ipaddress.ip_network(network, strict=False)
+    return value
 
 
 class ServerSettings(BaseModel):
@@ -60,14 +69,8 @@ class ServerSettings(BaseModel):
     # the prompt classifier) before 429 with retry-after.
     slot_wait_s: float = 1.0
 
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _valid_networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
+    _valid_networks = field_validator("trusted_proxies")(valid_networks)
 
-        for network in value:
-            ipaddress.ip_network(network, strict=False)
-        return value
 
 class LimitSettings(BaseModel):
     """Server-wide ceilings; a model manifest can only lower them (its ``limits``, server/registry.py
