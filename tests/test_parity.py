@@ -157,7 +157,8 @@ def test_match_input_image_takes_the_inputs_ratio(standin: InProcessServer) -> N
     assert params.conditioning == "kontext" and (params.image.width, params.image.height) == (w, h)
 
 
-def test_kontext_aspect_ratio_is_the_output_shape_and_the_input_keeps_its_own(standin: InProcessServer) -> None:
+def test_kontext_aspect_ratio_is_the_output_shape_and_the_input_keeps_its_own(
+        standin: InProcessServer) -> None:
     """On Kontext an aspect_ratio names the output's size (as width/height do): the output takes it, and the
     input image keeps its own aspect ratio at the output's area (Kontext never crops: server/api/kontext.py)."""
     response = together3(standin).images.generate(
