@@ -18,6 +18,7 @@ from .. import metrics
 from ..config import Settings
 from ..errors import (
     DarkroomError,
+    Forbidden,
     InvalidRequest,
     PayloadTooLarge,
     QueueFull,
@@ -33,7 +34,7 @@ from .auth import check_api_key
 from .conditioning import KontextSizing, attach_images
 from .extras import Extras, resolve_extras
 from .hosts import public_base
-from .keys import ApiKey, authorize_model, bearer_token, charge
+from .keys import ApiKey, authorize_model, bearer_token, charge, requested_model
 from .observe import request_id
 from .runtime import Runtime
 from .safety import resolve_check
@@ -128,7 +129,11 @@ async def generate(request: Request, req: ImageRequest, inputs: Inputs,
     job: Job | None = None
     # Until its job is queued (or refused), a request is "arriving": a batch being filled waits for it.
     with runtime.arriving():
-        manifest = runtime.registry.get(req.model) if req.model or default_model is None else default_model
+        manifest = default_model if default_model is not None and not req.model else (
+            requested_model(request, req.model or None))
+        if manifest is None:
+            raise Forbidden("this API key may not use any model served here", param="model",
+                            code="model_not_allowed")
         key = authorize_model(request, manifest)  # 403 for a model this API key may not use
         params = resolve_params(req, manifest, settings.limits, settings.loras,
                                 image_url=inputs.image_url, image_field=inputs.image_field)
