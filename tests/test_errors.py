@@ -284,6 +284,30 @@ def test_wrong_method_is_405_in_error_shape(plain: InProcessServer, method: str,
     assert method in err["message"]
 
 
+def test_head_wherever_get_answers(plain: InProcessServer) -> None:
+    """RFC 9110 §9.3.2: HEAD answers the GET's status and headers, without a body."""
+    stored = post(plain, gen_body(seed=3, response_format="url"))
+    assert stored.status_code == 200, stored.text
+    url = httpx.URL(stored.json()["data"][0]["url"])
+    signed = f"{url.path}?{url.query.decode()}"
+    paths = ["/health", "/", "/ready", "/v1/models", "/models", f"/v1/models/{MODEL}", "/metrics",
+             "/playground", "/openapi.json", "/docs", signed, "/v1/files/abc.jpeg", "/no/such/route", GEN]
+    for path in paths:
+        get, head = plain.client.get(path), plain.client.head(path)
+        assert head.status_code == get.status_code, (path, head.status_code, get.status_code)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+    assert plain.client.head(signed).headers["content-length"] == str(len(plain.client.get(signed).content))
+    assert plain.client.head(GEN).headers["allow"] == "POST"
+
+
+def test_api_docs_are_counted_by_their_route(plain: InProcessServer) -> None:
+    for path in ("/openapi.json", "/docs", "/docs/assets/no-such-file.css"):
+        plain.client.get(path)
+    scraped = plain.client.get("/metrics").text
+    for route, status in (("/openapi.json", 200), ("/docs", 200), ("/docs/assets", 404)):
+        assert f'darkroom_requests_total{{model="",route="{route}",status="{status}"}}' in scraped, route
+
+
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/images/generations",
                                   "/v1/v1/images/generations"])
 def test_every_generation_path_works(plain: InProcessServer, path: str) -> None:

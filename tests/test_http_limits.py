@@ -166,3 +166,25 @@ def test_connections_past_the_limit_get_503(served: Served) -> None:
     time.sleep(0.2)
     status, _, _, _ = exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 200
+
+
+def test_websocket_upgrade_is_refused_in_the_error_shape(served: Served) -> None:
+    raw = (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    status, headers, body, _ = exchange(served, raw)
+    assert status == 400 and headers["content-type"] == "application/json", body
+    assert error_code(body) == "websocket_not_supported"
+
+
+def test_head_answers_the_get_headers_and_no_body(served: Served) -> None:
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    _, get_headers, get_body, _ = exchange(served, get)
+    with served.connect() as sock:
+        sock.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and rest == b"", data
+    assert f"content-length: {len(get_body)}".encode() in head.lower()
+    assert get_headers["content-type"].encode() in head
