@@ -202,6 +202,35 @@ def test_size_string_cannot_exceed_limits(plain: InProcessServer) -> None:
     assert_invalid(post(plain, {"model": MODEL, "prompt": "a", "steps": 1, "size": "64x70"}), "height")
 
 
+@pytest.mark.parametrize(("fields", "param", "says"), [
+    ({"size": "99999999999x99999999999"}, "size", "size 99999999999x99999999999 is too large"),
+    ({"size": "1" + "0" * 5000 + "x64"}, "size", "is too large"),
+    ({"size": "0" * 5000 + "64x64"}, None, None),  # leading zeros: 64x64, answered
+    ({"quality": "q" * 65}, "quality", "must be at most 64 characters (got 65)"),
+    ({"user": "u" * 257}, "user", "must be at most 256 characters (got 257)"),
+    ({"aspect_ratio": "1:4", "width": 1024}, "aspect_ratio",
+     "aspect_ratio 1:4 with width 1024 makes the height 4096, above the limit of 1024"),
+    ({"aspect_ratio": "4:1", "height": 512}, "aspect_ratio", "makes the width 2048, above the limit of 1024"),
+    ({"aspect_ratio": "4:1", "width": 128}, "aspect_ratio", "makes the height 32, below the minimum of 64"),
+], ids=["size too large", "size of 5001 digits", "size with leading zeros", "quality too long",
+        "user too long", "aspect_ratio height", "aspect_ratio width", "aspect_ratio below"])
+def test_messages_name_what_the_client_sent(plain: InProcessServer, fields: dict[str, Any], param: str | None,
+                                            says: str | None) -> None:
+    resp = post(plain, {"model": MODEL, "prompt": "a fox", "steps": 1, **fields})
+    if says is None:
+        assert_image_ok(resp)
+        return
+    err = assert_invalid(resp, param)
+    assert says in err["message"] and "items" not in err["message"] and "look like" not in err["message"], err
+
+
+def test_expires_that_is_not_an_integer_is_named(plain: InProcessServer) -> None:
+    err = assert_invalid(plain.client.get("/v1/files/x?expires=1e3&signature=a"), "expires")
+    assert "integer" in err["message"]
+    err = assert_invalid(plain.client.get("/v1/files/x?signature=a"), None)
+    assert "needs its 'expires'" in err["message"]
+
+
 @pytest.mark.parametrize(("content", "headers"), [
     (b"[1, 2, 3]", {"content-type": "application/json"}),
     (b'[{"prompt": "a fox"}]', {"content-type": "application/json"}),
