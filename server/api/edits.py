@@ -23,12 +23,12 @@ import base64
 import re
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from ..errors import Forbidden, InvalidRequest, Unsupported
 from ..registry import ModelManifest
 from .auth import check_api_key
-from .images import Inputs, generate
+from .images import Inputs, body_size, generate
 from .keys import requested_model
 from .multipart import Limits, Part, form_fields, read_multipart
 from .runtime import Runtime
@@ -84,10 +84,18 @@ def _check_files(files: list[Part], manifest: ModelManifest) -> list[Part]:
     return images
 
 
-async def edit_image(request: Request) -> JSONResponse:
+async def edit_image(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    parts = await read_multipart(request, Limits.of(settings.uploads, settings.fetch.max_bytes))
+    limits = Limits.of(settings.uploads, settings.fetch.max_bytes)
+    assert runtime.lanes is not None
+    # The upload stays in memory (as data: URLs once read) until the answer: it counts against the
+    # server-wide budget of body bytes from before it is read (server.max_inflight_body_bytes).
+    async with runtime.lanes.bodies.hold(body_size(request, limits.max_bytes)):
+        return await _edit(request, runtime, await read_multipart(request, limits))
+
+
+async def _edit(request: Request, runtime: Runtime, parts: list[Part]) -> Response:
     body = form_fields(parts)
     for name in URL_FIELDS:
         if name in body:

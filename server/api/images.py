@@ -101,13 +101,27 @@ def require_json(request: Request) -> None:
         f"the request body must be JSON, sent with 'Content-Type: application/json' (got {shown})")
 
 
+def body_size(request: Request, max_bytes: int) -> int:
+    """What a request's body may hold in memory: its declared ``Content-Length``, or ``max_bytes`` when it
+    declares none (chunked) or more (then it is refused with 413 before anything is read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and len(declared) <= 18:
+        return min(int(declared), max_bytes)
+    return max_bytes
+
+
 async def create_image(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     require_json(request)
-    req = parse_request(await read_json(request, runtime.settings.server.max_body_bytes))
-    image_url, field = input_image(req)
-    return await generate(request, req, Inputs(image_url=image_url, image_field=field,
-                                               references=req.reference_images))
+    assert runtime.lanes is not None
+    max_bytes = runtime.settings.server.max_body_bytes
+    # The body (and the data: URLs it may carry) stays in memory until the answer: it counts against the
+    # server-wide budget of body bytes from before it is read (server.max_inflight_body_bytes).
+    async with runtime.lanes.bodies.hold(body_size(request, max_bytes)):
+        req = parse_request(await read_json(request, max_bytes))
+        image_url, field = input_image(req)
+        return await generate(request, req, Inputs(image_url=image_url, image_field=field,
+                                                   references=req.reference_images))
 
 
 def _note_extras(request: Request, extras: Extras) -> None:
