@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import json
 import socket
 import statistics
@@ -29,6 +30,7 @@ from typing import Any
 
 import httpx
 import yaml
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -37,6 +39,7 @@ from tests.image_origin import ImageOrigin, palette_bomb  # noqa: E402
 from tests.support.launch import SilentRedis, free_port, stop, wait_ready  # noqa: E402
 
 PLAIN = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 1, "response_format": "base64"}
+MAX_CONNECTIONS = 100
 
 
 class Process:
@@ -122,6 +125,26 @@ def run_attack(process: Process, count: int, send: Callable[[int], int], correct
             "rss_before_mb": rss.before / 1e6, "rss_peak_mb": rss.peak / 1e6, "seconds": elapsed}
 
 
+def held_heads(process: Process, count: int) -> dict[str, Any]:
+    """``count`` connections each sending half a request head, then ``GET /health`` on a new one."""
+    with PeakRss(process) as rss:
+        held = []
+        try:
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", process.port), timeout=15)
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+                held.append(sock)
+            time.sleep(0.2)
+            started = time.monotonic()
+            status = httpx.get(f"{process.url}/health", timeout=10).status_code
+            elapsed = time.monotonic() - started
+        finally:
+            for sock in held:
+                sock.close()
+    return {"requests": 1, "correct": int(status == 200), "5xx": int(status >= 500), "statuses": [status],
+            "rss_before_mb": rss.before / 1e6, "rss_peak_mb": rss.peak / 1e6, "seconds": elapsed}
+
+
 def plain_latencies(url: str, count: int) -> list[float]:
     times = []
     with httpx.Client(timeout=600) as client:
@@ -144,7 +167,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-hardening-"))
     origin = ImageOrigin(name="localhost").start()
     serve = Process("serve", work, {
-        "server": {"default_response_format": "url"},
+        # 100 connections (default 1024): the idle-sockets row opens more than that from this process.
+        "server": {"default_response_format": "url", "max_connections": MAX_CONNECTIONS},
         "fetch": {"allow_hosts": ["localhost"]},
         "storage": {"directory": str(work / "images")},
         "engine": {"cpu_threads": 1},
@@ -170,7 +194,7 @@ def main() -> int:
         origin = ImageOrigin(name="localhost").start()
 
         def image(i: int) -> int:
-            body = {**PLAIN, "image_url": origin.url(f"/stall?img={i}")}
+            body = {**PLAIN, "steps": 2, "image_url": origin.url(f"/stall?img={i}")}  # img2img: 2 steps
             return client.post("/v1/images/generations", json=body, headers={"authorization": f"Bearer i{i}"}
                                ).status_code
 
@@ -184,7 +208,7 @@ def main() -> int:
             url = "data:image/png;base64," + base64.b64encode(data).decode()
 
             def decode(i: int, url: str = url) -> int:
-                body = {**PLAIN, "image_url": url, "seed": i}
+                body = {**PLAIN, "steps": 2, "image_url": url, "seed": i}  # img2img needs 2 steps
                 return client.post("/v1/images/generations", json=body).status_code
 
             rows[f"12 palette PNGs {side}x{side} ({len(data) / 1000:.1f} KB)"] = run_attack(
@@ -212,6 +236,23 @@ def main() -> int:
         tls = bytes.fromhex("160301012c010001280303") + bytes(32) + b"\x00\x00\x02\x13\x01\x01\x00"
         rows["TLS ClientHello on the plain port"] = run_attack(
             serve, 20, lambda i: raw_exchange(serve.port, tls), {400})
+
+        # 6. Request bodies held at once (server.max_inflight_body_bytes): 80 edit uploads of a 64x64 PNG
+        # padded to 19 MB, all at once (served: 200; past the budget: 503 server_busy with retry-after).
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (90, 140, 200)).save(buffer, format="PNG")
+        padded = buffer.getvalue() + b"\0" * 19_000_000
+
+        def upload(i: int) -> int:
+            return client.post("/v1/images/edits", files={"image": ("a.png", padded, "image/png")},
+                               data={"prompt": "x", "steps": "2", "size": "64x64",
+                                     "response_format": "b64_json"}).status_code
+
+        rows["80 edit uploads of 19 MB at once"] = run_attack(serve, 80, upload, {200, 503})
+        # 7. Idle sockets past server.max_connections (slowloris): each holds half a request head; then a
+        # probe on a new connection must still be answered (an idle one makes room).
+        rows[f"{MAX_CONNECTIONS + 20} sockets holding half a head, then /health"] = held_heads(
+            serve, MAX_CONNECTIONS + 20)
 
         # 10. Host header: a URL answer must not name the client's Host.
         def evil_host(i: int) -> int:

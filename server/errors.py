@@ -83,6 +83,15 @@ class QueueFull(DarkroomError):
     code = "queue_full"
 
 
+class ServerBusy(DarkroomError):
+    """The request bodies held at once reached ``server.max_inflight_body_bytes``: overload (503, like a full
+    queue), sent with ``retry-after``."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "server_busy"
+
+
 class ServiceUnavailable(DarkroomError):
     status = 503
     type = "service_unavailable"

@@ -7,6 +7,7 @@ capabilities and limits; the engine loads weights from its source. Nothing here 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -364,13 +365,20 @@ class Registry:
     def default(self) -> ModelManifest:
         return self.models[0]
 
-    def get(self, name: str | None) -> ModelManifest:
+    def get(self, name: str | None,
+            visible: Callable[[ModelManifest], bool] | None = None) -> ModelManifest:
+        """The served model ``name`` names (an id or alias); the default model for None.
+
+        404 (``ModelNotFound``) for a name nothing here answers to; it lists the served ids ``visible``
+        admits (an API key limited to some models sees only those, as ``/v1/models`` shows it), every one
+        without ``visible``.
+        """
         if name is None:
             return self.default
         try:
             return self._by_name[name]
         except KeyError:
-            served = ", ".join(m.id for m in self.models)
+            served = ", ".join(m.id for m in self.models if visible is None or visible(m)) or "none"
             raise ModelNotFound(
                 f"model {name!r} is not served here; available: {served}", param="model"
             ) from None

@@ -374,7 +374,7 @@ def test_kontext_sizes_follow_upstream_and_never_crop() -> None:
         try:
             return asyncio.run(attach_images(params, "in", ["ref"], fetcher,  # type: ignore[arg-type]
                                              manifest, lanes, "test-key",
-                                             KontextSizing(manifest, limits, explicit_size=explicit)))
+                                             kontext=KontextSizing(manifest, limits, explicit_size=explicit)))
         finally:
             lanes.close()
 

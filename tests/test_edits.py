@@ -182,6 +182,42 @@ def test_malformed_forms(standin: InProcessServer, content: bytes, ctype: str, s
     assert "Traceback" not in standin.log()
 
 
+def noise_png(size: int) -> bytes:
+    """A PNG of random pixels: incompressible, so larger than the text field limit (20 000 bytes here)."""
+    import numpy as np
+
+    pixels = np.random.default_rng(size).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("disposition", [
+    b'form-data; name="image"',  # curl -F 'image=<photo.png': no filename (RFC 7578 4.2: optional)
+    b"form-data; name=\"image\"; filename*=UTF-8''x%C3%A9.png",  # RFC 8187 only
+    b'form-data; name="image[]"',
+], ids=["no filename", "filename*", "image[] without filename"])
+@pytest.mark.parametrize("ctype", [b"", b"Content-Type: image/png\r\n"], ids=["no type", "image/png"])
+def test_image_parts_are_files_without_a_filename(standin: InProcessServer, disposition: bytes,
+                                                   ctype: bytes) -> None:
+    photo = noise_png(96)
+    assert len(photo) > 20_000
+    fields = {"prompt": "make it blue", "model": MODEL, "steps": "2", "size": "96x96"}
+    part = b'--B\r\nContent-Disposition: form-data; name="%s"\r\n\r\n%s\r\n'
+    body = b"".join(part % (k.encode(), v.encode()) for k, v in fields.items())
+    body += b"--B\r\nContent-Disposition: " + disposition + b"\r\n" + ctype + b"\r\n" + photo
+    body += b"\r\n--B--\r\n"
+    form = {"content-type": "multipart/form-data; boundary=B"}
+    response = standin.client.post(EDITS, content=body, headers=form)
+    assert response.status_code == 200, response.text
+    params = last_call(standin)
+    assert params.conditioning == "img2img" and params.image is not None
+    assert params.image.to_pil().size == (96, 96)
+    assert params.image.to_pil().getpixel((5, 7)) == Image.open(io.BytesIO(photo)).getpixel((5, 7))
+    mask = body.replace(b'name="size"', b'name="mask"', 1)  # a mask without a filename is a file too: refused
+    assert_error(standin.client.post(EDITS, content=mask, headers=form), 400, "mask")
+
+
 def test_multipart_fuzz_never_5xx(standin: InProcessServer) -> None:
     """A few hundred seeded mutations of a valid form (bytes flipped, cut, duplicated, boundaries and
     headers mangled): every answer is a 2xx or 4xx in the error shape, never a 5xx."""

@@ -201,6 +201,35 @@ def test_size_string_cannot_exceed_limits(plain: InProcessServer) -> None:
     assert_invalid(post(plain, {"model": MODEL, "prompt": "a", "steps": 1, "size": "64x70"}), "height")
 
 
+@pytest.mark.parametrize(("fields", "param", "says"), [
+    ({"size": "99999999999x99999999999"}, "size", "size 99999999999x99999999999 is too large"),
+    ({"size": "1" + "0" * 5000 + "x64"}, "size", "is too large"),
+    ({"size": "0" * 5000 + "64x64"}, None, None),  # leading zeros: 64x64, answered
+    ({"quality": "q" * 65}, "quality", "must be at most 64 characters (got 65)"),
+    ({"user": "u" * 257}, "user", "must be at most 256 characters (got 257)"),
+    ({"aspect_ratio": "1:4", "width": 1024}, "aspect_ratio",
+     "aspect_ratio 1:4 with width 1024 makes the height 4096, above the limit of 1024"),
+    ({"aspect_ratio": "4:1", "height": 512}, "aspect_ratio", "makes the width 2048, above the limit of 1024"),
+    ({"aspect_ratio": "4:1", "width": 128}, "aspect_ratio", "makes the height 32, below the minimum of 64"),
+], ids=["size too large", "size of 5001 digits", "size with leading zeros", "quality too long",
+        "user too long", "aspect_ratio height", "aspect_ratio width", "aspect_ratio below"])
+def test_messages_name_what_the_client_sent(plain: InProcessServer, fields: dict[str, Any], param: str | None,
+                                            says: str | None) -> None:
+    resp = post(plain, {"model": MODEL, "prompt": "a fox", "steps": 1, **fields})
+    if says is None:
+        assert_image_ok(resp)
+        return
+    err = assert_invalid(resp, param)
+    assert says in err["message"] and "items" not in err["message"] and "look like" not in err["message"], err
+
+
+def test_expires_that_is_not_an_integer_is_named(plain: InProcessServer) -> None:
+    err = assert_invalid(plain.client.get("/v1/files/x?expires=1e3&signature=a"), "expires")
+    assert "integer" in err["message"]
+    err = assert_invalid(plain.client.get("/v1/files/x?signature=a"), None)
+    assert "needs its 'expires'" in err["message"]
+
+
 @pytest.mark.parametrize(("content", "headers"), [
     (b"[1, 2, 3]", {"content-type": "application/json"}),
     (b'[{"prompt": "a fox"}]', {"content-type": "application/json"}),
@@ -281,6 +310,30 @@ def test_wrong_method_is_405_in_error_shape(plain: InProcessServer, method: str,
     resp = plain.client.request(method, path, timeout=30)
     err = assert_error(resp, 405, param=None, code="method_not_allowed")
     assert method in err["message"]
+
+
+def test_head_wherever_get_answers(plain: InProcessServer) -> None:
+    """RFC 9110 §9.3.2: HEAD answers the GET's status and headers, without a body."""
+    stored = post(plain, gen_body(seed=3, response_format="url"))
+    assert stored.status_code == 200, stored.text
+    url = httpx.URL(stored.json()["data"][0]["url"])
+    signed = f"{url.path}?{url.query.decode()}"
+    paths = ["/health", "/", "/ready", "/v1/models", "/models", f"/v1/models/{MODEL}", "/metrics",
+             "/playground", "/openapi.json", "/docs", signed, "/v1/files/abc.jpeg", "/no/such/route", GEN]
+    for path in paths:
+        get, head = plain.client.get(path), plain.client.head(path)
+        assert head.status_code == get.status_code, (path, head.status_code, get.status_code)
+        assert head.content == b"" and head.headers["content-type"] == get.headers["content-type"], path
+    assert plain.client.head(signed).headers["content-length"] == str(len(plain.client.get(signed).content))
+    assert plain.client.head(GEN).headers["allow"] == "POST"
+
+
+def test_api_docs_are_counted_by_their_route(plain: InProcessServer) -> None:
+    for path in ("/openapi.json", "/docs", "/docs/assets/no-such-file.css"):
+        plain.client.get(path)
+    scraped = plain.client.get("/metrics").text
+    for route, status in (("/openapi.json", 200), ("/docs", 200), ("/docs/assets", 404)):
+        assert f'darkroom_requests_total{{model="",route="{route}",status="{status}"}}' in scraped, route
 
 
 @pytest.mark.parametrize("path", ["/v1/images/generations", "/images/generations",

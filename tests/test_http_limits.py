@@ -3,7 +3,8 @@ by uvicorn with the options ``darkroom serve`` uses (server/api/http.py ``uvicor
 
 Oversized headers get 431, malformed requests (CL+TE, TLS bytes, absurd lengths) 400, slow heads and slow
 bodies 408 and a closed connection, all in Together's error shape; a client that leaves mid-body is logged
-as 499 without a traceback; connections past ``server.max_connections`` get 503.
+as 499 without a traceback; connections past ``server.max_connections`` make room or get 503 server_busy;
+request bodies held at once stay within ``server.max_inflight_body_bytes``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .support.inprocess import InProcessServer
 from .support.launch import free_port
 
 MAX_CONNECTIONS = 12
+BODY_BUDGET = 3000  # bytes of request bodies held at once
 
 
 class Served:
@@ -39,7 +41,8 @@ class Served:
 def served(make_app: Callable[..., InProcessServer]) -> Iterator[Served]:
     app = make_app({"server": {"default_response_format": "base64", "header_timeout_s": 1.0,
                                "body_read_timeout_s": 1.0, "body_timeout_s": 3.0, "max_header_bytes": 8192,
-                               "max_connections": MAX_CONNECTIONS}}, engine="stand-in")
+                               "max_connections": MAX_CONNECTIONS, "max_inflight_body_bytes": BODY_BUDGET,
+                               "slot_wait_s": 0.3}}, engine="stand-in")
     port = free_port()
     # The app's lifespan already runs (make_app): uvicorn only serves it.
     config = uvicorn.Config(app.app, host="127.0.0.1", port=port, lifespan="off", log_config=None,
@@ -154,15 +157,95 @@ def test_a_client_leaving_mid_body_is_logged_as_499(served: Served) -> None:
     assert "Traceback" not in served.app.log() and "internal_error" not in served.app.log()
 
 
-def test_connections_past_the_limit_get_503(served: Served) -> None:
+def test_idle_connections_past_the_limit_make_room(served: Served) -> None:
+    """Sockets holding half a request head (slowloris) past server.max_connections: a new connection (a
+    probe) is still served, and the oldest idle one is closed with 503 server_busy in the error shape."""
     held = [served.connect() for _ in range(MAX_CONNECTIONS)]
     try:
-        time.sleep(0.1)  # accepted by the server
-        status, _, _, _ = exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert status == 503
+        for sock in held:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # a head still arriving
+        time.sleep(0.1)
+        status, _, body, _ = exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert status == 200 and json.loads(body) == {"status": "ok"}
+        # One idle connection (among the oldest) made room, answered in the error shape; the others end at
+        # their head deadline (408).
+        answers = [read_response(sock) for sock in held]
+        busy = [(headers, body) for status, headers, body, closed in answers if status == 503 and closed]
+        assert len(busy) == 1 and sorted(status for status, *_ in answers) == [408] * 11 + [503], answers
+        headers, body = busy[0]
+        assert error_code(body) == "server_busy" and headers["retry-after"] == "1"
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def test_when_every_connection_serves_a_request_a_new_one_gets_503_in_the_error_shape(served: Served) -> None:
+    head = (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100\r\n\r\n{")  # its body still arriving: a request in progress
+    held = []
+    try:
+        for _ in range(MAX_CONNECTIONS):
+            sock = served.connect()
+            sock.sendall(head)
+            held.append(sock)
+        time.sleep(0.2)
+        status, headers, body, closed = exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status == 503 and headers["content-type"] == "application/json", (status, headers, body)
+        assert error_code(body) == "server_busy" and headers["retry-after"] == "1" and closed
     finally:
         for sock in held:
             sock.close()
     time.sleep(0.2)
     status, _, _, _ = exchange(served, b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert status == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/images/generations", "/v1/images/edits"])
+def test_request_bodies_held_at_once_are_bounded(served: Served, path: str) -> None:
+    """server.max_inflight_body_bytes: a body counts from before it is read (its Content-Length) until its
+    answer; past the budget a request gets 503 server_busy with retry-after within slot_wait_s, and once the
+    held body goes, the same request is served. The reported case: concurrent 19 MB edit uploads."""
+    big = (b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Content-Length: 2990\r\n\r\n{")
+    body = b'{"prompt": "a", "steps": 1, "width": 64, "height": 64}'
+    ctype = b"application/json"
+    if path.endswith("edits"):
+        boundary = b"b0undary"
+        body = (b"--" + boundary + b'\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na\r\n--'
+                + boundary + b"--\r\n")
+        ctype = b"multipart/form-data; boundary=" + boundary
+    small = (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: "
+             + ctype + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    holder = served.connect()
+    try:
+        holder.sendall(big)
+        time.sleep(0.2)
+        status, headers, answer, _ = exchange(served, small)
+        assert status == 503 and error_code(answer) == "server_busy" and headers["retry-after"] == "1", answer
+    finally:
+        holder.close()
+    time.sleep(0.2)
+    status, _, answer, _ = exchange(served, small)
+    assert status != 503 and status < 500, answer  # served (200, or the edit's 400 for its missing image)
+
+
+def test_websocket_upgrade_is_refused_in_the_error_shape(served: Served) -> None:
+    raw = (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+    status, headers, body, _ = exchange(served, raw)
+    assert status == 400 and headers["content-type"] == "application/json", body
+    assert error_code(body) == "websocket_not_supported"
+
+
+def test_head_answers_the_get_headers_and_no_body(served: Served) -> None:
+    get = b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    _, get_headers, get_body, _ = exchange(served, get)
+    with served.connect() as sock:
+        sock.sendall(b"HEAD /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and rest == b"", data
+    assert f"content-length: {len(get_body)}".encode() in head.lower()
+    assert get_headers["content-type"].encode() in head

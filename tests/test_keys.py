@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,8 +19,9 @@ import openai
 import pytest
 import together
 import yaml
+from PIL import Image
 
-from .conftest import MODEL, REPO, images_of
+from .conftest import MODEL, REPO, images_of, openai_client, together3
 from .support.inprocess import InProcessServer
 
 OTHER = "darkroom/tiny-flux-b"
@@ -327,3 +330,71 @@ def test_sliding_window_all_or_nothing(backend: str, tmp_path: Path) -> None:
     finally:
         if redis_proc is not None:
             redis_proc.stop()
+
+
+# -- keys limited to some models: the default model and the 404's list are the key's (in-process) -----------
+
+THIRD = "darkroom/tiny-flux-c"
+LIMITED, TEXT_ONLY = "sk-test-limited-0123456789", "sk-test-text-only-0123456789"
+
+
+@pytest.fixture(scope="module")
+def limited(make_app: Any, tmp_path_factory: pytest.TempPathFactory) -> InProcessServer:
+    """MODEL (edits), OTHER (text to image only) and THIRD (edits); keys limited to OTHER and THIRD, and to
+    OTHER alone."""
+    models = tmp_path_factory.mktemp("limited-models")
+    shutil.copy(REPO / "models" / "tiny-flux.yaml", models / "tiny-flux.yaml")
+    for model_id, alias, edits in ((OTHER, "tiny-b", False), (THIRD, "tiny-c", True)):
+        manifest = yaml.safe_load((REPO / "models" / "tiny-flux.yaml").read_text())
+        manifest.update(id=model_id, aliases=[alias])
+        manifest["capabilities"]["image_to_image"] = edits
+        (models / f"{model_id.split('/')[1]}.yaml").write_text(yaml.safe_dump(manifest))
+    return make_app({
+        "models_dir": str(models), "models": [MODEL, OTHER, THIRD],
+        "server": {"default_response_format": "base64"},
+        "auth": {"keys": [{"name": "limited", "key": LIMITED, "models": ["tiny-b", "tiny-c"]},
+                          {"name": "text-only", "key": TEXT_ONLY, "models": [OTHER]}]},
+    }, engine="stand-in")
+
+
+def _named(text: str) -> set[str]:
+    """The model ids a message names."""
+    return set(re.findall(r"darkroom/[\w-]+", text))
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_without_model_a_limited_key_gets_its_first_model(limited: InProcessServer) -> None:
+    generated = openai_client(limited, LIMITED).images.generate(prompt="a lighthouse", size="64x64",
+                                                                extra_body={"steps": 1})
+    assert len(generated.data) == 1 and limited.engines[0].calls[-1][-1].model == OTHER
+    # Edits: the first model this key may use that edits (MODEL edits, but this key may not use it).
+    edited = openai_client(limited, LIMITED).images.edit(
+        image=("a.png", _png(), "image/png"), prompt="make it blue", size="64x64", extra_body={"steps": 2})
+    assert len(edited.data) == 1 and limited.engines[0].calls[-1][-1].model == THIRD
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        openai_client(limited, TEXT_ONLY).images.edit(image=("a.png", _png(), "image/png"), prompt="a")
+    error = refused.value.body
+    assert (error["code"], error["param"], error["type"]) == ("model_not_allowed", "model", "permission_error")
+    assert _named(error["message"]) == set()
+
+
+def test_unknown_model_lists_only_the_keys_models(limited: InProcessServer) -> None:
+    with pytest.raises(together.NotFoundError) as missing:
+        together3(limited, LIMITED).images.generate(model="nope/model", prompt="a", width=64, height=64,
+                                                    steps=1)
+    message = missing.value.body["error"]["message"]
+    assert message.endswith(f"available: {OTHER}, {THIRD}") and _named(message) == {OTHER, THIRD}
+    listed = openai_client(limited, LIMITED).models.list()
+    assert [m.id for m in listed.data] == [OTHER, THIRD]  # the same models /v1/models shows this key
+    for path in ("/v1/models/nope", "/v2/supported-models/nope"):
+        answer = limited.client.get(path, headers={"authorization": f"Bearer {LIMITED}"})
+        assert answer.status_code == 404 and MODEL not in _named(answer.text), answer.text
+    edit = limited.client.post("/v1/images/edits", data={"prompt": "a", "model": "nope"},
+                               files=[("image", ("a.png", _png(), "image/png"))],
+                               headers={"authorization": f"Bearer {TEXT_ONLY}"})
+    assert edit.status_code == 404 and edit.json()["error"]["message"].endswith(f"available: {OTHER}")

@@ -157,6 +157,20 @@ def test_match_input_image_takes_the_inputs_ratio(standin: InProcessServer) -> N
     assert params.conditioning == "kontext" and (params.image.width, params.image.height) == (w, h)
 
 
+def test_kontext_aspect_ratio_is_the_output_shape_and_the_input_keeps_its_own(
+        standin: InProcessServer) -> None:
+    """On Kontext an aspect_ratio names the output's size (as width/height do): the output takes it, and the
+    input image keeps its own aspect ratio at the output's area (Kontext never crops: server/api/kontext.py)."""
+    response = together3(standin).images.generate(
+        model=KONTEXT, prompt="make it blue", steps=1, image_url=data_url(300, 200), response_format="base64",
+        extra_body={"aspect_ratio": "16:9"})
+    w, h = decode_image(response.data[0].b64_json).size
+    assert abs(w / h - 16 / 9) < 0.05, (w, h)
+    image = last_call(standin).image
+    assert abs(image.width / image.height - 1.5) < 0.05, (image.width, image.height)
+    assert abs(image.width * image.height - w * h) / (w * h) < 0.1, (image.width, image.height, w, h)
+
+
 @pytest.mark.parametrize(("fields", "param"), [
     ({"aspect_ratio": "match_input_image"}, "aspect_ratio"),  # no input image
     ({"aspect_ratio": "16x9"}, "aspect_ratio"),

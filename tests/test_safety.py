@@ -168,6 +168,12 @@ def permissive(make_app: Any) -> InProcessServer:
     }}, listen=True)
 
 
+@pytest.fixture(scope="module")
+def listed(make_app: Any) -> InProcessServer:
+    """The default word and pattern lists, in-process with the stand-in engine."""
+    return make_app({"server": {"default_response_format": "base64"}}, engine="stand-in")
+
+
 # ----------------------------------------------------------------------------------- default policy
 
 
@@ -222,6 +228,23 @@ def test_unflagged_prompts_generate(guarded: InProcessServer, fields: dict[str, 
     before = ready(guarded)["pipeline_calls"]
     assert_images(post(guarded, seed=1, response_format="base64", **fields))
     assert ready(guarded)["pipeline_calls"] == before + 1
+
+
+@pytest.mark.parametrize("prompt", [
+    "csam", "\uff43\uff53\uff41\uff4d", "c\u200bsam", "c\u00adsam", "child_porn",  # reported
+    "\ufeffCSAM", "c\u2060s\u200da\u034fm", "a Child-Porn still", "CHILD__PORN", "child.\u3000porn",
+    "c\u0301sam", "\U0001d41c\U0001d42c\U0001d41a\U0001d426", "kids_nsfw", "nsfw\uff3fkids",
+], ids=ascii)
+def test_word_list_matches_the_normalised_prompt(listed: InProcessServer, prompt: str) -> None:
+    calls = len(listed.engines[0].calls)
+    resp = listed.client.post(GEN, json={"model": MODEL, "prompt": prompt, **SMALL})
+    assert_flagged(resp, "prompt")
+    assert len(listed.engines[0].calls) == calls
+
+
+@pytest.mark.parametrize("prompt", ["csams at dusk", "a lighthouse_at dusk", "kids flying a kite"], ids=ascii)
+def test_normalising_keeps_whole_words(listed: InProcessServer, prompt: str) -> None:
+    assert_images(listed.client.post(GEN, json={"model": MODEL, "prompt": prompt, **SMALL}))
 
 
 def test_disable_is_refused_by_default(guarded: InProcessServer) -> None:

@@ -23,6 +23,7 @@ from . import catalog, docs, edits, images, operator, service
 from .errors import install_error_handlers
 from .hosts import HostGuard
 from .http import BodyGuard
+from .methods import HeadAsGet, RefuseWebSockets
 from .observe import ObserveMiddleware
 from .runtime import Runtime
 
@@ -57,6 +58,8 @@ def create_app(settings: Settings, runtime: Runtime) -> FastAPI:
     app.include_router(operator.router)
     server = settings.server
     # Added last is outermost: the request log sees every answer, the host check's too.
+    app.add_middleware(HeadAsGet)  # HEAD wherever GET is answered (server/api/methods.py)
+    app.add_middleware(RefuseWebSockets)
     app.add_middleware(BodyGuard, read_timeout_s=server.body_read_timeout_s,
                        total_timeout_s=server.body_timeout_s)
     app.add_middleware(HostGuard, allowed=server.allowed_hosts)

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse
 from ..errors import InvalidRequest, ModelNotFound
 from ..registry import ModelManifest
 from .auth import check_api_key
-from .keys import visible_models
+from .keys import api_key_of, visible_models
 from .runtime import Runtime
 
 router = APIRouter()
@@ -96,7 +96,7 @@ def _created(request: Request) -> int:
 
 def _lookup(request: Request, model_id: str) -> ModelManifest:
     """The served model named ``model_id`` (an id or alias) that this key may use; 404 otherwise."""
-    manifest = _runtime(request).registry.get(model_id)
+    manifest = _runtime(request).registry.get(model_id, api_key_of(request).may_use)
     if manifest not in _visible(request):  # as if it were not served: no hint what another key may use
         raise ModelNotFound(f"model {model_id!r} is not served here", param="model")
     return manifest

@@ -87,15 +87,6 @@ def conditioning_kind(
     return ("redux" if refs else "text"), None
 
 
-def _fetch(fetcher: Fetcher, url: str, field: str) -> Image.Image:
-    return fetcher.fetch_image(url, field)
-
-
-def _prepare(image: Image.Image, field: str,
-             prepare: Callable[[Image.Image, str], Image.Image]) -> ConditioningImage:
-    return ConditioningImage.from_pil(prepare(image, field))
-
-
 async def _gather_in_order(calls: list[Awaitable[T]]) -> list[T]:
     """Await ``calls`` concurrently; the first failure in list (field) order is raised, whichever finished
     first."""
@@ -127,49 +118,76 @@ async def attach_images(
     """Fetch, decode and size a request's conditioning images into its params (concurrently).
 
     Downloads run in the downloads lane (counted against the API key ``key``), ``data:`` URLs in the decodes
-    lane (server/api/lanes.py): a full lane is a 429 ``fetch_busy`` within ``server.slot_wait_s``; sizing
-    the decoded images runs in the decodes lane. ``fields`` names each URL in errors (the input image
-    first); by default ``image_url`` and ``reference_images[i]``. ``match_input(width, height)``: the params
-    again, sized from the input image (``aspect_ratio: match_input_image``), once it is decoded and before
-    any image is prepared. ``kontext``: for a Kontext model (required there), whether the request named its
-    size, and its limits (server/api/kontext.py: upstream's preferred-resolution resize, never a crop).
+    lane (server/api/lanes.py): a full lane is a 429 ``fetch_busy`` within ``server.slot_wait_s``. Each image
+    is fetched, decoded and prepared in one lane call, so no decoded image waits between calls (the decode
+    budget bounds what is decoded at once). ``fields`` names each URL in errors (the input image first); by
+    default ``image_url`` and ``reference_images[i]``. ``match_input(width, height)``: the params again,
+    sized from the input image (``aspect_ratio: match_input_image``), once it is decoded and before it is
+    prepared. ``kontext``: for a Kontext model (required there), whether the request named its size, and its
+    limits (server/api/kontext.py: upstream's preferred-resolution resize, never a crop).
     """
     if params.conditioning == "text":
         return params
-    if params.conditioning == "kontext" and kontext is None:
-        raise ValueError("a Kontext request's images need its KontextSizing")
-    urls = ([image_url] if image_url else []) + list(reference_images or [])
     names = fields or ((["image_url"] if image_url else [])
                        + [f"reference_images[{i}]" for i in range(len(reference_images or []))])
-    decoded = await _gather_in_order([_lane(lanes, url).run(_fetch, fetcher, url, field, lane_key=key)
-                                      for url, field in zip(urls, names, strict=True)])
-    if match_input is not None and image_url:
-        params = match_input(decoded[0].width, decoded[0].height)
-    if kontext is not None and params.conditioning == "kontext":
-        return await lanes.decodes.run(size_kontext, params, decoded, bool(image_url), kontext, lane_key=key)
-    w, h = params.width, params.height
+    if params.conditioning == "kontext":
+        if kontext is None:
+            raise ValueError("a Kontext request's images need its KontextSizing")
+        return await _attach_kontext(params, image_url, list(reference_images or []), names, fetcher, lanes,
+                                     key, match_input, kontext)
+    base = params
     ref_pixels = manifest.limits.max_reference_pixels
 
-    def cover(image: Image.Image, _field: str) -> Image.Image:
-        return fit_cover(image, w, h)
+    def cover(image: Image.Image, _field: str, sized: GenerationParams | None) -> Image.Image:
+        target = sized or base
+        return fit_cover(image, target.width, target.height)
 
-    def bounded(image: Image.Image, _field: str) -> Image.Image:
+    def bounded(image: Image.Image, _field: str, _sized: GenerationParams | None) -> Image.Image:
         return fit_within(image, REDUX_MAX_SIDE)
 
-    def reference(image: Image.Image, field: str) -> Image.Image:
+    def reference(image: Image.Image, field: str, _sized: GenerationParams | None) -> Image.Image:
         return flux2_reference(image, field, ref_pixels)
 
     flux2 = params.conditioning == "references"
-    ref_prepare = reference if flux2 else bounded
-    preparers = (([reference if flux2 else cover] if image_url else [])
-                 + [ref_prepare] * len(reference_images or []))
-    images = await _gather_in_order([
-        lanes.decodes.run(_prepare, image, field, prepare, lane_key=key)
-        for image, field, prepare in zip(decoded, names, preparers, strict=True)])
+    calls = []
+    if image_url:
+        calls.append(_lane(lanes, image_url).run(_load, fetcher, image_url, names[0],
+                                                 reference if flux2 else cover, match_input, lane_key=key))
+    calls += [_lane(lanes, url).run(_load, fetcher, url, field, reference if flux2 else bounded, lane_key=key)
+              for url, field in zip(reference_images or [], names[1:] if image_url else names, strict=True)]
+    loaded = await _gather_in_order(calls)
+    images = [image for image, _sized in loaded]
+    if image_url and loaded[0][1] is not None:
+        params = loaded[0][1]
     if flux2:  # image_url is the first reference
         return dataclasses.replace(params, references=tuple(images))
     main = images.pop(0) if image_url else None
     return dataclasses.replace(params, image=main, references=tuple(images))
+
+
+def _load(fetcher: Fetcher, url: str, field: str,
+          prepare: Callable[[Image.Image, str, GenerationParams | None], Image.Image],
+          match_input: Callable[[int, int], GenerationParams] | None = None,
+          ) -> tuple[ConditioningImage, GenerationParams | None]:
+    """One image fetched, decoded and prepared (on a lane thread); with ``match_input`` (the input image under
+    ``aspect_ratio: match_input_image``) the params sized from it, which ``prepare`` gets too."""
+    image = fetcher.fetch_image(url, field)
+    sized = match_input(image.width, image.height) if match_input is not None else None
+    return ConditioningImage.from_pil(prepare(image, field, sized)), sized
+
+
+async def _attach_kontext(params: GenerationParams, image_url: str | None, references: list[str],
+                          names: list[str], fetcher: Fetcher, lanes: Lanes, key: str,
+                          match_input: Callable[[int, int], GenerationParams] | None,
+                          kontext: KontextSizing) -> GenerationParams:
+    """Kontext sizes its references from the input image's prepared height, so its images are decoded first
+    (at most ``1 + limits.max_reference_images`` per request), then sized together in the decodes lane."""
+    urls = ([image_url] if image_url else []) + references
+    decoded = await _gather_in_order([_lane(lanes, url).run(fetcher.fetch_image, url, field, lane_key=key)
+                                      for url, field in zip(urls, names, strict=True)])
+    if match_input is not None and image_url:
+        params = match_input(decoded[0].width, decoded[0].height)
+    return await lanes.decodes.run(size_kontext, params, decoded, bool(image_url), kontext, lane_key=key)
 
 
 def _lane(lanes: Lanes, url: str) -> Lane:

@@ -12,8 +12,9 @@ Together's fields (``steps``, ``seed``, ... through ``extra_body``) mean what th
   ``image[i]``.
 - ``mask``: inpainting, which no served model does: a 400 naming ``mask``. ``markup``: a 400.
 
-Without ``model``, the first served model that takes an input image edits. Limits, safety, keys, rate
-limits, the queue and the answer are those of ``POST /v1/images/generations``.
+Without ``model``, the first served model that takes an input image and that the caller's key may use
+edits. Limits, safety, keys, rate limits, the queue and the answer are those of
+``POST /v1/images/generations``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import base64
 import re
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
-from ..errors import InvalidRequest, Unsupported
+from ..errors import Forbidden, InvalidRequest, Unsupported
 from ..registry import ModelManifest
 from .auth import check_api_key
-from .images import Inputs, generate
+from .images import Inputs, body_size, generate
+from .keys import requested_model
 from .multipart import Limits, Part, form_fields, read_multipart
 from .runtime import Runtime
 from .schemas import parse_request
@@ -47,12 +49,14 @@ def data_url(part: Part) -> str:
     return f"data:{ctype or 'image/unknown'};base64,{base64.b64encode(part.data).decode('ascii')}"
 
 
-def _editing_model(runtime: Runtime, name: str | None) -> ModelManifest:
-    if name is not None:
-        return runtime.registry.get(name)
-    for manifest in runtime.registry.models:
-        if manifest.capabilities.image_to_image:
-            return manifest
+def _editing_model(request: Request, runtime: Runtime, name: str | None) -> ModelManifest:
+    """The named model, or the first served model that edits and that the caller's key may use."""
+    manifest = requested_model(request, name, lambda m: m.capabilities.image_to_image)
+    if manifest is not None:
+        return manifest
+    if any(m.capabilities.image_to_image for m in runtime.registry.models):
+        raise Forbidden("this API key may not use any model served here that edits images", param="model",
+                        code="model_not_allowed")
     raise Unsupported("no model served here edits images", param="model")
 
 
@@ -80,17 +84,25 @@ def _check_files(files: list[Part], manifest: ModelManifest) -> list[Part]:
     return images
 
 
-async def edit_image(request: Request) -> JSONResponse:
+async def edit_image(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     settings = runtime.settings
-    parts = await read_multipart(request, Limits.of(settings.uploads, settings.fetch.max_bytes))
+    limits = Limits.of(settings.uploads, settings.fetch.max_bytes)
+    assert runtime.lanes is not None
+    # The upload stays in memory (as data: URLs once read) until the answer: it counts against the
+    # server-wide budget of body bytes from before it is read (server.max_inflight_body_bytes).
+    async with runtime.lanes.bodies.hold(body_size(request, limits.max_bytes)):
+        return await _edit(request, runtime, await read_multipart(request, limits))
+
+
+async def _edit(request: Request, runtime: Runtime, parts: list[Part]) -> Response:
     body = form_fields(parts)
     for name in URL_FIELDS:
         if name in body:
             raise Unsupported(
                 f"'{name}' is not taken by the edits endpoint; send the images as 'image' files", param=name)
     model = body.get("model")
-    manifest = _editing_model(runtime, model if isinstance(model, str) and model else None)
+    manifest = _editing_model(request, runtime, model if isinstance(model, str) and model else None)
     images = _check_files([part for part in parts if part.filename is not None], manifest)
     urls = [data_url(part) for part in images]
     del parts, images  # the raw bytes: only the data URLs travel on

@@ -2,14 +2,19 @@
 
 uvicorn serves the app with h11 (server/cli.py ``uvicorn_options``), whose settings bound what they can:
 ``h11_max_incomplete_event_size`` caps a request's line + headers (``server.max_header_bytes``),
-``timeout_keep_alive`` closes idle connections, ``limit_concurrency`` caps connections and requests at once
-(``server.max_connections``; past it uvicorn's own plain-text 503). What uvicorn has no setting for is here:
+``timeout_keep_alive`` closes idle connections. What uvicorn has no setting for (or answers in plain text) is
+here:
 
 - ``Protocol``: uvicorn's h11 protocol, answering what h11 refuses (malformed requests, TLS bytes on the
   plain port: 400) in Together's error shape, then closing; a cap on a request head's bytes however they
   arrive (h11's own applies only to a head still incomplete after a read: 431); and a deadline for a
   request's line and headers (``server.header_timeout_s``, 408, then close), which uvicorn does not have, so
-  a client that trickles headers cannot hold a connection.
+  a client that trickles headers cannot hold a connection; and the cap on open connections
+  (``server.max_connections``, instead of uvicorn's ``limit_concurrency``, whose 503 is plain text and
+  refuses ``/health`` too): a connection past the cap first makes room by closing the oldest connection with
+  no request in progress (idle keep-alive, or a head still arriving: what a slowloris client holds), and only
+  when every connection is serving a request is it refused, with a 503 ``server_busy`` in the error shape
+  and ``retry-after``. So idle sockets cannot lock out a probe or a real request.
 - ``BodyGuard``: ASGI middleware refusing ``Content-Length`` together with ``Transfer-Encoding`` (request
   smuggling's ingredient, RFC 9112 6.1: 400, then close) and bounding how long a request body may take
   (``server.body_read_timeout_s`` of silence, ``server.body_timeout_s`` in all): 408 in the error shape with
@@ -43,9 +48,10 @@ class RequestTimeout(DarkroomError):
     code = "request_timeout"
 
 
-def _raw_error(status: int, reason: str, message: str, code: str) -> bytes:
-    body = json.dumps(error_body(message, "invalid_request_error", None, code)).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+def _raw_error(status: int, reason: str, message: str, code: str, kind: str = "invalid_request_error",
+               extra: str = "") -> bytes:
+    body = json.dumps(error_body(message, kind, None, code)).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n{extra}"
             f"content-length: {len(body)}\r\nconnection: close\r\n\r\n")
     return head.encode("ascii") + body
 
@@ -56,12 +62,39 @@ class Protocol(H11Protocol):
     # Set by ``protocol_class``.
     header_timeout_s: float = 10.0
     max_header_bytes: int = 32_768
+    max_connections: int = 1024
 
     def connection_made(self, transport: Any) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_of: object | None = None
+        self._opened = self.loop.time()
         self._arm_head_timer()
+        if len(self.connections) > self.max_connections:
+            self._make_room()
+
+    def _serving(self) -> bool:
+        """Whether a request is in progress here (its body arriving, or its answer not sent yet)."""
+        return self.conn.their_state is not h11.IDLE or (
+            self.cycle is not None and not self.cycle.response_complete)
+
+    def _make_room(self) -> None:
+        """Past ``max_connections``: close the oldest connection serving no request, else refuse this one."""
+        idle = [c for c in self.connections if isinstance(c, Protocol) and c is not self
+                and not c._serving() and not c.transport.is_closing()]
+        if idle:
+            oldest = min(idle, key=lambda c: c._opened)
+            log.info("connection limit reached (%d): closing the oldest connection with no request",
+                     self.max_connections)
+            oldest._disarm_head_timer()
+            oldest._refuse(503, "Service Unavailable", "the server is at its connection limit and closed "
+                           "this idle connection", "server_busy", "service_unavailable", "retry-after: 1\r\n")
+            return
+        log.warning("connection limit reached (%d), every connection serving a request: refused",
+                    self.max_connections)
+        self._disarm_head_timer()
+        self._refuse(503, "Service Unavailable", f"the server is at its limit of {self.max_connections} "
+                     "connections; retry shortly", "server_busy", "service_unavailable", "retry-after: 1\r\n")
 
     def _arm_head_timer(self) -> None:
         self._disarm_head_timer()
@@ -81,8 +114,9 @@ class Protocol(H11Protocol):
         self._refuse(408, "Request Timeout", "the request line and headers did not arrive within "
                      f"{self.header_timeout_s:g} s", "request_timeout")
 
-    def _refuse(self, status: int, reason: str, message: str, code: str) -> None:
-        self.transport.write(_raw_error(status, reason, message, code))
+    def _refuse(self, status: int, reason: str, message: str, code: str, kind: str = "invalid_request_error",
+                extra: str = "") -> None:
+        self.transport.write(_raw_error(status, reason, message, code, kind, extra))
         self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -136,7 +170,8 @@ class Protocol(H11Protocol):
 def protocol_class(server: ServerSettings) -> type[Protocol]:
     """``Protocol`` with the limits of ``server``."""
     return type("DarkroomProtocol", (Protocol,), {"header_timeout_s": server.header_timeout_s,
-                                                  "max_header_bytes": server.max_header_bytes})
+                                                  "max_header_bytes": server.max_header_bytes,
+                                                  "max_connections": server.max_connections})
 
 
 def uvicorn_options(server: ServerSettings) -> dict[str, Any]:
@@ -145,7 +180,6 @@ def uvicorn_options(server: ServerSettings) -> dict[str, Any]:
         "http": protocol_class(server),
         "h11_max_incomplete_event_size": server.max_header_bytes,
         "timeout_keep_alive": server.keep_alive_timeout_s,
-        "limit_concurrency": server.max_connections,
         # X-Forwarded-* are read only from server.trusted_proxies, by server/api/hosts.py.
         "proxy_headers": False,
     }

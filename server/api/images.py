@@ -18,6 +18,7 @@ from .. import metrics
 from ..config import Settings
 from ..errors import (
     DarkroomError,
+    Forbidden,
     InvalidRequest,
     PayloadTooLarge,
     QueueFull,
@@ -33,7 +34,7 @@ from .auth import check_api_key
 from .conditioning import KontextSizing, attach_images
 from .extras import Extras, resolve_extras
 from .hosts import public_base
-from .keys import ApiKey, authorize_model, bearer_token, charge
+from .keys import ApiKey, authorize_model, bearer_token, charge, requested_model
 from .observe import request_id
 from .runtime import Runtime
 from .safety import resolve_check
@@ -100,23 +101,27 @@ def require_json(request: Request) -> None:
         f"the request body must be JSON, sent with 'Content-Type: application/json' (got {shown})")
 
 
+def body_size(request: Request, max_bytes: int) -> int:
+    """What a request's body may hold in memory: its declared ``Content-Length``, or ``max_bytes`` when it
+    declares none (chunked) or more (then it is refused with 413 before anything is read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isascii() and declared.isdigit() and len(declared) <= 18:
+        return min(int(declared), max_bytes)
+    return max_bytes
+
+
 async def create_image(request: Request) -> Response:
     runtime: Runtime = request.app.state.runtime
     require_json(request)
-    req = parse_request(await read_json(request, runtime.settings.server.max_body_bytes))
-    image_url, field = input_image(req)
-    return await generate(request, req, Inputs(image_url=image_url, image_field=field,
-                                               references=req.reference_images))
-
-
-def _note_extras(request: Request, extras: Extras) -> None:
-    """The SDK fields that only reach the logs: ``user`` on the request's line, ignored fields on one line."""
-    if extras.user:
-        request.state.user = ascii(extras.user)[1:-1]
-    if extras.ignored:
-        rid = request_id(request)
-        log.info("request fields ignored request_id=%s fields=%s", rid, ",".join(extras.ignored),
-                 extra={"fields": {"request_id": rid, "ignored": list(extras.ignored)}})
+    assert runtime.lanes is not None
+    max_bytes = runtime.settings.server.max_body_bytes
+    # The body (and the data: URLs it may carry) stays in memory until the answer: it counts against the
+    # server-wide budget of body bytes from before it is read (server.max_inflight_body_bytes).
+    async with runtime.lanes.bodies.hold(body_size(request, max_bytes)):
+        req = parse_request(await read_json(request, max_bytes))
+        image_url, field = input_image(req)
+        return await generate(request, req, Inputs(image_url=image_url, image_field=field,
+                                                   references=req.reference_images))
 
 
 def _note_extras(request: Request, extras: Extras) -> None:
@@ -138,7 +143,11 @@ async def generate(request: Request, req: ImageRequest, inputs: Inputs,
     job: Job | None = None
     # Until its job is queued (or refused), a request is "arriving": a batch being filled waits for it.
     with runtime.arriving():
-        manifest = runtime.registry.get(req.model) if req.model or default_model is None else default_model
+        manifest = default_model if default_model is not None and not req.model else (
+            requested_model(request, req.model or None))
+        if manifest is None:
+            raise Forbidden("this API key may not use any model served here", param="model",
+                            code="model_not_allowed")
         key = authorize_model(request, manifest)  # 403 for a model this API key may not use
         params = resolve_params(req, manifest, settings.limits, settings.loras,
                                 image_url=inputs.image_url, image_field=inputs.image_field)

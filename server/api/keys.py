@@ -19,6 +19,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,23 @@ def authorize_model(request: Request, manifest: ModelManifest) -> ApiKey:
         raise Forbidden(f"this API key may not use model {manifest.id}", param="model",
                         code="model_not_allowed")
     return key
+
+
+def requested_model(request: Request, name: str | None,
+                    suits: Callable[[ModelManifest], bool] | None = None) -> ModelManifest | None:
+    """The model a request asks for, as the caller's key sees the served models.
+
+    ``name`` (an id or alias): that model (404 for an unknown name, listing only the models this key may
+    use, as ``/v1/models`` does for it; whether the key may use it is ``authorize_model``'s to say).
+    No name: the first served model this key may use (and that ``suits``, e.g. one that edits images), so a
+    key limited to some models gets one of its own rather than a 403 for the server's default; None when
+    there is none.
+    """
+    key = api_key_of(request)
+    registry: Registry = request.app.state.runtime.registry
+    if name is not None:
+        return registry.get(name, key.may_use)
+    return next((m for m in registry.models if key.may_use(m) and (suits is None or suits(m))), None)
 
 
 def ratelimit_headers(decision: Decision) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """The API's bounded executors ("lanes") for blocking work a request may bring: downloads, image decodes, the
-prompt classifier.
+prompt classifier; and the budget of request-body bytes held at once (``ByteBudget``).
 
 Each kind of blocking work gets threads of its own, so no number of slow downloads can hold the threads that
 authentication, storage or a request that downloads nothing need (Starlette's shared pool). A lane runs at
@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
 from ..config import Settings
-from ..errors import DarkroomError
+from ..errors import DarkroomError, ServerBusy
 from ..fetch import FetchBusy
 
 P = ParamSpec("P")
@@ -111,6 +111,48 @@ class Lane:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
+class ByteBudget:
+    """At most ``capacity`` bytes held at once across requests (e.g. request bodies): ``async with
+    budget.hold(n)`` waits up to ``wait_s`` (on the event loop) until ``n`` more bytes fit, else raises
+    ``busy()``. A hold larger than ``capacity`` counts as ``capacity`` (it runs alone), so no single request
+    is refused for its size here (its own limit does that)."""
+
+    def __init__(self, name: str, capacity: int, wait_s: float, busy: Callable[[str], DarkroomError]) -> None:
+        self.name = name
+        self.capacity = max(1, capacity)
+        self.wait_s = wait_s
+        self.held = 0
+        self.refused = 0
+        self._busy = busy
+        self._changed: asyncio.Condition | None = None  # made on the event loop that first uses it
+
+    @contextlib.asynccontextmanager
+    async def hold(self, size: int) -> AsyncIterator[None]:
+        size = min(max(0, size), self.capacity)
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        changed = self._changed
+        async with changed:
+            try:
+                await asyncio.wait_for(changed.wait_for(lambda: self.held + size <= self.capacity),
+                                       self.wait_s)
+            except asyncio.TimeoutError:
+                self.refused += 1
+                raise self._busy(f"{self.held} of {self.capacity} bytes of {self.name} are in use") from None
+            self.held += size
+        try:
+            yield
+        finally:
+            async with changed:
+                self.held -= size
+                changed.notify_all()
+
+
+def _bodies_busy(what: str) -> DarkroomError:
+    return ServerBusy(f"the server holds too many request bodies ({what}); retry shortly",
+                      headers={"retry-after": "1"})
+
+
 def _fetch_busy(what: str) -> DarkroomError:
     return FetchBusy(f"too many downloads in progress ({what}); retry shortly",
                      headers={"retry-after": "1"})
@@ -137,6 +179,9 @@ class Lanes:
         self.decodes = Lane("decodes", fetch.max_concurrent_decodes, wait, _decode_busy)
         # The optional prompt classifier (one model, used by one thread at a time).
         self.classifier = Lane("classifier", 1, wait, _classifier_busy)
+        # Request bodies (JSON, edit uploads) held at once, from before they are read until answered.
+        self.bodies = ByteBudget("request bodies", settings.server.max_inflight_body_bytes, wait,
+                                 _bodies_busy)
 
     def close(self) -> None:
         for lane in (self.downloads, self.decodes, self.classifier):

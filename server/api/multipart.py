@@ -29,6 +29,11 @@ from ..config import UploadSettings
 from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 
 
+# Parts that are files whatever their Content-Disposition says: RFC 7578 §4.2 makes ``filename`` optional
+# (curl -F 'image=<photo.png' sends none), and python-multipart drops an RFC 8187 ``filename*``.
+FILE_FIELDS = ("image", "image[]", "mask")
+
+
 @dataclass
 class Part:
     """One part: a text field (``filename`` None) or a file, with its bytes."""
@@ -105,7 +110,7 @@ class _Reader:
         if disposition != b"form-data" or b"name" not in options:
             raise InvalidRequest("every form part needs 'Content-Disposition: form-data; name=...'")
         name = _decode(options[b"name"], "a form field name", None)
-        filename = options.get(b"filename")
+        filename = options.get(b"filename", b"" if name in FILE_FIELDS else None)
         ctype = self._headers.get(b"content-type")
         self.current = Part(
             name=name,

@@ -4,7 +4,9 @@
   log line, and carried by the job into the worker's ``job done`` line.
 - Headers a handler decided on (the ``x-ratelimit-*`` headers) are put on whatever response goes out,
   errors included.
-- ``darkroom_requests_total{route,status,model}`` and the request duration histogram.
+- ``darkroom_requests_total{route,status,model}`` and the request duration histogram. ``route`` is the
+  matched route's path template (a FastAPI route's, or a plain Starlette route's or mount's such as
+  ``/openapi.json`` and ``/docs/assets``); "unmatched" for a path no route answers.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import uuid
 from typing import Any
 
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import metrics
@@ -32,6 +35,21 @@ def request_id_from(value: str | None) -> str:
     return f"req-{uuid.uuid4().hex}"
 
 
+def route_label(scope: Scope, probe: Scope) -> str:
+    """The path template of the route that answered: FastAPI's routes leave themselves in ``scope["route"]``;
+    the others (plain Starlette routes and mounts: the API docs) are found again by matching ``probe``, the
+    request as it arrived. Bounded: a template, never the request's own path."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path:
+        return str(path)
+    app = scope.get("app")
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        if candidate.matches(probe)[0] is not Match.NONE and getattr(candidate, "path", None):
+            return str(candidate.path)
+    return "unmatched"
+
+
 def request_id(request: Any) -> str | None:
     return request.scope.get("state", {}).get("request_id")
 
@@ -45,6 +63,8 @@ class ObserveMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        probe = {"type": "http", "path": scope["path"], "root_path": scope.get("root_path", ""),
+                 "method": "GET"}
         supplied = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), None)
         rid = request_id_from(supplied)
         state = scope.setdefault("state", {})
@@ -67,8 +87,7 @@ class ObserveMiddleware:
             await self.app(scope, receive, send_with_headers)
         finally:
             elapsed = time.perf_counter() - started
-            route_obj = scope.get("route")
-            route = getattr(route_obj, "path", None) or "unmatched"
+            route = route_label(scope, probe)
             model = str(state.get("model") or "")
             metrics.REQUESTS.labels(route=route, status=str(status), model=model).inc()
             metrics.REQUEST_SECONDS.labels(route=route).observe(elapsed)

@@ -5,7 +5,11 @@ server/engine/safety.py).
   the model allows it (``capabilities.safety_checker_optional``) and the operator does
   (``safety.allow_disable``: never / always / per_key); otherwise 403.
 - ``PromptGuard``: a word list, regular expressions and optionally a transformers text classifier, run in
-  the API before a job is queued, so a flagged prompt costs no GPU work. Flagged: 422.
+  the API before a job is queued, so a flagged prompt costs no GPU work. Flagged: 422. The lists match a
+  normalised copy of the prompt (``normalize``: compatibility forms, case, invisible characters and
+  combining marks folded away; ``_`` and punctuation separate words), so "ｃｓａｍ", "c\u200bsam" or
+  "child_porn" match as "csam" and "child porn" do. Look-alike letters of other scripts (Cyrillic "а" for
+  Latin "a") are not folded.
 
 What was checked and flagged is counted in ``SafetyCounters`` (server/metrics.py; reported on ``/ready``).
 """
@@ -16,6 +20,7 @@ import hmac
 import logging
 import re
 import threading
+import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,9 +71,44 @@ def resolve_check(
     return False
 
 
-def _phrase(word: str) -> str:
-    """A blocklist entry as a regex: whole words, any whitespace between them."""
-    return r"(?<!\w)" + r"\s+".join(re.escape(part) for part in word.split()) + r"(?!\w)"
+# Dropped from the matching copy: format characters (Cf: zero-width space and joiners, soft hyphen, word
+# joiner, BOM, bidi controls) and combining marks (Mn: accents, the combining grapheme joiner, variation
+# selectors), which change how a word is written but not how it reads.
+_DROPPED = ("Cf", "Mn")
+
+
+def normalize(text: str) -> str:
+    """The copy of a prompt (or a word-list entry, or a pattern) that the word and pattern lists match.
+
+    Unicode compatibility decomposition (NFKD: full-width and other compatibility forms become the plain
+    letters), minus format characters and combining marks, recomposed (NFKC) and case-folded
+    (``str.casefold``: "ß" matches "ss"); ``_`` becomes a space, so it separates words as other
+    punctuation does (in a regular expression ``_`` is a word character, so ``\\b`` would not match beside
+    it). Cross-script look-alikes (Cyrillic "а" for Latin "a") are left as they are.
+    """
+    return _fold(text).casefold().replace("_", " ")
+
+
+def _fold(text: str) -> str:
+    """NFKD, without format characters and combining marks, then NFKC."""
+    kept = (c for c in unicodedata.normalize("NFKD", text) if unicodedata.category(c) not in _DROPPED)
+    return unicodedata.normalize("NFKC", "".join(kept))
+
+
+def _phrase(word: str) -> str | None:
+    """A word-list entry as a regex over ``normalize``d text: whole words, any run of spaces or punctuation
+    between them ("child porn" matches "child_porn", "child-porn", "child.  porn"); None for an entry with no
+    letters or digits."""
+    parts = [part for part in re.split(r"\W+", normalize(word)) if part]
+    if not parts:
+        return None
+    return r"(?<!\w)" + r"\W+".join(re.escape(part) for part in parts) + r"(?!\w)"
+
+
+def _pattern_form(pattern: str) -> str:
+    """A configured regular expression as it is matched against the normalised prompt: the same folding but
+    the case (``str.casefold`` would turn ``\\W`` into ``\\w``; the patterns match case-insensitively)."""
+    return _fold(pattern)
 
 
 class PromptGuard:
@@ -78,9 +118,11 @@ class PromptGuard:
         self.safety = safety
         self.cache_dir = cache_dir
         self.counters = SafetyCounters()
-        words = [w for w in safety.prompt.blocklist if w.strip()]
-        self._words = re.compile("|".join(_phrase(w) for w in words), re.IGNORECASE) if words else None
-        self._patterns = [re.compile(p, re.IGNORECASE | re.DOTALL) for p in safety.prompt.patterns]
+        words = [phrase for w in safety.prompt.blocklist if (phrase := _phrase(w)) is not None]
+        self._words = re.compile("|".join(words), re.IGNORECASE) if words else None
+        # Each pattern as configured (searched in the prompt as sent) and normalised (in the normalised copy).
+        self._patterns = [re.compile(form, re.IGNORECASE | re.DOTALL) for p in safety.prompt.patterns
+                          for form in dict.fromkeys((p, _pattern_form(p)))]
         self._classifier: TextClassifier | None = None
         self.load_error: str | None = None
         self.loaded = threading.Event()
@@ -126,9 +168,10 @@ class PromptGuard:
         """Raise 422 when the prompt is flagged (blocking: call it off the event loop with a classifier)."""
         self.counters.add("prompts_checked")
         stage = None
-        if self._words is not None and self._words.search(prompt):
+        folded = normalize(prompt)
+        if self._words is not None and self._words.search(folded):
             stage = "word list"
-        elif any(p.search(prompt) for p in self._patterns):
+        elif any(p.search(prompt) or p.search(folded) for p in self._patterns):
             stage = "pattern list"
         elif self.needs_classifier:
             if not self.loaded.wait(wait_s) or self._classifier is None:

@@ -86,6 +86,10 @@ def parse_request(body: Any) -> ImageRequest:
         where = ".".join(loc) or "body"
         if error["type"] == "missing":
             message = f"'{where}' is required"
+        elif error["type"] in ("too_long", "string_too_long") and isinstance(error.get("input"), str):
+            # pydantic counts "items" for a length limit on an annotated str: say characters.
+            most = error.get("ctx", {}).get("max_length")
+            message = f"invalid '{where}': must be at most {most} characters (got {len(error['input'])})"
         else:
             message = f"invalid '{where}': {error['msg'].removeprefix('Value error, ')}"
         raise InvalidRequest(message, param=field) from None

@@ -41,7 +41,10 @@ async def stored_image(request: Request, key: str, expires: str = "", signature:
 
     ``expires`` is a unix time in ASCII digits (``isdigit`` alone would pass "²", which ``int`` refuses, and a
     number too long for ``int`` to convert)."""
-    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12) or not signature:
+    if not expires or not signature:
         raise InvalidRequest("this URL needs its 'expires' (a unix time) and 'signature' parameters")
+    if not (expires.isascii() and expires.isdigit() and len(expires) <= 12):
+        raise InvalidRequest("'expires' must be an integer unix timestamp (ASCII digits, as the signed URL "
+                             "gives it)", param="expires")
     path = _runtime(request).storage.open(key, int(expires), signature)
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix.lstrip(".")])

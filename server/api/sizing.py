@@ -27,7 +27,9 @@ MATCH_INPUT = "match_input_image"
 # Together's documented ratios; any other "W:H" within MAX_RATIO works too.
 ASPECT_RATIOS = ("1:1", "16:9", "9:16", "4:3", "3:4", "3:2", "2:3", "21:9", "9:21")
 MAX_RATIO = 4.0
-_SIZE = re.compile(r"([0-9]{1,6})[xX]([0-9]{1,6})")
+_SIZE = re.compile(r"([0-9]+)[xX]([0-9]+)")
+# Digits a side of ``size`` may have before it is refused unread (as too large, whatever the model).
+_SIZE_DIGITS = 6
 _RATIO = re.compile(r"([0-9]{1,4}):([0-9]{1,4})")
 
 
@@ -46,9 +48,16 @@ def parse_size(value: str) -> tuple[int, int] | None:
     if value == "auto":
         return None
     match = _SIZE.fullmatch(value)
-    if not match or int(match[1]) < 1 or int(match[2]) < 1:
+    if not match:
         raise ValueError("size must look like '1024x768' (width x height) or be 'auto'")
-    return int(match[1]), int(match[2])
+    if max(len(match[1].lstrip("0")), len(match[2].lstrip("0"))) > _SIZE_DIGITS:
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        raise ValueError(f"size {shown} is too large: each model's largest width and height are its "
+                         "limits.max_width and limits.max_height (GET /v1/models)")
+    width, height = int(match[1].lstrip("0") or "0"), int(match[2].lstrip("0") or "0")
+    if width < 1 or height < 1:
+        raise ValueError("size must look like '1024x768' (width x height) or be 'auto'")
+    return width, height
 
 
 def parse_aspect_ratio(value: str) -> float | None:
@@ -118,9 +127,13 @@ def resolve_size(width: int | None, height: int | None, size: str | None, aspect
     """Rules 1-4 for one request; ``input_size`` is the input image's (for ``match_input_image``).
 
     Raises ``InvalidRequest`` (400) naming the field: a side off the multiple or out of the limits, a
-    ``size`` that disagrees with ``width``/``height``, too many pixels.
+    ``size`` that disagrees with ``width``/``height``, too many pixels; ``aspect_ratio`` when the side it
+    computes from the given one is out of the limits.
     """
     w, h = explicit_size(width, height, size)
+    # The side aspect_ratio computes from the one the request gives: a refusal names aspect_ratio, not a
+    # field the client never sent.
+    derived = {(True, False): "height", (False, True): "width"}.get((w is not None, h is not None))
     if aspect_ratio is not None and (w is None or h is None):
         ratio = parse_aspect_ratio(aspect_ratio)
         if ratio is None:
@@ -128,12 +141,23 @@ def resolve_size(width: int | None, height: int | None, size: str | None, aspect
                 input_size = (manifest.defaults.width, manifest.defaults.height)
             ratio = min(max(input_size[0] / input_size[1], 1 / MAX_RATIO), MAX_RATIO)
         w, h = from_ratio(ratio, w, h, manifest, limits)
+    else:
+        derived = None
     w, h = w or manifest.defaults.width, h or manifest.defaults.height
-    check_side("width", w, limits.max_width, manifest, limits)
-    check_side("height", h, limits.max_height, manifest, limits)
+    for field, value, most in (("width", w, limits.max_width), ("height", h, limits.max_height)):
+        if field == derived and not limits.min_size <= value <= most:
+            given = ("height", h) if field == "width" else ("width", w)
+            bound = (f"above the limit of {most}" if value > most
+                     else f"below the minimum of {limits.min_size}")
+            raise InvalidRequest(
+                f"aspect_ratio {aspect_ratio} with {given[0]} {given[1]} makes the {field} {value}, {bound} "
+                f"for {manifest.id}; send a {given[0]} that fits, or both sides", param="aspect_ratio")
+        check_side(field, value, most, manifest, limits)
     step = limits.size_multiple
     gen_w, gen_h = -(-w // step) * step, -(-h // step) * step
     if gen_w * gen_h > limits.max_pixels:
         raise InvalidRequest(
-            f"width x height must be at most {limits.max_pixels} pixels for {manifest.id}", param="width")
+            f"width x height must be at most {limits.max_pixels} pixels for {manifest.id}"
+            + (f" (aspect_ratio {aspect_ratio} made it {w}x{h})" if derived else ""),
+            param="aspect_ratio" if derived else "width")
     return Size(w, h, gen_w, gen_h)

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .processes import valid_networks
+
 
 class FetchSettings(BaseModel):
     """The guarded fetcher (server/fetch.py, server/addresses.py): what a remote URL in a request may point
@@ -48,14 +50,8 @@ class FetchSettings(BaseModel):
     cache_bytes: int = 256_000_000
     cache_ttl_s: float = 300.0
 
-    @field_validator("allow_cidrs")
-    @classmethod
-    def _valid_cidrs(cls, value: list[str]) -> list[str]:
-        import ipaddress
+    _valid_cidrs = field_validator("allow_cidrs")(valid_networks)
 
-        for cidr in value:
-            ipaddress.ip_network(cidr, strict=False)
-        return value
 
 # The layers LoRAs train, where hotswap slots go (engine/lora_slots.py). FLUX.1: diffusers' FLUX LoRA
 # trainer's target_modules, plus the single blocks' proj_mlp / proj_out that kohya's linear1 / linear2

@@ -4,6 +4,7 @@ image storage behave, and the server-wide request limits (``server``, ``limits``
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -15,6 +16,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 def expand_path(path: Path) -> Path:
     return path.expanduser()
+
+
+def valid_networks(value: list[str]) -> list[str]:
+    """Each entry an IP network in CIDR notation, IPv4 or IPv6 (a bare address is its /32 or /128);
+    ``ValueError`` (a settings error naming the field) otherwise."""
+    for network in value:
+        ipaddress.ip_network(network, strict=False)
+    return value
 
 
 class ServerSettings(BaseModel):
@@ -32,6 +41,11 @@ class ServerSettings(BaseModel):
     # A job that has not started by this many seconds after arrival is answered 504 and never runs.
     request_timeout_s: float = 300.0
     max_body_bytes: int = 1_000_000
+    # Request bodies the API holds at once, all requests together (JSON bodies and edit uploads): a body
+    # reserves its Content-Length (its limit when chunked) before it is read and keeps it until answered;
+    # past the budget, 503 `server_busy` with retry-after within slot_wait_s. Each body byte costs about 3x
+    # while its images are decoded (base64 text, bytes, pixels). One request larger than it still runs alone.
+    max_inflight_body_bytes: int = Field(default=200_000_000, ge=1)
     # What a request without response_format gets; Together answers with a URL.
     default_response_format: Literal["url", "base64"] = "url"
     log_level: str = "INFO"
@@ -54,20 +68,15 @@ class ServerSettings(BaseModel):
     body_timeout_s: float = 60.0
     # Idle keep-alive connections are closed after this (uvicorn's timeout_keep_alive).
     keep_alive_timeout_s: float = 5.0
-    # Connections and requests at once (uvicorn's limit_concurrency); past it, 503 at once.
-    max_connections: int = 1024
+    # Open connections (server/api/http.py): past it the oldest connection serving no request (idle, or a
+    # head still arriving) is closed to make room, else the new one gets 503 server_busy with retry-after.
+    max_connections: int = Field(default=1024, ge=1)
     # Longest a request waits for a slot in one of the API's bounded executors (downloads, image decodes,
     # the prompt classifier) before 429 with retry-after.
     slot_wait_s: float = 1.0
 
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _valid_networks(cls, value: list[str]) -> list[str]:
-        import ipaddress
+    _valid_networks = field_validator("trusted_proxies")(valid_networks)
 
-        for network in value:
-            ipaddress.ip_network(network, strict=False)
-        return value
 
 class LimitSettings(BaseModel):
     """Server-wide ceilings; a model manifest can only lower them (its ``limits``, server/registry.py

@@ -93,9 +93,10 @@ class PromptCheckSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Words or phrases matched whole and case-insensitively (any run of spaces matches a space).
+    # Words or phrases matched whole and case-insensitively in the normalised prompt (any run of spaces, `_`
+    # or punctuation matches a space; server/api/safety.py ``normalize``).
     blocklist: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPT_BLOCKLIST))
-    # Python regular expressions, searched case-insensitively.
+    # Python regular expressions, searched case-insensitively in the prompt and its normalised copy.
     patterns: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPT_PATTERNS))
     classifier: TextClassifierSpec | None = None
 
