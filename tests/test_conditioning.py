@@ -1,4 +1,4 @@
-"""image_url and reference_images end to end: a real server fetching from a real loopback image origin.
+"""image_url and reference_images end to end: the app on a loopback port fetching from a loopback image origin.
 
 The server serves the tiny FLUX (img2img), the tiny FLUX with a Redux prior (img2img + references),
 the tiny Kontext (editing + references) and a text-only model. Its fetcher may reach the origin only by
@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from .conftest import REPO, free_port, images_of, mean_abs_diff
-from .support.inprocess import InProcessServer
 from .image_origin import ImageOrigin
+from .support.inprocess import InProcessServer
 
 TINY = "darkroom/tiny-flux"
 REDUX = "darkroom/tiny-flux-redux"

@@ -1,5 +1,5 @@
 """The documentation: the MkDocs site builds with --strict and every link and anchor checked (a broken one
-fails the build), README.md stays a short start page whose examples run as written against a real server,
+fails the build), README.md stays a short start page whose examples run as written against the app on a loopback port,
 and docs/api.md names every field the server sends and every error code it answers."""
 
 from __future__ import annotations

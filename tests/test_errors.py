@@ -5,9 +5,9 @@ and the field it names; the SDK tests pin the exception class each client raises
 (together 3.x, openai, and together 1.x run in its own virtualenv) and that the client surfaces the
 server's message. Two configurations: a plain one, and a strict one (API keys, small prompt and body
 limits, a queue of one job for 503s). Both run in-process with the stand-in engine
-(tests/support/inprocess.py); the strict one runs as a real ``darkroom serve`` process too, for together 1.x
-(which lives in its own virtualenv, so it can only call a real server) and for the full queue (heavy jobs of
-the tiny engine).
+(tests/support/inprocess.py); the strict one is also served on a loopback port with the tiny engine, for
+together 1.x (which lives in its own virtualenv, so it can only call a real socket) and for the full queue
+(heavy jobs of the tiny engine).
 """
 
 from __future__ import annotations

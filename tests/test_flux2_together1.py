@@ -1,6 +1,6 @@
-"""The FLUX.2 and FLUX.1 Canny/Depth tiny models through together 1.x (its own venv, so a real server
-process): reference images and control images pass through as keyword arguments, and a bad request is the
-client's InvalidRequestError naming the field."""
+"""The FLUX.2 and FLUX.1 Canny/Depth tiny models through together 1.x (its own venv, so the app is served on
+a loopback port): reference images and control images pass through as keyword arguments, and a bad request
+is the client's InvalidRequestError naming the field."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""API keys through real servers: per-key request and image limits with Together's ``x-ratelimit-*`` headers
+"""API keys through the app on loopback ports: per-key request and image limits with Together's ``x-ratelimit-*`` headers
 and 429 + ``retry-after``, allowed models, the safety-disable permission, keys from a mounted file (hashed,
-re-read on change), the SDKs' view of a 429, and limits shared by two API processes over a real Redis.
+re-read on change), the SDKs' view of a 429, and limits shared by two API servers over a real Redis.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """``image_loras``: per-request LoRAs by URL or registered name, cached, resident, hot-swapped, never leaking.
 
-End to end through a real ``darkroom serve`` whose LoRA downloads come from a loopback origin (allowed in
-its fetch config), which also plays a Hugging Face mirror (``loras.hub_url``); plus in-process tests of
+End to end through the app served on a loopback port (in-process) whose LoRA downloads come from a loopback
+origin (allowed in its fetch config), which also plays a Hugging Face mirror (``loras.hub_url``); plus in-process tests of
 the disk cache (eviction, single flight) and of the hotswap slots on the tiny model.
 """
 
@@ -29,8 +29,8 @@ from server.loras import LoraError, LoraStore
 from server.params import GenerationParams, LoraRef
 
 from .conftest import MODEL, decode_image, images_of, mean_abs_diff
-from .support.inprocess import InProcessServer
 from .image_origin import ImageOrigin
+from .support.inprocess import InProcessServer
 from .support.tiny_loras import (
     TINY_FLUX_LORA_LAYERS,
     lora_file_bytes,
