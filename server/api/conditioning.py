@@ -180,14 +180,34 @@ async def _attach_kontext(params: GenerationParams, image_url: str | None, refer
                           names: list[str], fetcher: Fetcher, lanes: Lanes, key: str,
                           match_input: Callable[[int, int], GenerationParams] | None,
                           kontext: KontextSizing) -> GenerationParams:
-    """Kontext sizes its references from the input image's prepared height, so its images are decoded first
-    (at most ``1 + limits.max_reference_images`` per request), then sized together in the decodes lane."""
-    urls = ([image_url] if image_url else []) + references
-    decoded = await _gather_in_order([_lane(lanes, url).run(fetcher.fetch_image, url, field, lane_key=key)
-                                      for url, field in zip(urls, names, strict=True)])
-    if match_input is not None and image_url:
-        params = match_input(decoded[0].width, decoded[0].height)
-    return await lanes.decodes.run(size_kontext, params, decoded, bool(image_url), kontext, lane_key=key)
+    """Kontext sizes its references from the input image's prepared height: the input image first (fetched,
+    decoded and sized in one lane call), then the references concurrently, each in one lane call too, so no
+    decoded image waits between calls."""
+    main: ConditioningImage | None = None
+    if image_url:
+        main, params = await _lane(lanes, image_url).run(_load_kontext_input, fetcher, image_url, names[0],
+                                                         params, match_input, kontext, lane_key=key)
+    row_height = main.height if main is not None else params.height
+    multiple = kontext.limits.size_multiple
+
+    def beside(image: Image.Image, _field: str, _sized: GenerationParams | None) -> Image.Image:
+        return fit_height(image, row_height, multiple)
+
+    refs = await _gather_in_order([_lane(lanes, url).run(_load, fetcher, url, field, beside, lane_key=key)
+                                   for url, field in zip(references, names[1:] if image_url else names,
+                                                         strict=True)])
+    return dataclasses.replace(params, image=main, references=tuple(image for image, _sized in refs))
+
+
+def _load_kontext_input(fetcher: Fetcher, url: str, field: str, params: GenerationParams,
+                        match_input: Callable[[int, int], GenerationParams] | None,
+                        sizing: KontextSizing) -> tuple[ConditioningImage, GenerationParams]:
+    """The image to edit, fetched, decoded and sized (on a lane thread), and the params sized with it."""
+    source = fetcher.fetch_image(url, field)
+    if match_input is not None:
+        params = match_input(source.width, source.height)
+    main, params = kontext_input(params, source, sizing)
+    return ConditioningImage.from_pil(main), params
 
 
 def _lane(lanes: Lanes, url: str) -> Lane:
@@ -204,28 +224,15 @@ class KontextSizing:
     explicit_size: bool
 
 
-def size_kontext(params: GenerationParams, pictures: list[Image.Image], has_input: bool,
-                 sizing: KontextSizing) -> GenerationParams:
-    """Kontext's images into ``params`` (``pictures``: the decoded input image first when ``has_input``, then
-    the references). Without a size in the request, the output takes the preferred resolution nearest the
-    input's aspect ratio and the input is resized to it; with one, the input keeps its aspect ratio at the
-    output's area. References take the input's height. Nothing is cropped (server/api/kontext.py)."""
-    pictures = list(pictures)
-    width, height = params.width, params.height
-    exact: dict[str, int | None] = {}
-    main: Image.Image | None = None
-    if has_input:
-        source = pictures.pop(0)
-        if sizing.explicit_size:
-            main = scale_to_area(source, width * height, sizing.limits.size_multiple)
-        else:
-            width, height = preferred_size(source.width, source.height, sizing.manifest, sizing.limits)
-            main = resize_to(source, width, height)
-            exact = {"output_width": None, "output_height": None}  # the preferred size is the output's
-    row_height = main.height if main is not None else height
-    refs = [fit_height(ref, row_height, sizing.limits.size_multiple) for ref in pictures]
-    return dataclasses.replace(
-        params, width=width, height=height, **exact,
-        image=ConditioningImage.from_pil(main) if main is not None else None,
-        references=tuple(ConditioningImage.from_pil(r) for r in refs),
-    )
+def kontext_input(params: GenerationParams, source: Image.Image,
+                  sizing: KontextSizing) -> tuple[Image.Image, GenerationParams]:
+    """Kontext's input image as the pipeline takes it, and the params sized with it. Without a size in the
+    request, the output takes the preferred resolution nearest the input's aspect ratio and the input is
+    resized to it; with one, the input keeps its aspect ratio at the output's area. References then take the
+    input's height. Nothing is cropped (server/api/kontext.py)."""
+    if sizing.explicit_size:
+        return scale_to_area(source, params.width * params.height, sizing.limits.size_multiple), params
+    width, height = preferred_size(source.width, source.height, sizing.manifest, sizing.limits)
+    # The preferred size is the output's: nothing to crop afterwards.
+    return resize_to(source, width, height), dataclasses.replace(
+        params, width=width, height=height, output_width=None, output_height=None)
