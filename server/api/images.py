@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from .. import metrics
-from ..config import Settings
 from ..errors import (
     DarkroomError,
     Forbidden,
@@ -29,17 +28,25 @@ from ..jobs import ClientGone, Job, JobResult
 from ..lora_format import LOADERS
 from ..params import GenerationParams
 from ..queue.submit import await_job
-from ..registry import ModelManifest
+from ..registry import ModelLimits, ModelManifest
 from .auth import check_api_key
 from .conditioning import KontextSizing, attach_images
 from .extras import Extras, resolve_extras
 from .hosts import public_base
+from .http import declared_length
 from .keys import ApiKey, authorize_model, bearer_token, charge, requested_model
 from .observe import request_id
 from .runtime import Runtime
 from .safety import resolve_check
-from .schemas import (ImageRequest, input_image, names_size, parse_request, resolve_params, response_kind,
-                      with_size)
+from .schemas import (
+    ImageRequest,
+    input_image,
+    names_size,
+    parse_request,
+    resolve_params,
+    response_kind,
+    with_size,
+)
 from .sizing import MATCH_INPUT, resolve_size
 
 log = logging.getLogger(__name__)
@@ -53,8 +60,8 @@ PATHS = ("/v1/images/generations", "/images/generations", "/v1/v1/images/generat
 async def read_json(request: Request, max_bytes: int) -> Any:
     """The request body as JSON: 413 past ``max_bytes``, 400 for anything ``json.loads`` refuses (invalid
     UTF-8 or JSON, nesting too deep, an integer of more digits than Python converts)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > max_bytes):
+    declared = declared_length(request.headers)
+    if declared is not None and declared > max_bytes:
         raise PayloadTooLarge(f"request body is larger than {max_bytes} bytes")
     body = bytearray()
     async for chunk in request.stream():
@@ -104,10 +111,8 @@ def require_json(request: Request) -> None:
 def body_size(request: Request, max_bytes: int) -> int:
     """What a request's body may hold in memory: its declared ``Content-Length``, or ``max_bytes`` when it
     declares none (chunked) or more (then it is refused with 413 before anything is read)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and len(declared) <= 18:
-        return min(int(declared), max_bytes)
-    return max_bytes
+    declared = declared_length(request.headers)
+    return max_bytes if declared is None else min(declared, max_bytes)
 
 
 async def create_image(request: Request) -> Response:
@@ -240,7 +245,7 @@ async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manife
     limits = manifest.effective_limits(settings.limits)
     params = await attach_images(params, inputs.image_url, inputs.references, runtime.fetcher, manifest,
                                  lanes, bucket, fields=inputs.names(),
-                                 match_input=_matcher(req, manifest, params, settings),
+                                 match_input=_matcher(req, manifest, params, limits),
                                  kontext=KontextSizing(manifest, limits, names_size(req)))
     # LoRA files are fetched into the disk cache and checked here too, as the model's diffusers loader would
     # convert them (the worker fetches any it lacks).
@@ -254,11 +259,11 @@ async def _prepare(request: Request, runtime: Runtime, req: ImageRequest, manife
 
 
 def _matcher(req: ImageRequest, manifest: ModelManifest, params: GenerationParams,
-             settings: Settings) -> Callable[[int, int], GenerationParams] | None:
-    """For ``aspect_ratio: match_input_image``: the params sized from the input image's width x height."""
+             limits: ModelLimits) -> Callable[[int, int], GenerationParams] | None:
+    """For ``aspect_ratio: match_input_image``: the params sized from the input image's width x height,
+    within the model's effective ``limits``."""
     if req.aspect_ratio != MATCH_INPUT:
         return None
-    limits = manifest.effective_limits(settings.limits)
 
     def sized(width: int, height: int) -> GenerationParams:
         return with_size(params, resolve_size(req.width, req.height, req.size, req.aspect_ratio, manifest,

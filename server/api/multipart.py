@@ -27,7 +27,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..config import UploadSettings
 from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-
+from .http import declared_length
 
 # Parts that are files whatever their Content-Disposition says: RFC 7578 §4.2 makes ``filename`` optional
 # (curl -F 'image=<photo.png' sends none), and python-multipart drops an RFC 8187 ``filename*``.
@@ -149,8 +149,8 @@ def _boundary(request: Request) -> bytes:
 async def read_multipart(request: Request, limits: Limits) -> list[Part]:
     """Every part of a ``multipart/form-data`` body, under ``limits`` (see the module docstring)."""
     boundary = _boundary(request)
-    declared = request.headers.get("content-length", "")
-    if declared.isascii() and declared.isdigit() and len(declared) <= 20 and int(declared) > limits.max_bytes:
+    declared = declared_length(request.headers)
+    if declared is not None and declared > limits.max_bytes:
         raise PayloadTooLarge(f"request body is larger than {limits.max_bytes} bytes")
     reader = _Reader(limits)
     callbacks: Any = {name: getattr(reader, name) for name in (
