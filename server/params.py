@@ -118,3 +118,14 @@ class GenerationParams:
             # The LoRA set and its scales are one per call.
             self.loras,
         )
+
+
+def images_per_call(max_images: int, max_pixels: int | None, width: int, height: int) -> int:
+    """The most images of ``width`` x ``height`` one pipeline call may hold under the scheduler's caps
+    (``scheduler.max_batch_images``, ``scheduler.max_batch_pixels``; None: no pixel cap), at least 1. The
+    batch-filling rule (server/queue/batching.py) and the compile warm-up (server/engine/optimize.py) both
+    use it, so the warm-up compiles exactly the batch sizes the scheduler forms."""
+    if max_pixels is None:
+        return max_images
+    return min(max_images, max(1, max_pixels // (width * height)))
+

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EngineSettings
+from ..params import images_per_call
 from ..registry import EngineOptions, ModelManifest
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ def compile_modules(manifest: ModelManifest, pipe: Any, settings: EngineSettings
     """torch.compile the transformer (regional or full) and the VAE decoder, with a persistent cache."""
     options = manifest.engine
     spec = options.compile
-    if spec.transformer == "none" and not spec.vae_decoder:
+    if not compiles(manifest):
         return
     inductor_cache = compile_cache_dir(options, settings)
     inductor_cache.mkdir(parents=True, exist_ok=True)
@@ -96,9 +97,7 @@ def largest_batch(manifest: ModelManifest, width: int, height: int, max_batch_im
     """The most images one pipeline call of this size can hold: what the scheduler packs under
     ``scheduler.max_batch_images`` and ``scheduler.max_batch_pixels``, or one request's ``n`` (a job is
     never split, so a lone job up to the model's ``max_n`` runs whole even past the pixel cap)."""
-    packed = max_batch_images
-    if max_batch_pixels is not None:
-        packed = min(packed, max(1, max_batch_pixels // (width * height)))
+    packed = images_per_call(max_batch_images, max_batch_pixels, width, height)
     return max(1, packed, manifest.limits.max_n)
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 
 from ..config import EngineSettings, SafetySettings
 from ..errors import DarkroomError, InvalidRequest
+from ..lora_format import LOADERS
 from ..loras import LoraStore
 from ..metrics import SafetyCounters
 from ..params import GenerationParams
@@ -228,8 +229,9 @@ class Engine:
         return all(self.loras.store.on_disk(ref.path) for ref in params.loras)
 
     def fetch_loras(self, params: GenerationParams) -> None:
-        """Download the LoRA files of ``params`` into the disk cache (the worker's prefetch pool)."""
-        self.loras.store.prefetch(params.loras)
+        """Download the LoRA files of ``params`` into the disk cache (the worker's prefetch pool), checked as
+        the model's diffusers loader converts them (as the API's prefetch does)."""
+        self.loras.store.prefetch(params.loras, LOADERS.get(self.registry.get(params.model).family))
 
     def free_memory(self) -> None:
         """After an out-of-memory error: drop garbage and the CUDA caching allocator's free blocks."""

@@ -23,6 +23,7 @@ from collections.abc import Callable, MutableSequence
 from typing import TypeVar
 
 from ..jobs import Job
+from ..params import images_per_call
 
 J = TypeVar("J", bound=Job)
 
@@ -68,8 +69,7 @@ def fill_batch(
     ``expect_more()`` (the adaptive window, ``Arrivals.expect_more``), when given, ends the wait as soon as
     no other job is expected.
     """
-    if max_pixels is not None:
-        max_images = min(max_images, max(1, max_pixels // (first.params.width * first.params.height)))
+    max_images = images_per_call(max_images, max_pixels, first.params.width, first.params.height)
     batch: list[Job] = [first]
     images, key = first.params.n, first.params.batch_key()
     until = time.monotonic() + window_s

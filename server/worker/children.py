@@ -304,7 +304,8 @@ class DeviceProcess:
                 while len(self._batches_seen) > 1024:
                     self._batches_seen.popitem(last=False)
                 batch_stages = {k: v for k, v in result.stages.items() if k != "image_encode"}
-                metrics.observe_batch(model, result.batch_jobs, result.batch_images, batch_stages)
+                metrics.observe_batch(model, result.batch_jobs, result.batch_images, batch_stages,
+                                      loras=len(job.params.loras))
             metrics.observe_job(model, "done", queue_s=result.queue_s, encode_s=result.encode_s,
                                 images=len(result.images))
             job.succeed(result)
