@@ -264,9 +264,18 @@ def test_wrong_key_shows_the_error(site: InProcessServer, page: Any) -> None:
     page.fill("#prompt", "x")
     page.select_option("#size", page.eval_on_selector("#size option", "o => o.value"))
     page.fill("#api_key", "sk-wrong")
-    page.click("#generate")
+    # Leaving the key field fires its change event on this click: the model list reloads with the wrong
+    # key while the POST runs. Whichever answers last, the status line keeps the generation's 401 and the
+    # key's hint says why the list did not load (CI saw the list's answer overwrite the error).
+    with page.expect_response(lambda r: r.url.endswith("/v1/models")) as models_answer:
+        page.click("#generate")
+    assert models_answer.value.status == 401
     page.wait_for_function("document.getElementById('status').className === 'error'")
+    page.wait_for_selector("#key_hint:not([hidden])")
     assert "401" in page.inner_text("#status")
+    assert "API key" in page.inner_text("#key_hint")
+    page.wait_for_load_state("networkidle")
+    assert page.eval_on_selector("#status", "e => e.className") == "error"
     page.fill("#api_key", KEY)
 
 
