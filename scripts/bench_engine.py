@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_serving import cpu_name, percentile  # noqa: E402
+
 from server.registry import ModelManifest  # noqa: E402
 from tests.support.launch import free_port, stop, wait_ready  # noqa: E402
 
@@ -184,7 +185,7 @@ def bench_baseline(args: argparse.Namespace, load: Callable[[], Any], warmup: in
             call(10_000 + i)
         latencies, wall = timed(call, args.iterations, 1)
     config = dict(pipe.transformer.config)
-    del pipe
+    pipe = None  # the closure above holds the name, not the pipeline: this frees it
     gc.collect()
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()

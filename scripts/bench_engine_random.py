@@ -42,8 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench_engine import PeakMemory, bench_baseline, print_table, start_darkroom, timed  # noqa: E402
-from tests.support.launch import stop, wait_ready  # noqa: E402
+
 from server.registry import ModelManifest  # noqa: E402
+from tests.support.launch import stop, wait_ready  # noqa: E402
 
 MODEL_ID = "bench/flux-random"
 PROMPT = "a lighthouse on a cliff at dusk, film photograph"

@@ -149,7 +149,7 @@ def main() -> None:
             "hotswap slots" if args.hotswap else "named adapters")
     print(f"tiny FLUX on {args.device} ({torch.get_num_threads()} threads), {args.size}x{args.size}, "
           f"{args.steps} steps, LoRA rank 4 on {len(tiny_flux_lora(0)) // 2} layers "
-          f"({len(files[f'/lora0.safetensors']) // 1024} KiB), {mode}")
+          f"({len(files['/lora0.safetensors']) // 1024} KiB), {mode}")
     base_min = min(results["no LoRA (warm)"])
     print(f"{'case':40s} {'median ms':>10s} {'overhead':>9s} {'min ms':>8s} {'overhead':>9s} {'n':>3s}")
     for name, values in results.items():

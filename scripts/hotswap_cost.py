@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from bench_engine import transformer_flops  # noqa: E402
+
 from server.config import DEFAULT_HOTSWAP_TARGETS  # noqa: E402
 from server.engine.lora_slots import covered  # noqa: E402
 from server.engine.random_flux import transformer_config  # noqa: E402

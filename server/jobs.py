@@ -11,10 +11,11 @@ import enum
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+from .errors import DeadlineExceeded
 from .params import GenerationParams
 
 
@@ -112,3 +113,20 @@ class Job:
             # The waiter may have been cancelled (server shutting down); nobody reads the outcome then.
             if not self.future.done():
                 complete()
+
+
+def start_batch(batch: Iterable[Job], now: float) -> list[Job]:
+    """The jobs of a batch taken from the queue that are to run now, each moved QUEUED → RUNNING.
+
+    ``now`` is ``time.monotonic()`` seconds. A job past its start deadline is answered 504
+    ``deadline_exceeded`` (it is not run); a job withdrawn meanwhile (its client left) is skipped. The one
+    rule for the in-process device loop (server/worker/loop.py) and the feeder of a worker process
+    (server/worker/children.py).
+    """
+    runnable: list[Job] = []
+    for job in batch:
+        if job.expired(now):
+            job.fail(DeadlineExceeded("the job did not start before its deadline; it was not run"))
+        elif job.try_start():
+            runnable.append(job)
+    return runnable

@@ -47,9 +47,9 @@ from .errors import DarkroomError, InternalError, InvalidRequest
 from .fetch import Fetcher, FetchError
 from .filelock import locked
 from .lora_format import Loader, StreamCheck, read_header
-from .safetensors_header import FormatError, Limits, check_finite
 from .lora_sources import Source, parse_source, pick_lora_file
 from .params import LoraRef
+from .safetensors_header import FormatError, Limits, check_finite
 from .single_flight import SingleFlight
 
 log = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from together import Together
 
 from .conftest import MODEL, TOGETHER1_PYTHON, Server, decode_image
 
+
 def test_together_v3_default_base_url_form(server: Server) -> None:
     client = Together(base_url=server.url, api_key="any-key", max_retries=0)
     response = client.images.generate(

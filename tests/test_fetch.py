@@ -20,7 +20,7 @@ from PIL import Image
 
 from server.addresses import blocked_reason
 from server.config import FetchSettings
-from server.fetch import Fetcher, FetchBusy, FetchError
+from server.fetch import FetchBusy, Fetcher, FetchError
 from server.images import decode_image
 
 from .conftest import free_port

@@ -10,12 +10,12 @@ import logging
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import tomllib
 import yaml
 
 from server.cli import listen_refusal

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from .conftest import run_together1
-from .support.inprocess import InProcessServer
 from .image_origin import ImageOrigin
+from .support.inprocess import InProcessServer
 
 MODELS = ["darkroom/tiny-flux2", "darkroom/tiny-flux2-klein", "darkroom/tiny-flux-canny",
           "darkroom/tiny-flux-depth"]

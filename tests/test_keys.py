@@ -245,6 +245,7 @@ def test_limits_hold_across_two_api_servers(make_app: Any, tmp_path: Path) -> No
     from .support.launch import RedisProcess
 
     redis_proc = RedisProcess(tmp_path).start()
+    apps: list[Any] = []
     try:
         config = {
             "server": {"default_response_format": "base64"},
@@ -252,7 +253,7 @@ def test_limits_hold_across_two_api_servers(make_app: Any, tmp_path: Path) -> No
             "auth": {"keys": [{"name": "shared", "key": "sk-shared-0123456789", "requests_per_minute": 4},
                               {"name": "traced", "key": "sk-traced-0123456789"}]},
         }
-        first, second = make_app(config, listen=True), make_app(config, listen=True)
+        first, second = apps[:] = make_app(config, listen=True), make_app(config, listen=True)
         seen = []
         for server in (first, second, first, second):
             response = post(server, "sk-shared-0123456789")
@@ -279,6 +280,8 @@ def test_limits_hold_across_two_api_servers(make_app: Any, tmp_path: Path) -> No
         keys = [k.decode() for k in redis_proc.client().keys("dr-keys-test:ratelimit:*")]
         assert keys and all("sk-shared" not in k for k in keys)  # named by the key's name, not the secret
     finally:
+        for app in apps:  # while their Redis still answers: stopping returns what their workers hold
+            app.stop()
         redis_proc.stop()
 
 

@@ -27,8 +27,8 @@ import torch
 
 from server.config import FetchSettings, LoraSettings
 from server.lora_format import StreamCheck
-from server.safetensors_header import FormatError, Limits, parse_header
 from server.loras import LoraError, LoraStore, LoraStoreFailure, LoraUnavailable
+from server.safetensors_header import FormatError, Limits, parse_header
 
 from .conftest import REPO
 from .image_origin import ImageOrigin

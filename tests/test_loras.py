@@ -536,10 +536,10 @@ def test_hotswap_slots_cover_the_layers_loras_train(tmp_path: Path, tiny_cache: 
 
     from server.engine.lora_slots import DEFAULT_TARGETS
     from server.engine.pipelines import Engine
-    from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
     from server.registry import Registry, load_manifests
 
     from .conftest import REPO
+    from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
     files = {}
     for name, state in (("a", tiny_flux_lora(1)), ("b", tiny_flux_lora(2)), ("c", tiny_flux_lora(3)),

@@ -21,6 +21,7 @@ from server.params import GenerationParams
 from .conftest import MODEL, images_of, mean_abs_diff
 from .support.engines import TINY, cpu_engine, tiny_manifest
 
+
 def params(**changes: Any) -> GenerationParams:
     base: dict[str, Any] = dict(model=MODEL, prompt="a red fox in the snow", width=64, height=64, steps=2,
                                 guidance_scale=3.5, seeds=(11, 12), max_sequence_length=64)

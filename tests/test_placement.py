@@ -26,6 +26,7 @@ from server.registry import Registry
 from .conftest import MODEL, mean_abs_diff
 from .support.engines import cpu_engine, tiny_manifest
 
+
 def params(**changes: Any) -> GenerationParams:
     base: dict[str, Any] = dict(model=MODEL, prompt="a red fox in the snow", width=64, height=64, steps=1,
                                 guidance_scale=3.5, seeds=(11,), max_sequence_length=32)

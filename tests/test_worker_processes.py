@@ -24,6 +24,7 @@ from server.worker.children import DeviceProcess
 from .conftest import images_of
 from .support.inprocess import InProcessServer
 from .support.standin import stand_in_engine
+from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
 pytestmark = pytest.mark.heavy
 
@@ -47,9 +48,12 @@ def workers(app: InProcessServer) -> list[DeviceProcess]:
 
 
 @pytest.fixture(scope="module")
-def two(make_app: Any) -> InProcessServer:
+def two(make_app: Any, tmp_path_factory: pytest.TempPathFactory) -> InProcessServer:
     # Each call holds its "device" 0.5 s, so a test can catch a worker with a job in hand.
-    return make_app(TWO, engine="stand-in", stand_in=functools.partial(stand_in_engine, delay_s=0.5))
+    style = tmp_path_factory.mktemp("loras") / "style.safetensors"
+    style.write_bytes(lora_file_bytes(tiny_flux_lora(7)))
+    return make_app({**TWO, "loras": {"registered": {"style": str(style)}}}, engine="stand-in",
+                    stand_in=functools.partial(stand_in_engine, delay_s=0.5))
 
 
 def body(size: int, seed: int = 1) -> dict[str, Any]:
@@ -68,6 +72,28 @@ def test_two_devices_run_two_worker_processes_that_both_serve(two: InProcessServ
         responses = list(pool.map(lambda size: two.generate(**body(size)), (64, 80, 96, 112)))
     assert [images_of(r)[0].size for r in responses] == [(64, 64), (80, 80), (96, 96), (112, 112)]
     wait_for(lambda: a.calls >= 1 and b.calls >= 1, "both processes to report calls")
+
+
+def test_batch_metrics_from_a_worker_process_count_its_loras(two: InProcessServer) -> None:
+    """A worker process's batches reach the API's /metrics with their LoRA count (it was always 0 there,
+    while an in-process worker counted them)."""
+    def batches_with_one_lora() -> float:
+        prefix = 'darkroom_batch_loras_bucket{le="1.0",model="darkroom/tiny-flux"} '
+        lines = two.client.get("/metrics").text.splitlines()
+        return next(float(line[len(prefix):]) for line in lines if line.startswith(prefix))
+
+    def batches_without_loras() -> float:
+        prefix = 'darkroom_batch_loras_bucket{le="0.0",model="darkroom/tiny-flux"} '
+        lines = two.client.get("/metrics").text.splitlines()
+        return next((float(line[len(prefix):]) for line in lines if line.startswith(prefix)), 0.0)
+
+    plain = two.generate(**body(64, seed=3))
+    assert plain.status_code == 200, plain.text
+    before_one, before_none = batches_with_one_lora(), batches_without_loras()
+    response = two.generate(**body(64, seed=4), image_loras=[{"path": "style", "scale": 0.8}])
+    assert response.status_code == 200, response.text
+    assert batches_with_one_lora() == before_one + 1
+    assert batches_without_loras() == before_none
 
 
 def test_a_killed_worker_process_is_restarted_and_its_jobs_rerun(two: InProcessServer) -> None:

@@ -27,7 +27,6 @@ import torch
 from .loading import LOAD_LOCK
 from .tiny import _clip_tokenizer, _reinit_, ensure_built, write_atomically
 
-
 logger = logging.getLogger(__name__)
 
 TINY_CHECKERS = ("tiny-sd-safety-checker", "tiny-nsfw-vit", "tiny-text-classifier")

@@ -35,8 +35,8 @@ from typing import Any
 
 from .. import metrics
 from ..config import Settings
-from ..errors import DarkroomError, DeadlineExceeded, InternalError, ServiceUnavailable
-from ..jobs import Job, JobResult
+from ..errors import DarkroomError, InternalError, ServiceUnavailable
+from ..jobs import Job, JobResult, start_batch
 from ..metrics import SafetyCounters
 from ..queue import wire
 from ..queue.memory import MemoryQueue
@@ -152,14 +152,8 @@ class DeviceProcess:
                 if not self._accepting:  # the child died since it asked: the jobs keep their place
                     self.source.requeue(batch)
                     continue
-                runnable = []
-                for job in batch:
-                    if job.expired(now):
-                        job.fail(DeadlineExceeded(
-                            "the job did not start before its deadline; it was not run"))
-                    elif job.try_start():
-                        runnable.append(job)
-                        self._in_flight[job.id] = job
+                runnable = start_batch(batch, now)
+                self._in_flight.update((job.id, job) for job in runnable)
                 if runnable:
                     self._wants.clear()
             if runnable:

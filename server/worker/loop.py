@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .. import metrics
 from ..config import SchedulerSettings, Settings
 from ..errors import DarkroomError, DeadlineExceeded, InternalError, ServiceUnavailable, TooLargeForDevice
-from ..jobs import Job
+from ..jobs import Job, start_batch
 from ..metrics import SafetyCounters
 from ..params import GenerationParams
 from ..queue.protocol import BatchSource
@@ -238,13 +238,7 @@ class Worker:
         return batch
 
     def run_batch(self, batch: list[Job]) -> None:
-        now = time.monotonic()
-        runnable: list[Job] = []
-        for job in batch:
-            if job.expired(now):
-                job.fail(DeadlineExceeded("the job did not start before its deadline; it was not run"))
-            elif job.try_start():
-                runnable.append(job)
+        runnable = start_batch(batch, time.monotonic())
         if runnable:
             self._run(runnable, f"batch-{uuid.uuid4().hex[:12]}")
 
