@@ -19,11 +19,12 @@ import torch
 from PIL import Image
 
 from server.api.images import render_body
-from server.config import EngineSettings, SchedulerSettings
+from server.config import EngineSettings, FetchSettings, LoraSettings, SchedulerSettings
 from server.engine.pipelines import Engine
 from server.engine.prompt_cache import PromptCache
 from server.images import encode_image
 from server.jobs import Job
+from server.loras import LoraStore
 from server.params import GenerationParams, LoraRef
 from server.queue.memory import MemoryQueue
 from server.registry import Registry
@@ -34,7 +35,7 @@ from .conftest import MODEL, images_of
 from .image_origin import ImageOrigin
 from .support.inprocess import InProcessServer
 from .support.standin import StandInEngine
-from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
+from .support.tiny_loras import lora_file_bytes, tiny_clip_lora, tiny_flux_lora
 
 WAIT_S = 60.0
 
@@ -248,6 +249,47 @@ def test_a_repeated_prompt_skips_the_text_encoders_and_gives_the_same_image(tiny
         assert engine.stats()["prompt_cache_hits"] >= 1
     finally:
         t5.forward = forward  # type: ignore[method-assign]
+
+
+def test_a_lora_switch_reuses_the_prompt_embeddings_unless_the_lora_has_text_encoder_weights(
+        tiny_cache: Path, tmp_path: Path) -> None:
+    """The prompt cache keys on the LoRAs that change the text encoder's output, not on the whole LoRA set:
+    switching between transformer-only LoRAs (most FLUX LoRAs) re-encodes nothing; a LoRA with text-encoder
+    weights gets embeddings of its own, the ones the pipeline computes with the cache off."""
+    files = {"a": tiny_flux_lora(1), "b": tiny_flux_lora(2), "te": tiny_clip_lora(44)}
+    for name, state in files.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(lora_file_bytes(state))
+    store = LoraStore(LoraSettings(registered={n: tmp_path / f"{n}.safetensors" for n in files},
+                                   cache_dir=tmp_path / "cache"), FetchSettings(), tiny_cache)
+    registry = Registry.from_settings(Path(__file__).resolve().parents[1] / "models", [MODEL])
+    engine = Engine(registry, EngineSettings(cache_dir=tiny_cache), "cpu", loras=store)
+    engine.load()
+    t5 = engine.pipeline(MODEL).text_encoder_2
+    forward = t5.forward
+    calls: list[int] = []
+    t5.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]  # type: ignore[method-assign]
+
+    def generate(*loras: str) -> np.ndarray:
+        p = GenerationParams(model=MODEL, prompt="a lighthouse at dusk", width=64, height=64, steps=1,
+                             guidance_scale=3.5, seeds=(5,), max_sequence_length=64,
+                             loras=tuple(LoraRef(name, 0.8) for name in loras))
+        return np.asarray(engine.generate([p]).images[0][0], np.int16)
+
+    generate()
+    assert len(calls) == 1
+    generate("a"), generate("b"), generate("a", "b")
+    assert len(calls) == 1  # transformer-only LoRAs: the embeddings of the plain prompt, reused
+    with_te = generate("te")
+    assert len(calls) == 2  # the CLIP LoRA changes the pooled embedding: encoded again, with it active
+    generate("a", "te")
+    assert len(calls) == 2
+    cached = engine.prompts
+    engine.prompts = PromptCache(0)  # the pipeline encodes the prompt itself, the LoRA active
+    try:
+        plain_te = generate("te")
+    finally:
+        engine.prompts = cached
+    assert np.abs(with_te - plain_te).max() <= 2
 
 
 # --- the response path -----------------------------------------------------------------------------------

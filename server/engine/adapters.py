@@ -83,6 +83,8 @@ class _ModelState:
     pipe: Any
     # Default mode: path -> adapter name, least recently used first.
     resident: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    # Default mode: the resident LoRAs with text-encoder weights (what prompt embeddings depend on).
+    text_encoder: set[str] = field(default_factory=set)
     # Hotswap mode: the path each slot holds (None: the zero LoRA).
     slots: list[str | None] = field(default_factory=list)
     # Hotswap mode: the all-zero LoRA a slot starts with (made before any adapter wraps a layer).
@@ -188,6 +190,16 @@ class LoraManager:
         names = [self._resident(model_id, state, ref, keep) for ref in refs]
         self._set(state, [(name, ref.scale) for name, ref in zip(names, refs)])
 
+    def text_encoder_loras(self, model_id: str, refs: Sequence[LoraRef]) -> tuple[LoraRef, ...]:
+        """The LoRAs of ``refs`` (already activated) that change what the text encoder returns: the part of a
+        batch's LoRA set its prompt embeddings depend on (server/engine/prompt_cache.py's key). Empty in
+        hotswap mode (LoRAs with text-encoder weights are refused there) and for transformer-only LoRAs,
+        which most FLUX LoRAs are: a switch between those reuses the cached embeddings."""
+        state = self._models.get(model_id)
+        if state is None or state.hotswap:
+            return ()
+        return tuple(ref for ref in refs if ref.path in state.text_encoder)
+
     def resident(self, model_id: str) -> list[str]:
         """Paths of the adapters loaded for a model, least recently used first."""
         state = self._models.get(model_id)
@@ -208,6 +220,7 @@ class LoraManager:
                 if victim is None:
                     break
                 name = state.resident.pop(victim)
+                state.text_encoder.discard(victim)
                 state.pipe.delete_adapters(name)
                 state.active = None
                 metrics.LORA_CACHE_EVICTIONS.labels(cache="adapter").inc()
@@ -227,6 +240,8 @@ class LoraManager:
                 self._drop_partial(state.pipe, name)
                 _raise_load_failure(exc, ref.path)
         state.resident[ref.path] = name
+        if info.text_encoder:
+            state.text_encoder.add(ref.path)
         self.loads += 1
         log.info("lora loaded model=%s path=%s adapter=%s seconds=%.3f", model_id, shown_path(ref.path), name,
                  time.perf_counter() - started)

@@ -217,10 +217,11 @@ class Engine:
         # another shape: negative prompts then stay strings, encoded by the pipeline.
         if "redux" not in first.conditioning:
             fields.append(("negative_prompt", "negative_prompt_embeds", "negative_pooled_prompt_embeds"))
+        loras = self.loras.text_encoder_loras(first.model, first.loras)
         for field, embeds, pooled in fields:
             if field in kwargs:
                 kwargs[embeds], kwargs[pooled] = self.prompts.embeddings(
-                    pipe, first.model, kwargs.pop(field), first.max_sequence_length, first.loras, device)
+                    pipe, first.model, kwargs.pop(field), first.max_sequence_length, loras, device)
 
     # -- what the worker's stages need beside generate (server/worker/loop.py DeviceEngine) ------------
 
