@@ -2,7 +2,8 @@
 # Download the wheels the GPU machine's image lacks into .whl/ (git-ignored), for the device run of
 # docs/benchmarks.md ("The GPU run"). That image has Python 3.12 with torch, transformers, accelerate,
 # huggingface-hub, safetensors, tokenizers, sentencepiece, numpy, pillow, pyyaml, httpx, anyio, h11, click, prometheus-client,
-# psutil and tqdm; it has no diffusers, FastAPI, Starlette, uvicorn, pydantic(-core, -settings) or torchao,
+# psutil and tqdm; it has no diffusers, FastAPI (nor fastapi-offline, which /docs imports), python-multipart
+# (the edits upload parser), Starlette, uvicorn, pydantic(-core, -settings) or torchao,
 # and its peft / typing-extensions may be other versions than the ones the tests run. The versions below
 # are those of the test environment (pydantic-core 2.50 needs typing-extensions >= 4.16; FastAPI imports
 # opentelemetry-api). importlib-metadata is left out: diffusers imports the standard library's on 3.8+.
@@ -16,6 +17,8 @@ WHEELS=(
   peft==0.21.2
   torchao==0.18.0
   fastapi==0.165.0
+  fastapi-offline==1.7.7
+  python-multipart==0.0.34
   starlette==1.10.0
   uvicorn==0.54.0
   pydantic==2.14.4

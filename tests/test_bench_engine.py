@@ -158,7 +158,7 @@ def test_documented_device_command_fits_the_device_tool() -> None:
     wheels = re.findall(r"^  (\S+==\S+)$", (REPO / "scripts" / "device_wheels.sh").read_text(), re.M)
     listed = {f"{name}=={version}" for name, version in re.findall(r"([a-z][a-z0-9-]+) (\d+\.\d+\.\d+)",
                                                                     readme.split("The device\ncommand")[0][-700:])}
-    assert len(wheels) == 15 and set(wheels) == listed
+    assert len(wheels) == 17 and set(wheels) == listed
 
 
 @pytest.mark.heavy
