@@ -51,7 +51,7 @@ from ..loras import LoraError, LoraStore, shown_path
 from ..params import LoraRef
 from .loading import LOAD_LOCK
 from .lora_checks import COMPONENTS, LoraInfo, inspect_lora, loader_of
-from .lora_slots import slot_cost, slot_layers
+from .lora_slots import SlotCost, slot_layers
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,9 @@ class LoraManager:
         if not state.hotswap:
             return
         rank = self.settings.hotswap_target_rank
-        state.zero = self._zero_lora(pipe)
+        transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
+        layers = slot_layers(transformer, self.settings.hotswap_target_modules)
+        state.zero = self._zero_lora(layers, next(transformer.parameters()).dtype)
         with _loading():
             pipe.enable_lora_hotswap(target_rank=rank)
             for i in range(self.settings.hotswap_slots):
@@ -136,7 +138,6 @@ class LoraManager:
         state.slots = [None] * self.settings.hotswap_slots
         # Every slot stays active from now on; only the scaling values change, in place, in tensors, so a
         # compiled graph neither specialises on them nor sees a different adapter list.
-        transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
         names = [self._slot(i) for i in range(len(state.slots))]
         transformer.set_adapters(names, [1.0] * len(names))
         state.layers = _lora_layers(transformer)
@@ -149,7 +150,7 @@ class LoraManager:
         state.applied = [None] * len(names)
         state.used = [0] * len(names)
         self._apply_slot_scales(state, [0.0] * len(names))
-        cost = slot_cost(transformer, self.settings.hotswap_target_modules, rank)
+        cost = SlotCost.of(layers, rank)
         log.info("lora hotswap slots ready model=%s slots=%d rank=%d layers=%d params=%d mib=%.1f", model_id,
                  len(state.slots), rank, cost.layers, cost.params_per_slot * len(state.slots),
                  cost.bytes(len(state.slots), weight_bytes(transformer)) / 2**20)
@@ -158,17 +159,14 @@ class LoraManager:
     def _slot(i: int) -> str:
         return f"slot{i}"
 
-    def _zero_lora(self, pipe: Any) -> dict[str, torch.Tensor]:
+    def _zero_lora(self, layers: dict[str, torch.nn.Linear], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """An all-zero LoRA of the slot rank on ``layers``: only the layers LoRAs train
+        (server/engine/lora_slots.py), as a slot costs memory and FLOPs per layer."""
         rank = self.settings.hotswap_target_rank
-        transformer = getattr(pipe.transformer, "_orig_mod", pipe.transformer)
-        weight = next(transformer.parameters())
         zeros: dict[str, torch.Tensor] = {}
-        # Only the layers LoRAs train (server/engine/lora_slots.py): a slot costs memory and FLOPs per layer.
-        for name, module in slot_layers(transformer, self.settings.hotswap_target_modules).items():
-            zeros[f"transformer.{name}.lora_A.weight"] = torch.zeros(
-                rank, module.in_features, dtype=weight.dtype)
-            zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(
-                module.out_features, rank, dtype=weight.dtype)
+        for name, module in layers.items():
+            zeros[f"transformer.{name}.lora_A.weight"] = torch.zeros(rank, module.in_features, dtype=dtype)
+            zeros[f"transformer.{name}.lora_B.weight"] = torch.zeros(module.out_features, rank, dtype=dtype)
         if not zeros:
             raise LoraError(f"loras.hotswap_target_modules {self.settings.hotswap_target_modules} match no "
                             "layer of the transformer")

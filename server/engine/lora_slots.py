@@ -16,8 +16,9 @@ only the layers FLUX.1 LoRAs train:
   names of one family match nothing in the other).
 
 Not covered by default: the modulation layers (FLUX.1's ``norm1.linear``, ``norm1_context.linear``,
-``norm.linear``, up to 3072 x 18432 each; FLUX.2's shared ``*_modulation.linear``) and the embedders. A LoRA with weights there is refused with a 400 naming the
-setting that widens the slots (``loras.hotswap_target_modules``).
+``norm.linear``, up to 3072 x 18432 each; FLUX.2's shared ``*_modulation.linear``) and the embedders. A
+LoRA with weights there is refused with a 400 naming the setting that widens the slots
+(``loras.hotswap_target_modules``).
 
 A target matches a Linear layer inside ``transformer_blocks.N`` or ``single_transformer_blocks.N`` whose
 name within the block is the target or ends with ``.`` + the target (peft's rule, kept inside blocks so
@@ -69,12 +70,11 @@ class SlotCost:
     layers: int
     params_per_slot: int
 
+    @classmethod
+    def of(cls, layers: dict[str, torch.nn.Linear], rank: int) -> SlotCost:
+        """The size of one slot of ``rank`` on ``layers`` (``slot_layers``; a ``meta`` module's work too)."""
+        return cls(layers=len(layers),
+                   params_per_slot=sum(rank * (m.in_features + m.out_features) for m in layers.values()))
+
     def bytes(self, slots: int, bytes_per_param: int = 2) -> int:
         return self.params_per_slot * slots * bytes_per_param
-
-
-def slot_cost(transformer: torch.nn.Module, targets: Sequence[str], rank: int) -> SlotCost:
-    """The size of one slot of ``rank`` on the covered layers (works on a ``meta`` module: no memory)."""
-    layers = slot_layers(transformer, targets)
-    return SlotCost(layers=len(layers),
-                    params_per_slot=sum(rank * (m.in_features + m.out_features) for m in layers.values()))
