@@ -101,6 +101,12 @@ def observe_batch(model: str, jobs: int, images: int, stages: dict[str, float], 
         STAGE_SECONDS.labels(stage=stage, model=model).observe(seconds)
 
 
+def failure_outcome(status: int) -> str:
+    """The ``darkroom_jobs`` outcome of a job answered with an error of HTTP ``status``: ``refused`` for the
+    safety checker's 422, ``failed`` for anything else."""
+    return "refused" if status == 422 else "failed"
+
+
 def observe_job(model: str, outcome: str, queue_s: float | None = None, encode_s: float | None = None,
                 images: int = 0) -> None:
     JOBS.labels(model=model, outcome=outcome).inc()
@@ -246,8 +252,8 @@ class RuntimeCollector(Collector):
             for event, count in sorted(totals.items()):
                 safety.add_metric([event], float(count))
             yield safety
-        states = GaugeMetricFamily("darkroom_worker_ready", "1 when a worker has loaded and warmed its models.",
-                                   labels=["worker"])
+        states = GaugeMetricFamily("darkroom_worker_ready",
+                                   "1 when a worker has loaded and warmed its models.", labels=["worker"])
         for worker in workers:
             states.add_metric([worker.name], 1.0 if worker.ready.is_set() else 0.0)
         yield states
@@ -314,7 +320,8 @@ def compile_summary(workers: Sequence[WorkerStatus]) -> dict[str, Any]:
     reports = [worker.compile_report() for worker in workers]
     return {"graphs": max((r.get("graphs", 0) for r in reports), default=0),
             "recompiles_after_ready": max((r.get("recompiles_after_ready", 0) for r in reports), default=0),
-            "stance": next((r["stance"] for r in reports if r.get("stance", "default") != "default"), "default")}
+            "stance": next((r["stance"] for r in reports if r.get("stance", "default") != "default"),
+                           "default")}
 
 
 _attached: list[Collector] = []

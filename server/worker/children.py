@@ -305,7 +305,7 @@ class DeviceProcess:
             job.succeed(result)
         else:
             assert error is not None
-            metrics.observe_job(model, "refused" if error.status == 422 else "failed")
+            metrics.observe_job(model, metrics.failure_outcome(error.status))
             job.fail(error)
 
     def _child_gone(self, reason: str) -> None:

@@ -168,9 +168,9 @@ class PostProcessor:
             if job.future.done():
                 continue  # answered already (the run deadline passed while the call ran)
             if refusal is not None:  # flagged by the safety checker (or the check failed): nothing is encoded
-                outcome = "refused" if refusal.status == 422 else "failed"
                 job.fail(refusal)
-                metrics.observe_job(job.params.model, outcome, queue_s=queue_s)
+                metrics.observe_job(job.params.model, metrics.failure_outcome(refusal.status),
+                                    queue_s=queue_s)
                 log.info("job refused id=%s model=%s batch=%s code=%s request_id=%s", job.id,
                          job.params.model, finished.batch_id, refusal.code, job.request_id,
                          extra={"fields": {"job_id": job.id, "model": job.params.model,
@@ -217,7 +217,8 @@ class PostProcessor:
             extra={"fields": {
                 "job_id": job.id, "request_id": job.request_id, "model": p.model, "width": p.width,
                 "height": p.height, "steps": p.steps, "n": p.n, "loras": len(p.loras),
-                "image_loras": loras, "conditioning": p.conditioning, "batch_id": result.batch_id, "batch_jobs": result.batch_jobs,
+                "image_loras": loras, "conditioning": p.conditioning, "batch_id": result.batch_id,
+                "batch_jobs": result.batch_jobs,
                 "batch_images": result.batch_images, "queue_ms": round(result.queue_s * 1000, 2),
                 "inference_ms": round(result.inference_s * 1000, 2), **stage_ms,
             }},
