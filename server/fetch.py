@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import httpx
@@ -53,6 +53,16 @@ log = logging.getLogger(__name__)
 REDIRECTS = (301, 302, 303, 307, 308)
 MAX_URL_CHARS = 8192
 _USER_AGENT = "Darkroom-fetch/1"
+
+
+def declared_length(headers: Mapping[str, str]) -> int | None:
+    """An HTTP message's ``Content-Length`` in bytes (a request's to the API, a response's to the fetcher);
+    None when it has none (chunked) or it is not plain decimal digits. More than 18 digits reads as 10**18,
+    above any limit here (and ``int`` of a huge string is not free)."""
+    declared = headers.get("content-length", "")
+    if not (declared.isascii() and declared.isdigit()):
+        return None
+    return int(declared) if len(declared) <= 18 else 10**18
 
 
 class FetchBusy(DarkroomError):
@@ -338,8 +348,8 @@ class Fetcher:
         if encoding not in ("", "identity"):
             raise FetchError(f"'{field}': the origin sent a {encoding}-encoded body; refused",
                              param=field, code="fetch_failed")
-        declared = response.headers.get("content-length", "")
-        if declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
+        declared = declared_length(response.headers)
+        if declared is not None and declared > limit:
             raise FetchError(f"'{field}' is larger than {limit} bytes", param=field,
                              code="fetch_failed")
         received = 0

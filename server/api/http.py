@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 import h11
@@ -42,16 +41,6 @@ from ..config import ServerSettings
 from ..errors import DarkroomError, error_body
 
 log = logging.getLogger(__name__)
-
-
-def declared_length(headers: Mapping[str, str]) -> int | None:
-    """A request's ``Content-Length`` in bytes; None when it has none (chunked) or it is not plain decimal
-    digits. More than 18 digits reads as 10**18, above any limit here (and ``int`` of a huge string is not
-    free)."""
-    declared = headers.get("content-length", "")
-    if not (declared.isascii() and declared.isdigit()):
-        return None
-    return int(declared) if len(declared) <= 18 else 10**18
 
 
 class RequestTimeout(DarkroomError):

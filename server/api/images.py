@@ -24,6 +24,7 @@ from ..errors import (
     ServiceUnavailable,
     UnsupportedMediaType,
 )
+from ..fetch import declared_length
 from ..jobs import ClientGone, Job, JobResult
 from ..lora_format import LOADERS
 from ..params import GenerationParams
@@ -33,7 +34,6 @@ from .auth import check_api_key
 from .conditioning import KontextSizing, attach_images
 from .extras import Extras, resolve_extras
 from .hosts import public_base
-from .http import declared_length
 from .keys import ApiKey, authorize_model, bearer_token, charge, requested_model
 from .observe import request_id
 from .runtime import Runtime

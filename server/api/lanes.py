@@ -132,13 +132,18 @@ class ByteBudget:
         if self._changed is None:
             self._changed = asyncio.Condition()
         changed = self._changed
+        def fits() -> bool:
+            return self.held + size <= self.capacity
+
         async with changed:
-            try:
-                await asyncio.wait_for(changed.wait_for(lambda: self.held + size <= self.capacity),
-                                       self.wait_s)
-            except asyncio.TimeoutError:
-                self.refused += 1
-                raise self._busy(f"{self.held} of {self.capacity} bytes of {self.name} are in use") from None
+            # The common case fits at once: no timed wait (asyncio.wait_for makes a task per call).
+            if not fits():
+                try:
+                    await asyncio.wait_for(changed.wait_for(fits), self.wait_s)
+                except asyncio.TimeoutError:
+                    self.refused += 1
+                    raise self._busy(f"{self.held} of {self.capacity} bytes of {self.name} are in use"
+                                     ) from None
             self.held += size
         try:
             yield

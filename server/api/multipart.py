@@ -27,7 +27,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from ..config import UploadSettings
 from ..errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
-from .http import declared_length
+from ..fetch import declared_length
 
 # Parts that are files whatever their Content-Disposition says: RFC 7578 §4.2 makes ``filename`` optional
 # (curl -F 'image=<photo.png' sends none), and python-multipart drops an RFC 8187 ``filename*``.

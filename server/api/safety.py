@@ -169,9 +169,10 @@ class PromptGuard:
         self.counters.add("prompts_checked")
         stage = None
         folded = normalize(prompt)
+        texts = (prompt,) if folded == prompt else (prompt, folded)  # patterns see both forms
         if self._words is not None and self._words.search(folded):
             stage = "word list"
-        elif any(p.search(prompt) or p.search(folded) for p in self._patterns):
+        elif any(p.search(text) for p in self._patterns for text in texts):
             stage = "pattern list"
         elif self.needs_classifier:
             if not self.loaded.wait(wait_s) or self._classifier is None:

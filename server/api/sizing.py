@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import InvalidRequest
+from ..images import round_to_multiple
 from ..registry import ModelLimits, ModelManifest
 
 MATCH_INPUT = "match_input_image"
@@ -86,20 +87,16 @@ def explicit_size(width: int | None, height: int | None, size: str | None) -> tu
     return width or parsed[0], height or parsed[1]
 
 
-def _multiple(value: float, step: int) -> int:
-    return max(step, int(round(value / step)) * step)
-
-
 def from_ratio(ratio: float, width: int | None, height: int | None, manifest: ModelManifest,
                limits: ModelLimits) -> tuple[int, int]:
     """Rule 2: the missing sides from ``ratio`` (W / H), about the model's default area when both are."""
     step = limits.size_multiple
     if width is not None:
-        return width, height or _multiple(width / ratio, step)
+        return width, height or round_to_multiple(width / ratio, step)
     if height is not None:
-        return _multiple(height * ratio, step), height
+        return round_to_multiple(height * ratio, step), height
     area = manifest.defaults.width * manifest.defaults.height
-    w, h = _multiple(math.sqrt(area * ratio), step), _multiple(math.sqrt(area / ratio), step)
+    w, h = round_to_multiple(math.sqrt(area * ratio), step), round_to_multiple(math.sqrt(area / ratio), step)
     # Rounding may step over a limit: keep within the longest sides, then shrink the longer side.
     w, h = min(w, limits.max_width // step * step), min(h, limits.max_height // step * step)
     while w * h > limits.max_pixels:
