@@ -147,7 +147,7 @@ async def generate(request: Request, req: ImageRequest, inputs: Inputs,
     started = time.perf_counter()
     job: Job | None = None
     # Until its job is queued (or refused), a request is "arriving": a batch being filled waits for it.
-    with runtime.arriving():
+    with runtime.queue.arriving():
         manifest = default_model if default_model is not None and not req.model else (
             requested_model(request, req.model or None))
         if manifest is None:

@@ -8,7 +8,6 @@ imports neither the worker nor the engine (nor torch). Workers are known only th
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -143,11 +142,6 @@ class Runtime:
         await self.queue.aclose()
         if self.limiter is not None:
             await self.limiter.aclose()
-
-    def arriving(self) -> contextlib.AbstractContextManager[None]:
-        """Around a request's handling until its job is queued: the in-process queue's adaptive batch window
-        waits for it (server/queue/batching.py); nothing on Redis."""
-        return self.queue.arriving() if isinstance(self.queue, MemoryQueue) else contextlib.nullcontext()
 
     @property
     def guard(self) -> PromptGuard:

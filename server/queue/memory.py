@@ -32,10 +32,13 @@ class MemoryQueue:
         self._closed = False
         self._arrivals = Arrivals()
 
-    @contextlib.contextmanager
-    def arriving(self) -> Iterator[None]:
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
         """Around the API's handling of a request until its job is queued (or refused): a batch being filled
-        waits for it (within the window) instead of starting without it."""
+        waits for it (within the window) instead of starting without it. Nothing with the window fixed."""
+        return self._arriving() if self.adaptive_window else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _arriving(self) -> Iterator[None]:
         with self._cond:
             self._arrivals.arriving += 1
         try:
@@ -69,7 +72,8 @@ class MemoryQueue:
                     headers={"retry-after": str(self.retry_after_s), "x-should-retry": "true"},
                 )
             self._jobs.append(job)
-            self._arrivals.record(time.monotonic())
+            if self.adaptive_window:  # what the adaptive window reads; nothing reads it otherwise
+                self._arrivals.record(time.monotonic())
             self._cond.notify_all()
 
     async def reserve_withdrawal(self, job: Job) -> bool:

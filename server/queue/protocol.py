@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 from ..jobs import Job
@@ -34,6 +35,10 @@ class JobQueue(Protocol):
 
     def drain(self) -> list[Job]:
         """Take out every waiting job this process alone can run (none on a shared queue)."""
+
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        """Around the API's handling of a request until its job is admitted: a backend whose batch window
+        adapts to arrivals (the in-process queue) waits for it; others do nothing."""
 
     def status(self) -> tuple[bool, str] | None:
         """(reachable, description) for /ready; None when the backend has nothing to report."""

@@ -18,6 +18,7 @@ waiting for its deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -204,6 +205,10 @@ class RedisQueue:
 
     def drain(self) -> list[Job]:
         return []  # the queue is shared: other pods' workers may still run what waits in it
+
+    def arriving(self) -> contextlib.AbstractContextManager[None]:
+        """Nothing: the queue is shared, and its workers' batch window does not adapt to arrivals."""
+        return contextlib.nullcontext()
 
     def status(self) -> tuple[bool, str]:
         """Reachability for /ready (from the prober and every failure since), and how many workers
