@@ -5,7 +5,7 @@ in-process apps with the stand-in engine, a loopback origin that stalls, and the
 from __future__ import annotations
 
 import asyncio
-import time
+import functools
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,17 +17,13 @@ from server.api.lanes import Lane
 from server.errors import DarkroomError
 
 from .image_origin import ImageOrigin
+from .support import launch
 from .support.inprocess import InProcessServer
 
 PLAIN = {"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 1}
 
 
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.02)
+wait_until = functools.partial(launch.wait_until, timeout_s=20.0, interval_s=0.02)
 
 
 def error_of(response: httpx.Response) -> dict[str, Any]:

@@ -10,7 +10,6 @@ count, both from the API's check before queueing (``loras.prefetch``) and from t
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from server.engine.tiny import ensure_tiny_flux
 from .conftest import images_of, mean_abs_diff
 from .image_origin import ImageOrigin
 from .support.inprocess import InProcessServer
+from .support.launch import wait_until
 from .support.tiny_loras import (
     BFL_TO_DIFFUSERS,
     CLIP_LAYERS,
@@ -338,10 +338,8 @@ def test_job_log_line_and_metrics_show_the_loras(app: InProcessServer, origin: F
     assert resp.status_code == 200
     path = origin.url("/peft.safetensors")
     done = f"job done id={resp.json()['id']}"
-    for _ in range(500):  # the worker logs the line just after it answers the job
-        if done in app.log():
-            break
-        time.sleep(0.02)
+    # The worker logs the line just after it answers the job.
+    wait_until(lambda: done in app.log(), "the job's log line", timeout_s=10, interval_s=0.02)
     line = next(ln for ln in app.log().splitlines() if done in ln)
     assert f"image_loras={path}@0.7 " in line
     assert batches_with("1.0") == before_one + 1 and batches_with("0.0") == before_none

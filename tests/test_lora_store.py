@@ -33,7 +33,8 @@ from server.safetensors_header import FormatError, Limits, parse_header
 from .conftest import REPO
 from .image_origin import ImageOrigin
 from .support.inprocess import InProcessServer
-from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
+from .support.launch import wait_until
+from .support.tiny_loras import lora_file_bytes, lora_store, tiny_flux_lora
 
 BIG = 256 * 2**20  # bytes of tensor data in the big files
 RSS_GROWTH_CAP = 64 * 2**20
@@ -77,11 +78,6 @@ def origin() -> Iterator[DiskOrigin]:
 def serve(origin: DiskOrigin, path: str, body: bytes) -> str:
     origin.files[path] = (body, "application/octet-stream")
     return origin.url(path)
-
-
-def _store(tmp_path: Path, **changes: Any) -> LoraStore:
-    settings = LoraSettings(cache_dir=tmp_path / "loras", **changes)
-    return LoraStore(settings, FetchSettings(allow_hosts=["127.0.0.1"]), tmp_path)
 
 
 def safetensors_bytes(header: bytes, data: bytes) -> bytes:
@@ -302,10 +298,8 @@ def test_big_downloads_stream_to_disk(origin: DiskOrigin, tmp_path: Path) -> Non
     print(f"peak RSS growth downloading a {BIG >> 20} MiB LoRA: {growth / 2**20:.1f} MiB")
     assert growth < RSS_GROWTH_CAP, growth
     for path in ("/big/t5.safetensors", "/big/junk.safetensors"):  # the origin notices the hang-up
-        for _ in range(500):
-            if path in origin.sent:
-                break
-            time.sleep(0.02)
+        wait_until(lambda: path in origin.sent, f"the origin to see {path} closed", timeout_s=10,
+                   interval_s=0.02)
         assert origin.sent[path] < BIG // 4, (path, origin.sent.get(path))
     assert out["left"] == []  # no temporary, pin or lock file stays behind
     stored = Path(spec["cache"]) / f"{LoraStore.key(spec['urls']['good'])}.safetensors"
@@ -315,7 +309,7 @@ def test_big_downloads_stream_to_disk(origin: DiskOrigin, tmp_path: Path) -> Non
 
 def test_header_declaring_more_than_the_cap_is_refused_before_the_body(origin: DiskOrigin,
                                                                        tmp_path: Path) -> None:
-    store = _store(tmp_path, max_file_bytes=BIG // 2, cache_bytes=BIG)
+    store = lora_store(tmp_path, max_file_bytes=BIG // 2, cache_bytes=BIG)
     origin.disk["/big/over-cap.safetensors"] = big_file(tmp_path / "over.safetensors", (
         "transformer.y.lora_A.weight", "transformer.y.lora_B.weight"))
     # Content-Length says it too, so the fetcher refuses first; without it the header would: both name
@@ -392,7 +386,7 @@ def test_a_download_stuck_elsewhere_is_503_not_500(origin: DiskOrigin, tmp_path:
     """Another process holding a LoRA's download lock past the longest a fetch may take: the fetch and
     the requests waiting on it (single flight) answer 503 with Retry-After."""
     url = serve(origin, "/stuck/a.safetensors", lora_file_bytes(tiny_flux_lora(4)))
-    store = _store(tmp_path, download_timeout_s=0.3)
+    store = lora_store(tmp_path, download_timeout_s=0.3)
     errors: list[BaseException] = []
 
     def fetch() -> None:

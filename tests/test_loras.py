@@ -34,6 +34,7 @@ from .support.inprocess import InProcessServer
 from .support.tiny_loras import (
     TINY_FLUX_LORA_LAYERS,
     lora_file_bytes,
+    lora_store,
     sd_unet_lora,
     tiny_clip_lora,
     tiny_flux_lora,
@@ -414,17 +415,12 @@ def test_paths_and_repo_file_picking() -> None:
     assert pick_lora_file(["sub/l.safetensors", "other.safetensors"], "sub") == "sub/l.safetensors"
 
 
-def _store(tmp_path: Path, **changes: Any) -> LoraStore:
-    settings = LoraSettings(cache_dir=tmp_path / "loras", **changes)
-    return LoraStore(settings, FetchSettings(allow_hosts=["127.0.0.1"]), tmp_path)
-
-
 def test_disk_cache_evicts_least_recently_used_and_keeps_pinned(origin: LoraOrigin, tmp_path: Path) -> None:
     size = {n: len(origin.files[f"/loras/{n}.safetensors"][0]) for n in ("a", "b", "kohya")}
     # Room for any two of the three files, never for all three.
     cap = size["a"] + size["kohya"] + size["b"] // 2
     assert cap >= size["a"] + size["b"]
-    store = _store(tmp_path, cache_bytes=cap, max_file_bytes=max(size.values()))
+    store = lora_store(tmp_path, cache_bytes=cap, max_file_bytes=max(size.values()))
     a, b, k = (origin.url(f"/loras/{n}.safetensors") for n in ("a", "b", "kohya"))
     try:
         store.ensure(a)
@@ -452,7 +448,7 @@ def test_disk_cache_evicts_least_recently_used_and_keeps_pinned(origin: LoraOrig
 
 
 def test_disk_cache_downloads_once_for_concurrent_callers(origin: LoraOrigin, tmp_path: Path) -> None:
-    store = _store(tmp_path)
+    store = lora_store(tmp_path)
     url = origin.url("/slow/loras/kohya.safetensors")
     before = origin.hits.get("/slow/loras/kohya.safetensors", 0)
     try:
@@ -496,7 +492,7 @@ def test_hotswap_slots_give_the_same_images_as_named_adapters(
             ((alpha, 0.5),), ((alpha, 1.0), (a, 0.5)), ((b, 0.8),)]
 
     def images(hotswap: bool) -> tuple[list[Any], Engine]:
-        store = _store(tmp_path / str(hotswap), hotswap=hotswap, hotswap_target_rank=8, max_count=2)
+        store = lora_store(tmp_path / str(hotswap), hotswap=hotswap, hotswap_target_rank=8, max_count=2)
         engine = Engine(Registry([manifest]), EngineSettings(cache_dir=tiny_cache), "cpu",
                         SafetySettings(enabled=False), loras=store)
         engine.load()

@@ -16,12 +16,9 @@ import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
 
-from server.config import EngineSettings
 from server.engine import placement
 from server.engine.optimize import EngineOptionError
-from server.engine.pipelines import Engine
 from server.params import GenerationParams
-from server.registry import Registry
 
 from .conftest import MODEL, mean_abs_diff
 from .support.engines import cpu_engine, tiny_manifest
@@ -154,8 +151,7 @@ def test_random_builtin_loads_through_a_manifest(tiny_cache: Path) -> None:
     from server.engine.random_flux import build_random_flux, parameters
 
     m = tiny_manifest(source={"builtin": "flux-schnell-random-small"}, id="bench/random", aliases=[])
-    engine = Engine(Registry([m]), EngineSettings(cache_dir=tiny_cache), "cpu")
-    engine.load()
+    engine = cpu_engine(m, tiny_cache)
     pipe = engine.pipeline("bench/random")
     config = pipe.transformer.config
     assert (config.in_channels, config.attention_head_dim, config.num_layers, config.num_single_layers) == (

@@ -9,10 +9,10 @@ and that id is the response's ``id``.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from .conftest import MODEL, images_of, pixels
+from .support import launch
 from .support.inprocess import InProcessServer
 
 # Batched images equal their unbatched twins up to float noise; measured: at most 1 level of 255.
@@ -43,14 +44,7 @@ def done_ids(server: InProcessServer) -> list[str]:
     return JOB_DONE.findall(server.log())
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+wait_until = functools.partial(launch.wait_until, timeout_s=120.0)
 
 
 def queue_depth(server: InProcessServer) -> int:

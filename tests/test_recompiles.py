@@ -20,24 +20,19 @@ import yaml
 from server.engine import optimize
 from server.errors import InvalidRequest
 from server.params import GenerationParams
-from server.registry import ModelManifest
 
-from .conftest import MODEL, REPO, decode_image
+from .conftest import MODEL, decode_image
+from .support.engines import TINY, tiny_manifest
 from .support.inprocess import InProcessServer
 from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
 pytestmark = pytest.mark.heavy
 
-TINY = yaml.safe_load((REPO / "models" / "tiny-flux.yaml").read_text())
 SIZES = [(64, 64), (96, 80)]
 MAX_BATCH = 4
 ENGINE = {"compile": {"transformer": "regional", "vae_decoder": True, "backend": "eager"},
           "sequence_buckets": [32], "warmup": {"sizes": [list(s) for s in SIZES], "steps": 1}}
 SHORT, LONG = "a fox", "a red fox in the snow at dawn, long grass"  # the 32 bucket, and the full 64
-
-
-def manifest(engine: dict[str, Any]) -> ModelManifest:
-    return ModelManifest.model_validate({**TINY, "engine": engine})
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +68,7 @@ def compile_state(app: InProcessServer) -> dict[str, Any]:
 
 
 def test_warmup_plan_covers_the_batches_the_scheduler_forms() -> None:
-    m = manifest(ENGINE)
+    m = tiny_manifest(ENGINE)
     plan = optimize.warmup_plan(m, max_batch_images=MAX_BATCH)
     # Every size at every length (bucket 32, full 64), at batch 1, 2 and the largest (4: the scheduler's cap).
     assert plan == [(w, h, 1, length, b) for (w, h) in SIZES for length in (32, 64) for b in (1, 2, 4)]
@@ -81,9 +76,9 @@ def test_warmup_plan_covers_the_batches_the_scheduler_forms() -> None:
     assert {b for *_, b in optimize.warmup_plan(m, 8, max_batch_pixels=2 * 64 * 64)} == {1, 2, 4}
     assert {b for *_, b in optimize.warmup_plan(m, 8)} == {1, 2, 8}
     # Static shapes: every batch size; eager: batch 1 only.
-    static = manifest({**ENGINE, "compile": {**ENGINE["compile"], "dynamic": False}})
+    static = tiny_manifest({**ENGINE, "compile": {**ENGINE["compile"], "dynamic": False}})
     assert sorted({b for *_, b in optimize.warmup_plan(static, MAX_BATCH)}) == [1, 2, 3, 4]
-    assert {b for *_, b in optimize.warmup_plan(manifest({}), MAX_BATCH)} == {1}
+    assert {b for *_, b in optimize.warmup_plan(tiny_manifest({}), MAX_BATCH)} == {1}
 
 
 def test_after_ready_a_mixed_run_compiles_nothing(compiled: InProcessServer) -> None:

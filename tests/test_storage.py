@@ -7,10 +7,11 @@ URL itself (for a key that does not exist, or a fresh expiry) exactly as the ser
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
@@ -27,6 +28,7 @@ from server.errors import Forbidden, NotFound
 from server.images import encode_image
 
 from .conftest import MODEL
+from .support import launch
 from .support.inprocess import InProcessServer
 
 API_KEY = "storage-test-key"
@@ -76,13 +78,7 @@ def signer(directory: Path, **settings: Any) -> LocalStorage:
     return LocalStorage(StorageSettings(directory=directory, signing_key=SIGNING_KEY, **settings))
 
 
-def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+wait_until = functools.partial(launch.wait_until, timeout_s=30.0)
 
 
 # --- through the server ---------------------------------------------------------------------------

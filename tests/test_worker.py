@@ -12,10 +12,11 @@ device.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from PIL import Image
@@ -34,6 +35,7 @@ from server.queue.memory import MemoryQueue
 from server.queue.submit import fail_waiting
 from server.worker.loop import LoopOptions, Worker
 
+from .support.launch import wait_until
 from .support.standin import StandInEngine
 
 WAIT_S = 30.0
@@ -397,8 +399,4 @@ def test_a_fixed_window_still_waits_when_adaptive_is_off() -> None:
     assert not taker.is_alive() and [len(b) for b in taken] == [3]
 
 
-def wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
+wait_for = functools.partial(wait_until, what="the condition", timeout_s=WAIT_S, interval_s=0.005)

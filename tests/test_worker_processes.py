@@ -12,8 +12,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,6 +21,7 @@ from server.worker.children import DeviceProcess
 
 from .conftest import images_of
 from .support.inprocess import InProcessServer
+from .support.launch import wait_until
 from .support.standin import stand_in_engine
 from .support.tiny_loras import lora_file_bytes, tiny_flux_lora
 
@@ -33,12 +32,7 @@ TWO = {"engine": {"devices": ["cpu", "cpu"]}, "server": {"default_response_forma
        "worker": {"restart_backoff_s": 0.2}}
 
 
-def wait_for(condition: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
+wait_for = functools.partial(wait_until, timeout_s=WAIT_S)
 
 
 def workers(app: InProcessServer) -> list[DeviceProcess]:

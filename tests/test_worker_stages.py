@@ -5,11 +5,12 @@ prefetch stage, the prompt-embedding cache, and the response path (one JSON enco
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from server.worker.post import Finished, PostProcessor
 from .conftest import MODEL, images_of
 from .image_origin import ImageOrigin
 from .support.inprocess import InProcessServer
+from .support.launch import wait_until
 from .support.standin import StandInEngine
 from .support.tiny_loras import lora_file_bytes, tiny_clip_lora, tiny_flux_lora
 
@@ -51,11 +53,7 @@ def started_job(p: GenerationParams) -> Job:
     return job
 
 
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
+wait_for = functools.partial(wait_until, timeout_s=WAIT_S, interval_s=0.01)
 
 
 # --- post-processing ---------------------------------------------------------------------------------

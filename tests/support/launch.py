@@ -26,6 +26,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
+def wait_until(condition: Callable[[], Any], what: str, timeout_s: float = 60.0,
+               interval_s: float = 0.05) -> Any:
+    """Poll ``condition`` every ``interval_s`` seconds until it returns something true, and return that;
+    fail the test naming ``what`` after ``timeout_s`` seconds."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g}s waiting for {what}")
+        time.sleep(interval_s)
+    return value
+
+
 def wait_ready(
     url: str, procs: Sequence[subprocess.Popen[bytes]], timeout_s: float, logs: Callable[[], str]
 ) -> None:

@@ -60,15 +60,11 @@ class StandInEngine:
         self.screen_gate: threading.Event | None = None
         self.texture = texture
         self.calls: list[list[GenerationParams]] = []
-        self.screened = 0
         self.freed = 0
         self.loaded = self.warmed = False
         self.safety_counters = SafetyCounters()
         self._lock = threading.Lock()
         self._textures: dict[tuple[int, int], Image.Image] = {}
-        # Set at the start of each call (tests wait for "the call is on the device").
-        self.in_call = threading.Event()
-        self.fetched: list[GenerationParams] = []
 
     def load(self) -> None:
         if self.load_error is not None:
@@ -87,7 +83,6 @@ class StandInEngine:
         with self._lock:
             self.calls.append(list(batch))
             call = len(self.calls)
-        self.in_call.set()
         for p in batch:  # what a tokenizer does first
             p.prompt.encode("utf-8")
             (p.negative_prompt or "").encode("utf-8")
@@ -122,14 +117,13 @@ class StandInEngine:
         """No image checker: nothing is refused."""
         if self.screen_gate is not None:
             self.screen_gate.wait()
-        self.screened += 1
         return [None] * len(batch)
 
     def loras_ready(self, params: GenerationParams) -> bool:
         return True
 
     def fetch_loras(self, params: GenerationParams) -> None:
-        self.fetched.append(params)
+        """Nothing to fetch: every LoRA is ready (``loras_ready``)."""
 
     def free_memory(self) -> None:
         self.freed += 1

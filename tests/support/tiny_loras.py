@@ -9,9 +9,14 @@ Diffusion UNet LoRA that a FLUX server must refuse (``sd_unet_lora``); ``lora_fi
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
+from server.config import FetchSettings, LoraSettings
 from server.engine.tiny import TEXT_DIM
+from server.loras import LoraStore
 
 # Layer name -> (in_features, out_features) of the tiny FLUX transformer's Linear layers that LoRAs
 # usually target (attention and feed-forward of the double and single blocks).
@@ -190,3 +195,10 @@ def tiny_flux2_lora_ai_toolkit(seed: int, rank: int = 4, gain: float = 1.0
         diffusers[f"transformer.single_transformer_blocks.0.attn.{target}.lora_A.weight"] = a
         diffusers[f"transformer.single_transformer_blocks.0.attn.{target}.lora_B.weight"] = b
     return original, diffusers
+
+
+def lora_store(tmp_path: Path, **changes: Any) -> LoraStore:
+    """A LoRA store caching in ``tmp_path / "loras"`` that may fetch from loopback origins (the tests'
+    ``ImageOrigin``), with ``changes`` to its ``loras.*`` settings."""
+    settings = LoraSettings(cache_dir=tmp_path / "loras", **changes)
+    return LoraStore(settings, FetchSettings(allow_hosts=["127.0.0.1"]), tmp_path)
