@@ -327,13 +327,7 @@ def test_refusals_come_before_the_queue_with_prefetch(make_app: Callable[..., In
 
 
 def test_job_log_line_and_metrics_show_the_loras(app: InProcessServer, origin: FormatOrigin) -> None:
-    def batches_with(count: str) -> float:
-        text = app.client.get("/metrics").text
-        prefix = f'darkroom_batch_loras_bucket{{le="{count}",model="darkroom/tiny-flux"}} '
-        lines = text.splitlines()
-        return next((float(line[len(prefix):]) for line in lines if line.startswith(prefix)), 0.0)
-
-    before_one, before_none = batches_with("1.0"), batches_with("0.0")
+    before_one, before_none = app.batches_with_loras("1.0"), app.batches_with_loras("0.0")
     resp = app.generate(**body(origin, "peft", scale=0.7))
     assert resp.status_code == 200
     path = origin.url("/peft.safetensors")
@@ -342,7 +336,7 @@ def test_job_log_line_and_metrics_show_the_loras(app: InProcessServer, origin: F
     wait_until(lambda: done in app.log(), "the job's log line", timeout_s=10, interval_s=0.02)
     line = next(ln for ln in app.log().splitlines() if done in ln)
     assert f"image_loras={path}@0.7 " in line
-    assert batches_with("1.0") == before_one + 1 and batches_with("0.0") == before_none
+    assert app.batches_with_loras("1.0") == before_one + 1 and app.batches_with_loras("0.0") == before_none
 
 
 def test_hotswap_slots_refuse_what_they_cannot_hold(origin: FormatOrigin, tiny_cache: Path,

@@ -71,18 +71,12 @@ def test_two_devices_run_two_worker_processes_that_both_serve(two: InProcessServ
 def test_batch_metrics_from_a_worker_process_count_its_loras(two: InProcessServer) -> None:
     """A worker process's batches reach the API's /metrics with their LoRA count (it was always 0 there,
     while an in-process worker counted them)."""
-    def batches(at_most: str) -> float:
-        """Batches with at most ``at_most`` LoRAs so far (the histogram's cumulative bucket)."""
-        prefix = f'darkroom_batch_loras_bucket{{le="{at_most}",model="darkroom/tiny-flux"}} '
-        lines = two.client.get("/metrics").text.splitlines()
-        return next(float(line[len(prefix):]) for line in lines if line.startswith(prefix))
-
     plain = two.generate(**body(64, seed=3))
     assert plain.status_code == 200, plain.text
-    before_none, before_one = batches("0.0"), batches("1.0")
+    before_none, before_one = two.batches_with_loras("0.0"), two.batches_with_loras("1.0")
     response = two.generate(**body(64, seed=4), image_loras=[{"path": "style", "scale": 0.8}])
     assert response.status_code == 200, response.text
-    assert (batches("0.0"), batches("1.0")) == (before_none, before_one + 1)
+    assert (two.batches_with_loras("0.0"), two.batches_with_loras("1.0")) == (before_none, before_one + 1)
 
 
 def test_a_killed_worker_process_is_restarted_and_its_jobs_rerun(two: InProcessServer) -> None:

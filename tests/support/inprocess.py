@@ -177,6 +177,13 @@ class InProcessServer:
     def log(self) -> str:
         return "\n".join(self._records.lines)
 
+    def batches_with_loras(self, at_most: str, model: str = "darkroom/tiny-flux") -> float:
+        """Pipeline calls so far with at most ``at_most`` LoRAs ("0.0", "1.0", ...): the cumulative bucket
+        of ``darkroom_batch_loras`` on /metrics, 0 before the first call."""
+        prefix = f'darkroom_batch_loras_bucket{{le="{at_most}",model="{model}"}} '
+        lines = self.client.get("/metrics").text.splitlines()
+        return next((float(line[len(prefix):]) for line in lines if line.startswith(prefix)), 0.0)
+
     def generate(self, **body: Any) -> httpx.Response:
         body.setdefault("model", "darkroom/tiny-flux")
         return self.client.post("/v1/images/generations", json=body)
