@@ -40,6 +40,11 @@ class Weights:
     subfolders: tuple[str, ...] | None = None
 
     @property
+    def in_memory(self) -> bool:
+        """A random-weight model built in memory at start (``builtin: flux-*-random``): nothing on disk."""
+        return isinstance(self.source, ModelSource) and self.source.in_memory
+
+    @property
     def kind(self) -> str:
         return "hub" if self.source.hub else "path" if self.source.path is not None else "builtin"
 
@@ -111,7 +116,7 @@ def _complete(folder: Path, subfolders: tuple[str, ...] | None) -> bool:
 def present(weights: Weights) -> tuple[bool, str]:
     """Whether the weights are available locally, and where (or why not)."""
     source = weights.source
-    if isinstance(source, ModelSource) and source.in_memory:
+    if weights.in_memory:
         return True, "random weights built in memory at start"
     if source.builtin is not None:
         return True, "built on first use"
@@ -185,7 +190,7 @@ def pull(name: str, settings: Settings, out: Any = sys.stdout) -> int:
     failures = 0
     for weights in manifest_weights(manifest, settings):
         label = f"{weights.role}: {weights.describe()}"
-        if isinstance(weights.source, ModelSource) and weights.source.in_memory:
+        if weights.in_memory:
             print(f"{label}: random weights built in memory at start; nothing to pull", file=out)
         elif weights.kind == "builtin":
             location = _build_builtin(weights, settings)
